@@ -1,0 +1,119 @@
+"""`ZSharpTrainingArguments`: `TrainingArguments` plus the sharpness-aware options of `ZSharpTrainer`."""
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+SAM_METHODS = ("zsharp", "sam", "asam", "fsam", "none")
+# `TrainingArguments.optim` values whose optimizer is a plain torch optimizer stepping on `.grad`, which the
+# two-pass wrapper can drive. The others step inside backward (LOMO), keep two sets of weights (schedule-free),
+# quantise their state (bitsandbytes, torchao) or need a special device (XLA, NPU).
+SUPPORTED_BASE_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
+
+
+@dataclass
+class ZSharpTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the sharpness-aware step of `ZSharpTrainer` (ZSharp by default)."""
+
+    sam: str = field(
+        default="zsharp",
+        metadata={
+            "help": "Sharpness-aware method wrapped around the `optim` base optimizer: 'zsharp' (Z-score filtered "
+            "ascent), 'sam', 'asam' (adaptive), 'fsam' (Friendly-SAM) or 'none' (plain base optimizer, one pass).",
+            "choices": list(SAM_METHODS),
+        },
+    )
+    sam_rho: float | None = field(
+        default=None,
+        metadata={"help": "Ascent radius rho. Default: the method's own (0.05; 0.5 for asam)."},
+    )
+    zsharp_percentile: float = field(
+        default=0.95,
+        metadata={
+            "help": "ZSharp only: entries of each filtered gradient tensor with |z-score| above this quantile are "
+            "kept for the ascent (0.95 keeps about 5%)."
+        },
+    )
+    sam_radius: str = field(
+        default="tensor",
+        metadata={
+            "help": "ZSharp only: normalise the filtered ascent per tensor ('tensor', the paper's code) or over "
+            "all tensors at once ('global').",
+            "choices": ["tensor", "global"],
+        },
+    )
+    sam_mask: str = field(
+        default="zscore",
+        metadata={
+            "help": "ZSharp only: which gradient entries to keep: 'zscore' (the method), or the ablation controls "
+            "'magnitude' (largest |g|) and 'random', at the same sparsity.",
+            "choices": ["zscore", "magnitude", "random"],
+        },
+    )
+    sam_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Take the two-pass sharpness-aware step every k optimizer steps and plain base-optimizer "
+            "steps in between (1 = every step)."
+        },
+    )
+    sam_sync_ascent: bool = field(
+        default=False,
+        metadata={
+            "help": "Multi-process (DDP) only: all-reduce the first-pass gradient before the ascent, so training "
+            "matches one process on the global batch. Default: each replica perturbs with its own gradient and "
+            "the first pass skips the all-reduce, as in the SAM paper."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # Checked before TrainingArguments' own set-up, which would already initialise DeepSpeed/FSDP.
+        if self.sam not in SAM_METHODS:
+            raise ValueError(f"sam must be one of {', '.join(SAM_METHODS)}; got {self.sam!r}.")
+        if self.sam != "none":
+            if self.deepspeed:
+                raise ValueError(
+                    "ZSharpTrainer does not support DeepSpeed: its engine steps inside backward, so the two "
+                    "passes would step twice. Use DDP (torchrun / accelerate launch without a DeepSpeed config) "
+                    "or sam='none'."
+                )
+            if self.fsdp:
+                raise ValueError(
+                    "ZSharpTrainer does not support FSDP yet: the ascent's per-tensor statistics would be "
+                    "computed on shards. Use DDP (torchrun / accelerate launch without an FSDP config) or "
+                    "sam='none'."
+                )
+        if self.sam_rho is not None and not (math.isfinite(self.sam_rho) and self.sam_rho > 0):
+            raise ValueError(
+                f"sam_rho must be a positive number (or None for the method default); got {self.sam_rho}."
+            )
+        if not 0.0 < self.zsharp_percentile < 1.0:
+            raise ValueError(
+                f"zsharp_percentile must lie strictly between 0 and 1; got {self.zsharp_percentile}."
+            )
+        if self.sam_radius not in ("tensor", "global"):
+            raise ValueError(f"sam_radius must be 'tensor' or 'global'; got {self.sam_radius!r}.")
+        if self.sam_mask not in ("zscore", "magnitude", "random"):
+            raise ValueError(f"sam_mask must be 'zscore', 'magnitude' or 'random'; got {self.sam_mask!r}.")
+        if (
+            isinstance(self.sam_interval, bool)
+            or not isinstance(self.sam_interval, int)
+            or self.sam_interval < 1
+        ):
+            raise ValueError(f"sam_interval must be an integer >= 1; got {self.sam_interval!r}.")
+        if self.sam not in ("zsharp", "none") and (
+            self.zsharp_percentile != 0.95 or self.sam_radius != "tensor" or self.sam_mask != "zscore"
+        ):
+            warnings.warn(
+                f"zsharp_percentile, sam_radius and sam_mask only apply to sam='zsharp'; ignored for sam={self.sam!r}.",
+                stacklevel=2,
+            )
+        super().__post_init__()
+        optim = getattr(self.optim, "value", self.optim)
+        if self.sam != "none" and optim not in SUPPORTED_BASE_OPTIMS:
+            raise ValueError(
+                f"optim={optim!r} cannot be the base of a two-pass sharpness-aware optimizer; use one of "
+                f"{', '.join(SUPPORTED_BASE_OPTIMS)} (or sam='none')."
+            )

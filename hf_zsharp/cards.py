@@ -1,0 +1,376 @@
+"""Model cards for ZSharp-trained image classifiers: Hub metadata, settings, results and training curves.
+
+The card body comes from the Jinja template `model_cards/zsharp.md` (shipped as `hf_zsharp.model_cards`); the
+YAML metadata is built with `huggingface_hub.ModelCardData` so the Hub can index it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping
+from enum import Enum
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+CARD_NAME = "README.md"
+CURVES_NAME = "training_curves.png"
+ZSHARP_ARGS_NAME = "zsharp_args.json"
+
+METHOD_TITLES = {
+    "zsharp": "ZSharp (SAM with Z-score gradient filtering, Yun 2025)",
+    "sam": "SAM (sharpness-aware minimization, Foret et al. 2021)",
+    "asam": "ASAM (adaptive SAM, Kwon et al. 2021)",
+    "fsam": "Friendly-SAM (Li et al. 2024)",
+    "none": "the base optimizer alone (no sharpness-aware step)",
+}
+TAGS = ("zsharp", "sharpness-aware-minimization", "image-classification")
+FRAMEWORKS = ("torch", "transformers", "accelerate", "datasets", "hf_zsharp")
+
+_SECRET_KEY = re.compile(r"(token|secret|password)$", re.IGNORECASE)
+_HF_TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{30,}$")
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+# settings key -> row label, in table order; ZSharp-only and SAM-only rows are left out for other methods.
+_ZSHARP_ONLY = ("zsharp_percentile", "sam_radius", "sam_mask")
+_SAM_ONLY = ("sam_rho", "sam_interval", *_ZSHARP_ONLY)
+_ROWS = {
+    "sam_rho": "rho (ascent radius)",
+    "zsharp_percentile": "Z-score percentile Q_p",
+    "sam_radius": "Radius normalisation",
+    "sam_mask": "Mask",
+    "sam_interval": "Perturbation interval (steps)",
+    "optim": "Base optimizer",
+    "learning_rate": "Learning rate",
+    "weight_decay": "Weight decay",
+    "lr_scheduler_type": "Schedule",
+    "num_train_epochs": "Epochs",
+    "per_device_train_batch_size": "Batch size per device",
+    "gradient_accumulation_steps": "Gradient accumulation steps",
+    "seed": "Seed",
+}
+_METRIC_LABELS = {
+    "accuracy": "Top-1 accuracy",
+    "top5_accuracy": "Top-5 accuracy",
+    "loss": "Loss",
+    "train_loss": "Training loss",
+    "epoch": "Epochs",
+}
+
+
+def public_settings(settings: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """Training settings as a JSON-ready dict with every token/secret removed (keys ending in token or
+    secret, and any value shaped like a Hub token), from a dict, a `TrainingArguments` or another dataclass."""
+    if hasattr(settings, "to_dict") and dataclasses.is_dataclass(settings):
+        raw = settings.to_dict()
+    elif dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        raw = dataclasses.asdict(settings)
+    elif isinstance(settings, Mapping):
+        raw = dict(settings)
+    else:
+        raise TypeError(f"settings must be a dict or a dataclass, got {type(settings).__name__}")
+    return _scrub(raw)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            str(k): _scrub(v)
+            for k, v in value.items()
+            if not _SECRET_KEY.search(str(k)) and not _looks_like_token(v)
+        }
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value if not _looks_like_token(v)]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _looks_like_token(value: Any) -> bool:
+    return isinstance(value, str) and bool(_HF_TOKEN_VALUE.match(value))
+
+
+def save_zsharp_args(output_dir: str | Path, settings: Mapping[str, Any] | Any) -> Path:
+    """Write the token-free training settings to `zsharp_args.json`, the record uploaded next to the weights."""
+    path = Path(output_dir) / ZSHARP_ARGS_NAME
+    text = json.dumps(public_settings(settings), indent=2, sort_keys=True, default=str)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def _series(log_history: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """(epoch, value) points per curve from a `Trainer.state.log_history`; curves with no point are left out."""
+    keys = {
+        "Training loss": "loss",
+        "Evaluation loss": "eval_loss",
+        "Top-1 accuracy": "eval_accuracy",
+        "Top-5 accuracy": "eval_top5_accuracy",
+    }
+    series = {label: [] for label in keys}
+    for entry in log_history:
+        if "epoch" not in entry:
+            continue
+        for label, key in keys.items():
+            if isinstance(entry.get(key), (int, float)):
+                series[label].append((float(entry["epoch"]), float(entry[key])))
+    return {label: points for label, points in series.items() if points}
+
+
+def plot_training_curves(log_history: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Draw loss (training, evaluation) and evaluation accuracy against epochs into a PNG at `path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = _series(log_history)
+    if not series:
+        raise ValueError("log_history holds no 'loss', 'eval_loss' or 'eval_accuracy' entry with an 'epoch'")
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for axes, kind, title in (
+        (loss_axes, "loss", "Loss"),
+        (accuracy_axes, "accuracy", "Evaluation accuracy"),
+    ):
+        curves = {label: points for label, points in series.items() if label.lower().endswith(kind)}
+        for label, points in curves.items():
+            epochs, values = zip(*points, strict=True)
+            axes.plot(epochs, values, marker="o" if len(points) < 30 else None, label=label)
+        if curves:
+            axes.legend()
+        else:
+            axes.text(0.5, 0.5, f"no {kind} logged", ha="center", va="center", transform=axes.transAxes)
+        axes.set(title=title, xlabel="epoch", ylabel=kind)
+        axes.grid(alpha=0.3)
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def render_model_card(
+    *,
+    model_name: str,
+    settings: Mapping[str, Any] | Any,
+    metrics: Mapping[str, Any],
+    model_path: str,
+    base_model: str | None = None,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
+    curves_file: str | None = None,
+    has_processor: bool = True,
+    needs_hf_zsharp: bool = False,
+    description: str | None = None,
+) -> ModelCard:
+    """Render the card: Hub metadata (with a model-index when an accuracy is known) and the template body.
+
+    `base_model` is the Hub id or folder a model was fine-tuned from (None when trained from scratch; only a
+    Hub id enters the metadata); `model_path` is the repo id or folder shown in the loading snippet.
+    """
+    clean = public_settings(settings)
+    method = str(clean.get("sam", ""))
+    if method not in METHOD_TITLES:
+        raise ValueError(f"settings['sam'] must be one of {sorted(METHOD_TITLES)}, got {clean.get('sam')!r}")
+    scores = _scores(metrics)
+    base_model_id = base_model if base_model and _is_hub_id(base_model) else None
+    dataset_id = dataset_name if dataset_name and "/" in dataset_name and _is_hub_id(dataset_name) else None
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        base_model=base_model_id,
+        datasets=[dataset_id] if dataset_id else None,
+        tags=list(TAGS) + ([method] if method not in ("zsharp", "none") else []),
+        metrics=["accuracy"],
+        pipeline_tag="image-classification",
+        model_name=model_name,
+        eval_results=_eval_results(scores, dataset_name, dataset_id, dataset_split) or None,
+    )
+    template = jinja2.Environment(
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    ).from_string(resources.files("hf_zsharp.model_cards").joinpath("zsharp.md").read_text(encoding="utf-8"))
+    content = template.render(
+        card_data=card_data.to_yaml(),
+        model_name=model_name,
+        description=description or _description(method, base_model, base_model_id, dataset_name, dataset_id),
+        method=method,
+        method_title=METHOD_TITLES[method],
+        settings_rows=_settings_rows(clean, method),
+        results_rows=_results_rows(metrics, dataset_split),
+        curves_file=curves_file,
+        model_path=model_path,
+        has_processor=has_processor,
+        needs_hf_zsharp=needs_hf_zsharp,
+        versions=[(name, _version(name)) for name in FRAMEWORKS],
+    )
+    return ModelCard(content)
+
+
+def write_model_card(
+    output_dir: str | Path,
+    *,
+    settings: Mapping[str, Any] | Any,
+    metrics: Mapping[str, Any],
+    log_history: Iterable[Mapping[str, Any]] = (),
+    model_name: str | None = None,
+    base_model: str | None = None,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
+    repo_id: str | None = None,
+    description: str | None = None,
+) -> Path:
+    """Write README.md, the training-curves PNG and zsharp_args.json into a saved model folder.
+
+    Call after `save_model` (and the image processor's `save_pretrained`): the loading snippet adapts to
+    what the folder holds. Returns the card's path.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} is not a directory; save the model there first")
+    log_history = list(log_history)
+    has_curves = bool(_series(log_history))
+    card = render_model_card(
+        model_name=model_name or (repo_id.rsplit("/", 1)[-1] if repo_id else output_dir.resolve().name),
+        settings=settings,
+        metrics=metrics,
+        model_path=repo_id or str(output_dir),
+        base_model=base_model,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
+        curves_file=CURVES_NAME if has_curves else None,
+        has_processor=(output_dir / "preprocessor_config.json").is_file(),
+        needs_hf_zsharp=_needs_hf_zsharp(output_dir),
+        description=description,
+    )
+    if has_curves:
+        plot_training_curves(log_history, output_dir / CURVES_NAME)
+    save_zsharp_args(output_dir, settings)
+    path = output_dir / CARD_NAME
+    card.save(path)
+    return path
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+
+
+def _scores(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Top-1/top-5 accuracy from Trainer metrics, with or without the eval_/test_ prefix."""
+    scores = {}
+    for name, aliases in (
+        ("accuracy", ("accuracy",)),
+        ("top5_accuracy", ("top5_accuracy", "top_5_accuracy")),
+    ):
+        for key in (f"{prefix}{alias}" for alias in aliases for prefix in ("eval_", "test_", "")):
+            if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics[key], bool):
+                scores[name] = float(metrics[key])
+                break
+    return scores
+
+
+def _eval_results(
+    scores: Mapping[str, float], dataset_name: str | None, dataset_id: str | None, split: str | None
+) -> list[EvalResult]:
+    names = {"accuracy": "Top-1 accuracy", "top5_accuracy": "Top-5 accuracy"}
+    return [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset_id or dataset_name or "custom",
+            dataset_name=dataset_name or "custom",
+            dataset_split=split,
+            metric_type="accuracy",
+            metric_name=names[key],
+            metric_config="top5" if key == "top5_accuracy" else None,
+            metric_value=value,
+        )
+        for key, value in scores.items()
+    ]
+
+
+def _description(
+    method: str,
+    base_model: str | None,
+    base_model_id: str | None,
+    dataset_name: str | None,
+    dataset_id: str | None,
+) -> str:
+    if dataset_id:
+        dataset = f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})"
+    else:
+        dataset = f"`{dataset_name}`" if dataset_name else "an image classification dataset"
+    if base_model_id:
+        origin = (
+            f"a fine-tuned version of [{base_model_id}](https://huggingface.co/{base_model_id}) on {dataset}"
+        )
+    elif base_model:
+        origin = f"a fine-tuned version of `{base_model}` on {dataset}"
+    else:
+        origin = f"an image classifier trained from scratch on {dataset}"
+    return f"This model is {origin}, optimised with {METHOD_TITLES[method]} using the `hf_zsharp` package."
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _settings_rows(settings: Mapping[str, Any], method: str) -> list[tuple[str, str]]:
+    rows = [("Method", f"`{method}`: {METHOD_TITLES[method]}")]
+    skipped = _SAM_ONLY if method == "none" else () if method == "zsharp" else _ZSHARP_ONLY
+    for key, label in _ROWS.items():
+        if key not in skipped and settings.get(key) is not None:
+            value = _format(settings[key])
+            if key == "lr_scheduler_type":
+                value += _warmup(settings)
+            rows.append((label, value))
+    if "bf16" in settings or "fp16" in settings:
+        precision = "bf16 mixed" if settings.get("bf16") else "fp16 mixed" if settings.get("fp16") else "fp32"
+        rows.append(("Precision", precision))
+    return rows
+
+
+def _warmup(settings: Mapping[str, Any]) -> str:
+    ratio, steps = settings.get("warmup_ratio") or 0, settings.get("warmup_steps") or 0
+    if 0 < steps < 1:
+        ratio, steps = steps, 0
+    if steps:
+        return f", warm-up {_format(steps)} steps"
+    return f", warm-up {ratio:.0%} of steps" if ratio else ""
+
+
+def _results_rows(metrics: Mapping[str, Any], split: str | None) -> list[tuple[str, str]]:
+    rows = []
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or _SECRET_KEY.search(key):
+            continue
+        if key.endswith(("runtime", "per_second", "_flos")):
+            continue
+        name = key.removeprefix("eval_")
+        label = _METRIC_LABELS.get(name, name.replace("_", " "))
+        if key.startswith("eval_") and split:
+            label += f" ({split})"
+        rows.append((label, _format(value)))
+    return rows
+
+
+def _needs_hf_zsharp(output_dir: Path) -> bool:
+    """Whether the saved config's model type is one of hf_zsharp's own (loading then needs the import)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = output_dir / "config.json"
+    if not config.is_file():
+        return False
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    return model_type is not None and model_type not in CONFIG_MAPPING_NAMES
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"

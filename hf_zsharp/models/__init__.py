@@ -1,0 +1,32 @@
+"""The ZSharp paper's from-scratch architectures as transformers models, registered with the Auto classes.
+
+Importing this package registers `cifar_resnet` and `cifar_vgg`, so that
+`AutoModelForImageClassification.from_pretrained(path)` loads checkpoints saved with `save_pretrained`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .build import PAPER_MODELS, build_model
+from .cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification, CifarResNetModel
+from .cifar_vgg import CifarVGGConfig, CifarVGGForImageClassification, CifarVGGModel
+from .vit_paper import paper_vit_config
+
+for _config, _base, _classifier in (
+    (CifarResNetConfig, CifarResNetModel, CifarResNetForImageClassification),
+    (CifarVGGConfig, CifarVGGModel, CifarVGGForImageClassification),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _base, exist_ok=True)
+    AutoModelForImageClassification.register(_config, _classifier, exist_ok=True)
+
+__all__ = [
+    "PAPER_MODELS",
+    "CifarResNetConfig",
+    "CifarResNetForImageClassification",
+    "CifarResNetModel",
+    "CifarVGGConfig",
+    "CifarVGGForImageClassification",
+    "CifarVGGModel",
+    "build_model",
+    "paper_vit_config",
+]

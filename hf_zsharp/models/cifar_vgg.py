@@ -1,0 +1,104 @@
+"""VGG with BatchNorm for small images (CIFAR, Tiny-ImageNet) as a transformers model.
+
+The conv stack of Simonyan & Zisserman's configurations, each conv followed by BatchNorm and ReLU, then
+global average pooling and one Linear(512, C), as in the ZSharp paper's from-scratch experiments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutput
+
+from .outputs import classification_output
+
+# Output channels of each 3x3 conv; "M" is a 2x2 max-pool (VGG configurations A, B, D and E).
+VGG_LAYOUTS: dict[int, list[int | str]] = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+class CifarVGGConfig(PretrainedConfig):
+    """Configuration of a VGG-BN network; `depth` picks one of `VGG_LAYOUTS`."""
+
+    model_type = "cifar_vgg"
+
+    def __init__(self, depth: int = 16, num_channels: int = 3, image_size: int = 32, **kwargs):
+        if depth not in VGG_LAYOUTS:
+            raise ValueError(f"VGG depth must be one of {sorted(VGG_LAYOUTS)}, got {depth}.")
+        self.depth = depth
+        self.num_channels = num_channels
+        self.image_size = image_size
+        super().__init__(**kwargs)
+
+
+class CifarVGGPreTrainedModel(PreTrainedModel):
+    """Weight initialisation of torchvision's VGG (Kaiming-normal convs, N(0, 0.01) classifier)."""
+
+    config_class = CifarVGGConfig
+    base_model_prefix = "vgg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class CifarVGGModel(CifarVGGPreTrainedModel):
+    """The conv-BN-ReLU stack and global average pooling; returns the pooled 512-d features."""
+
+    def __init__(self, config: CifarVGGConfig):
+        super().__init__(config)
+        layers: list[nn.Module] = []
+        in_channels = config.num_channels
+        for item in VGG_LAYOUTS[config.depth]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(in_channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                in_channels = item
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.post_init()
+
+    def forward(
+        self, pixel_values: torch.Tensor, return_dict: bool | None = None
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        hidden = self.features(pixel_values)
+        pooled = self.pool(hidden).flatten(1)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:
+            return hidden, pooled
+        return BaseModelOutputWithPoolingAndNoAttention(last_hidden_state=hidden, pooler_output=pooled)
+
+
+class CifarVGGForImageClassification(CifarVGGPreTrainedModel):
+    """VGG-BN with one linear classifier; cross-entropy loss when `labels` are given."""
+
+    def __init__(self, config: CifarVGGConfig):
+        super().__init__(config)
+        self.vgg = CifarVGGModel(config)
+        self.classifier = nn.Linear(512, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        logits = self.classifier(self.vgg(pixel_values, return_dict=True).pooler_output)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return classification_output(logits, labels, return_dict)

@@ -1,0 +1,148 @@
+"""ZSharp: SAM whose ascent keeps only the gradient entries with the largest Z-scores (arXiv 2505.02369).
+
+Per tensor with ndim > 1: z = (g - mean) / (std + 1e-12), keep `|z| > quantile(|z|, percentile)`,
+f = g * mask, e = rho * f / ||f|| (per tensor; plain SAM direction if the mask is empty). 1-D tensors
+get plain SAM, rho * g / ||g_all||. Since z is an increasing affine map of |g - mean|, the mask is
+computed on |g - mean| directly: std never changes which entries are kept.
+
+Only the ~(1 - percentile) share of moved entries is saved for the restore, and tensors of one shape are
+selected in one batched call (`selection.top_share`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .sam import EPS, SAM, Move, check_argument, fetch
+from .selection import top_share
+
+RADII = ("tensor", "global")
+MASKS = ("zscore", "magnitude", "random")
+
+
+class ZSharp(SAM):
+    """Sharpness-aware minimization with Z-score gradient filtering.
+
+    Args:
+        params: parameters or parameter groups (named parameters are accepted).
+        base_optimizer: torch optimizer class for the descent step, built with `base_kwargs`.
+        rho: perturbation radius (per filtered tensor with `radius="tensor"`).
+        percentile: Qp; entries with |z| above the Qp quantile of their tensor are kept. 0 disables
+            filtering, which is exactly SAM.
+        radius: "tensor" (the paper's code: each filtered tensor moves by rho) or "global" (one
+            normalisation: the whole perturbation has norm rho). Optimizer-wide.
+        mask: "zscore" (the method), or the controls "magnitude" (largest |g|) and "random" (uniform
+            random entries), both keeping the same share of entries. Optimizer-wide.
+        seed: seed of the private generator used by `mask="random"`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[Optimizer] = torch.optim.AdamW,
+        rho: float | None = None,
+        percentile: float = 0.95,
+        radius: str = "tensor",
+        mask: str = "zscore",
+        seed: int = 0,
+        **base_kwargs: Any,
+    ) -> None:
+        check_argument(0 <= percentile < 1, "percentile", f"must be in [0, 1), got {percentile}")
+        check_argument(radius in RADII, "radius", f"must be one of {RADII}, got {radius!r}")
+        check_argument(mask in MASKS, "mask", f"must be one of {MASKS}, got {mask!r}")
+        self._zsharp = {"percentile": percentile, "radius": radius, "mask": mask}
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        super().__init__(params, base_optimizer, rho, **base_kwargs)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return dict(self._zsharp)
+
+    def _moves(self, params: list[Tensor]) -> list[Move] | None:
+        filtered = [p for p in params if p.ndim > 1 and self._group(p)["percentile"] > 0]
+        if not filtered:
+            return super()._moves(params)
+        dense = [p for p in params if not (p.ndim > 1 and self._group(p)["percentile"] > 0)]
+        batches = [self._select(group) for group in _same_shape(filtered, self._group)]
+        grad_norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32)
+        host = fetch(torch.stack(grad_norms), *(b["norm"] for b in batches), *(b["kept"] for b in batches))
+        norm_of = dict(zip(map(id, params), host[0]))
+        total = math.sqrt(sum(n * n for n in host[0]))
+        if not math.isfinite(total):
+            return None
+        sparse = [
+            (p, values, index, norm, int(kept))
+            for b, norms, counts in zip(batches, host[1 : 1 + len(batches)], host[1 + len(batches) :])
+            for p, values, index, norm, kept in zip(b["params"], b["values"], b["index"], norms, counts)
+        ]
+        if self.defaults["radius"] == "global":
+            norm = math.sqrt(sum(n * n for *_, n, _ in sparse) + sum(norm_of[id(p)] ** 2 for p in dense))
+            scale = {id(p): 1 / (norm + EPS) for p in params}
+        else:
+            scale = {id(p): 1 / (n + EPS) for p, *_, n, _ in sparse if n > 0}
+        moves = [
+            _sparse_move(p, values, index, self._rho(p) * scale[id(p)], n, kept)
+            for p, values, index, n, kept in sparse
+            if id(p) in scale
+        ]
+        sam_direction = [p for p in params if id(p) not in scale]  # 1-D tensors and empty masks
+        moves += [Move(p, p.grad, self._rho(p) / (total + EPS), norm_of[id(p)]) for p in sam_direction]
+        return moves
+
+    def _select(self, params: list[Tensor]) -> dict[str, Any]:
+        """Filter the gradients of same-shape tensors at once: kept values, their positions, norms, counts."""
+        rows = torch.stack([p.grad.reshape(-1) for p in params]).float()
+        mask = self.defaults["mask"]
+        if mask == "zscore":
+            scores = rows.sub_(rows.sum(dim=1, keepdim=True) / rows.shape[1]).abs_()
+        elif mask == "magnitude":
+            scores = rows.abs_()
+        else:
+            scores = torch.rand(rows.shape, generator=self._generator(rows.device), device=rows.device)
+        selected = top_share(scores, self._group(params[0])["percentile"])
+        del rows, scores
+        values = [p.grad.reshape(-1)[index].float() * keep for p, (index, keep) in zip(params, selected)]
+        return {
+            "params": params,
+            "values": values,
+            "index": [index for index, _ in selected],
+            "norm": torch.stack(torch._foreach_norm(values)),
+            "kept": torch.stack([keep.sum() for _, keep in selected]),
+        }
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self._seed)
+        return self._generators[device]
+
+
+def _same_shape(params: list[Tensor], group_of: Any) -> list[list[Tensor]]:
+    """Split `params` into lists to select in one batched call: same shape, dtype, device and param group.
+
+    On the CPU, where the selection goes row by row anyway, each tensor stays alone (stacking would
+    only add a copy).
+    """
+    buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in params:
+        key = id(p) if p.device.type == "cpu" else (p.shape, p.grad.dtype, p.device, id(group_of(p)))
+        buckets[key].append(p)
+    return list(buckets.values())
+
+
+def _sparse_move(param: Tensor, values: Tensor, index: Tensor, alpha: float, norm: float, kept: int) -> Move:
+    """A move of the entries at `index`, saved as int32 positions (half the memory of int64).
+
+    Non-contiguous tensors (e.g. channels_last) cannot be indexed flat: they get a dense move instead.
+    """
+    if not param.is_contiguous():
+        dense = torch.zeros(param.numel(), dtype=values.dtype, device=values.device)
+        return Move(param, dense.index_put_((index,), values).view(param.shape), alpha, norm, kept=kept)
+    small = param.numel() < 2**31
+    return Move(param, values, alpha, norm, index.to(torch.int32) if small else index, kept)

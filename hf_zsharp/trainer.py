@@ -1,0 +1,103 @@
+"""`ZSharpTrainer`: `Trainer` with the two-pass sharpness-aware step (ZSharp by default).
+
+Only three things change from `Trainer`: the optimizer (the `optim` base optimizer wrapped by the chosen SAM
+method), `training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (ascent statistics). Clipping,
+mixed precision, the LR scheduler, checkpoints and callbacks are `Trainer`'s own.
+"""
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from transformers import Trainer
+
+from hf_zsharp.args import ZSharpTrainingArguments
+from hf_zsharp.optim import SAM, create_sam_optimizer
+from hf_zsharp.two_pass import TwoPassStep, check_supported, unwrap_sam_optimizer
+
+
+class ZSharpTrainer(Trainer):
+    """A drop-in `Trainer` taking `ZSharpTrainingArguments`; `sam="none"` makes it a stock `Trainer`."""
+
+    def __init__(
+        self, model: nn.Module | None = None, args: ZSharpTrainingArguments | None = None, **kwargs: Any
+    ):
+        if args is None:
+            args = ZSharpTrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, ZSharpTrainingArguments):
+            raise TypeError(
+                f"ZSharpTrainer needs ZSharpTrainingArguments (TrainingArguments plus the SAM options); got "
+                f"{type(args).__name__}."
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        self._two_pass: TwoPassStep | None = None
+        if args.sam != "none":
+            check_supported(self.accelerator)
+            if self.optimizer is not None and not isinstance(self.optimizer, SAM):
+                raise ValueError(
+                    f"optimizers= gave a {type(self.optimizer).__name__}, which cannot take a two-pass step: pass an "
+                    "hf_zsharp optimizer (e.g. hf_zsharp.ZSharp), or let the trainer build one from the arguments, "
+                    "or set sam='none'."
+                )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> Optimizer:
+        """The `optim` base optimizer (with `Trainer`'s weight-decay groups) wrapped by the `sam` method."""
+        if self.args.sam == "none" or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            base_cls, base_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            base_cls, base_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if not (isinstance(base_cls, type) and issubclass(base_cls, Optimizer)):
+            raise ValueError(f"The base optimizer must be a torch.optim.Optimizer class; got {base_cls!r}.")
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [(n, p) for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        self.optimizer = create_sam_optimizer(
+            self.args.sam,
+            [group for group in groups if group["params"]],
+            base_cls,
+            **self._sam_kwargs(),
+            **base_kwargs,
+        )
+        return self.optimizer
+
+    def _sam_kwargs(self) -> dict[str, Any]:
+        args = self.args
+        kwargs: dict[str, Any] = {} if args.sam_rho is None else {"rho": args.sam_rho}
+        if args.sam == "zsharp":
+            kwargs.update(
+                percentile=args.zsharp_percentile, radius=args.sam_radius, mask=args.sam_mask, seed=args.seed
+            )
+        return kwargs
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """`Trainer.training_step` as the first pass; the second pass runs at the step's last micro-batch."""
+        first_pass = functools.partial(super().training_step, model, inputs, num_items_in_batch)
+        if self.args.sam == "none":
+            return first_pass()
+        two_pass = self._two_pass
+        if (
+            two_pass is None
+            or two_pass.model is not model
+            or two_pass.optimizer is not unwrap_sam_optimizer(self.optimizer)
+        ):
+            self._two_pass = TwoPassStep(self.accelerator, model, self.optimizer, self.args.sam_sync_ascent)
+        return self._two_pass(first_pass, perturb=self.state.global_step % self.args.sam_interval == 0)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the ascent statistics (means since the last training log) to the training logs."""
+        if self._two_pass is not None and "loss" in logs:
+            logs.update(self._two_pass.pop_stats())
+        super().log(logs, start_time)

@@ -1,0 +1,216 @@
+"""The two-pass sharpness-aware step inside an Accelerate loop: the one implementation behind `ZSharpTrainer`
+and `accelerate_step`.
+
+Per optimizer step: every micro-batch runs its first pass (forward + backward) as usual and is kept; at the
+micro-batch where gradients synchronise, the optimizer ascends with the whole accumulated first-pass gradient,
+every kept micro-batch runs again at the perturbed weights (same RNG draws, so the same dropout masks, and
+BatchNorm running statistics frozen), and the weights are restored. The caller then clips and calls
+`optimizer.step()` as usual, which is a plain base step on the second-pass gradients, so clipping, a
+GradScaler (with its skip on overflow) and LR schedulers behave as without SAM.
+"""
+
+import contextlib
+import functools
+import math
+import weakref
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+from torch.optim import Optimizer
+
+from hf_zsharp.optim import SAM, FriendlySAM, frozen_batchnorm_stats
+
+RngState = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def check_supported(accelerator: Accelerator) -> None:
+    """Refuse set-ups where the two-pass step would be wrong: DeepSpeed steps inside backward, FSDP shards tensors."""
+    unsupported = {
+        DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward: two passes would step twice)",
+        DistributedType.FSDP: "FSDP (the ascent's per-tensor statistics would be computed on shards)",
+        DistributedType.MEGATRON_LM: "Megatron-LM (its engine owns the backward and the step)",
+    }
+    if accelerator.distributed_type in unsupported:
+        raise ValueError(
+            f"The two-pass sharpness-aware step does not support {unsupported[accelerator.distributed_type]}. "
+            "Use DDP instead (torchrun, or accelerate launch with a multi-GPU/multi-CPU config), or sam='none'."
+        )
+
+
+def unwrap_sam_optimizer(optimizer: Optimizer) -> SAM:
+    """The hf_zsharp optimizer inside Accelerate's (or another) wrapper that keeps it as `.optimizer`."""
+    inner = optimizer
+    while not isinstance(inner, SAM) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, SAM):
+        raise TypeError(
+            f"The two-pass step needs an hf_zsharp optimizer (ZSharp, SAM, ASAM, FriendlySAM); got {type(optimizer)!r}."
+        )
+    return inner
+
+
+class TwoPassStep:
+    """Runs micro-batches under the two-pass rule and keeps the ascent statistics for logging.
+
+    `sync_ascent=False` (the SAM paper's m-sharpness under DDP): first passes run under `no_sync`, so each
+    replica perturbs with its own gradient; only the second pass is all-reduced. A perturbation skipped for
+    non-finite gradients on any replica is skipped on all of them.
+    """
+
+    def __init__(
+        self, accelerator: Accelerator, model: nn.Module, optimizer: Optimizer, sync_ascent: bool = False
+    ) -> None:
+        check_supported(accelerator)
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = unwrap_sam_optimizer(optimizer)
+        self.sync_ascent = sync_ascent
+        self.optimizer_steps = 0
+        self._pending: list[tuple[Callable[[], torch.Tensor], RngState]] = []
+        self._stat_sums = {"perturbation_norm": 0.0, "kept_fraction": 0.0}
+        self._perturbed = 0
+        self._skipped = 0
+
+    def __call__(self, forward_backward: Callable[[], torch.Tensor], perturb: bool = True) -> torch.Tensor:
+        """Run one micro-batch's `forward_backward` (returns the loss); on the synchronising micro-batch of a
+        `perturb` step, also the ascent and the second pass of all the step's micro-batches. Returns the
+        first-pass loss.
+
+        `perturb` must be the same for all micro-batches of one optimizer step (False: a plain step).
+        """
+        sync = self.accelerator.sync_gradients
+        if not perturb:
+            if self._pending:
+                raise RuntimeError("perturb changed within one optimizer step (between its micro-batches).")
+            if sync:
+                # A skip left over from an earlier two-pass step must not skip this plain step.
+                self.optimizer.skipped_perturbation = False
+                self.optimizer_steps += 1
+            return forward_backward()
+        rng = _rng_state(self.accelerator.device)
+        with self._first_pass_sync():
+            loss = forward_backward()
+        self._pending.append((forward_backward, rng))
+        if sync:
+            try:
+                self._ascend_and_rerun()
+            finally:
+                self._pending = []
+            self.optimizer_steps += 1
+        return loss
+
+    def pop_stats(self) -> dict[str, float]:
+        """Mean ascent statistics of the two-pass steps since the last call, with `sam_` keys for the logs."""
+        if not self._perturbed and not self._skipped:
+            return {}
+        stats = (
+            {f"sam_{k}": v / self._perturbed for k, v in self._stat_sums.items()} if self._perturbed else {}
+        )
+        stats["sam_skipped_steps"] = float(self._skipped)
+        self._stat_sums = dict.fromkeys(self._stat_sums, 0.0)
+        self._perturbed = self._skipped = 0
+        return stats
+
+    def _first_pass_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.sync_ascent else self.accelerator.no_sync(self.model)
+
+    def _ascend_and_rerun(self) -> None:
+        optimizer = self.optimizer
+        scaler = self.accelerator.scaler
+        if isinstance(optimizer, FriendlySAM) and scaler is not None and scaler.is_enabled():
+            # Friendly-SAM's gradient EMA mixes steps with different loss scales: give it true gradients.
+            # (SAM/ASAM/ZSharp directions are scale-invariant and use the scaled gradients as they are.)
+            grads = [
+                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
+            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+        perturbed = optimizer.first_step()
+        if not self._all_replicas(perturbed):
+            self._skip_on_this_replica(perturbed)
+            self._skipped += 1
+            return
+        self._perturbed += 1
+        for key in self._stat_sums:
+            self._stat_sums[key] += optimizer.ascent_stats[key]
+        after_first_pass = _rng_state(self.accelerator.device)
+        try:
+            self.model.zero_grad(set_to_none=True)
+            last = len(self._pending) - 1
+            with frozen_batchnorm_stats(self.model):
+                for i, (forward_backward, rng) in enumerate(self._pending):
+                    _set_rng_state(rng, self.accelerator.device)
+                    with self.accelerator.no_sync(self.model) if i < last else contextlib.nullcontext():
+                        forward_backward()
+        finally:
+            _set_rng_state(after_first_pass, self.accelerator.device)
+            optimizer.restore()
+
+    def _all_replicas(self, perturbed: bool) -> bool:
+        """Whether every replica perturbed; replicas can only disagree when each uses its own gradient."""
+        if self.sync_ascent or self.accelerator.num_processes == 1:
+            return perturbed
+        flag = torch.tensor(0.0 if perturbed else 1.0, device=self.accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _skip_on_this_replica(self, perturbed: bool) -> None:
+        """Make this replica skip the step as well: non-finite gradients make a GradScaler skip (and lower its
+        scale like the other replicas') and the optimizer's own `step()` skip the base step."""
+        if not perturbed:
+            return
+        self.optimizer.restore()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.fill_(math.nan)
+        self.optimizer.first_step()
+
+
+_STEPS: "weakref.WeakKeyDictionary[Optimizer, TwoPassStep]" = weakref.WeakKeyDictionary()
+
+
+def accelerate_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: Optimizer,
+    compute_loss: Callable[[], torch.Tensor],
+    *,
+    sync_ascent: bool = False,
+    interval: int = 1,
+) -> torch.Tensor:
+    """The two-pass replacement of `accelerator.backward(compute_loss())` in an Accelerate loop.
+
+    Call it inside `accelerator.accumulate(model)`; `compute_loss` runs the forward of the current micro-batch
+    and returns its loss (it is called again for the second pass). Then clip and call `optimizer.step()`,
+    `scheduler.step()`, `optimizer.zero_grad()` as usual. `interval=k` takes the two-pass step every k optimizer
+    steps (plain steps in between). Returns the first-pass loss, detached.
+    """
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an integer >= 1; got {interval!r}.")
+    step = _STEPS.get(optimizer)
+    if step is None or step.model is not model or step.sync_ascent != sync_ascent:
+        step = _STEPS[optimizer] = TwoPassStep(accelerator, model, optimizer, sync_ascent=sync_ascent)
+    forward_backward = functools.partial(_backward, accelerator, compute_loss)
+    return step(forward_backward, perturb=step.optimizer_steps % interval == 0)
+
+
+def _backward(accelerator: Accelerator, compute_loss: Callable[[], torch.Tensor]) -> torch.Tensor:
+    loss = compute_loss()
+    accelerator.backward(loss)
+    return loss.detach()
+
+
+def _rng_state(device: torch.device) -> RngState:
+    """The RNG states a forward pass can draw from: the CPU generator and the accelerator device's."""
+    device_state = None if device.type == "cpu" else getattr(torch, device.type).get_rng_state(device)
+    return torch.get_rng_state(), device_state
+
+
+def _set_rng_state(state: RngState, device: torch.device) -> None:
+    cpu_state, device_state = state
+    torch.set_rng_state(cpu_state)
+    if device_state is not None:
+        getattr(torch, device.type).set_rng_state(device_state, device)

@@ -1,0 +1,295 @@
+"""Benchmark the ascent step (first_step) of hf_zsharp's ZSharp and SAM against the paper's code style.
+
+Speed: median wall time of `first_step` on the parameter sets of timm models (random init, random
+gradients); the restore runs outside the timed region. Memory: on a ~50M-parameter stack of Linear
+layers, the bytes an optimizer holds between first_step and second_step (tensors reachable from it that
+appeared during first_step) and the process RSS growth around first_step (CPU, one fresh process per
+method) or the CUDA allocator's growth and peak (GPU), each as a ratio to the parameters' bytes.
+
+    python scripts/bench_optimizer.py                       # CPU, plus CUDA when available
+    python scripts/bench_optimizer.py --models vit_small_patch16_224 --repeats 7 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from hf_zsharp import SAM, ZSharp
+
+MODELS = ("resnet18", "vit_small_patch16_224", "vit_base_patch16_224")
+METHODS = ("zsharp", "sam", "naive")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NaiveZSharp:
+    """The paper's code style: per-tensor torch.quantile, a Python `if` per tensor, a full copy of every param."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], rho: float = 0.05, percentile: float = 0.95):
+        self.params = list(params)
+        self.rho, self.percentile = rho, percentile
+        self.state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params if p.grad is not None]), p=2)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            self.state[p] = {"old_p": p.data.clone()}
+            g = p.grad
+            if g.ndim > 1:
+                # torch.quantile refuses half precision: the paper's code only ever ran in float32.
+                g32 = g.float()
+                z = (g32 - g32.mean()) / (g32.std() + 1e-12)
+                threshold = torch.quantile(z.abs().flatten(), self.percentile)
+                mask = (z.abs() > threshold).to(g32.dtype)
+                filtered = g32 * mask
+                norm = filtered.norm(p=2)
+                if norm > 0:
+                    e = self.rho * filtered / (norm + 1e-12)
+                else:
+                    e = self.rho * g32 / (grad_norm + 1e-12)
+            else:
+                e = self.rho * g / (grad_norm + 1e-12)
+            p.add_(e.to(p.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, saved in self.state.items():
+            p.data.copy_(saved["old_p"])
+        self.state.clear()
+
+
+def build_optimizer(method: str, params: list[torch.nn.Parameter]):
+    if method == "zsharp":
+        return ZSharp(params, base_optimizer=torch.optim.SGD, lr=0.1)
+    if method == "sam":
+        return SAM(params, base_optimizer=torch.optim.SGD, lr=0.1)
+    return NaiveZSharp(params)
+
+
+def model_params(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    """The parameters of a timm model (random init) with random gradients."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False).to(device=device, dtype=dtype)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def linear_stack_params(n_params: float, device: str, dtype: torch.dtype, width: int = 2048) -> list:
+    """A stack of square Linear layers with about n_params parameters, with random gradients."""
+    torch.manual_seed(0)
+    depth = max(1, round(n_params / (width * width + width)))
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(depth))).to(device, dtype)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_ascent(optimizer, device: str, repeats: int, warmup: int) -> float:
+    """Median seconds of first_step; restore() runs outside the timed region."""
+    times = []
+    for i in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.first_step()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        optimizer.restore()
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def reachable_tensors(root, params: set[int]) -> dict[int, int]:
+    """Bytes of every tensor storage reachable from an optimizer's attributes and state (params, grads excluded)."""
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in params and obj.numel() > 0:
+                found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+            stack.extend(vars(obj).values())
+    return found
+
+
+def held_bytes(optimizer, params: list[torch.nn.Parameter]) -> int:
+    """Bytes of all tensors the optimizer holds right after first_step (its base SGD keeps no state)."""
+    excluded = {p.untyped_storage().data_ptr() for p in params}
+    excluded |= {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
+    optimizer.first_step()
+    return sum(reachable_tensors(optimizer, excluded).values())
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(method: str, n_params: float, dtype: torch.dtype) -> dict:
+    """One method in a fresh process (so the allocator is not warmed by another method): held bytes, RSS growth."""
+    params = linear_stack_params(n_params, "cpu", dtype)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    optimizer = build_optimizer(method, params)
+    # One untimed ascent + restore first: lazily created state and allocator caches are not counted as growth.
+    optimizer.first_step()
+    optimizer.restore()
+    gc.collect()
+    rss_before = rss_bytes()
+    held = held_bytes(optimizer, params)
+    gc.collect()
+    rss_after = rss_bytes()
+    optimizer.restore()
+    return {
+        "method": method,
+        "n_params": sum(p.numel() for p in params),
+        "param_bytes": param_bytes,
+        "held_bytes": held,
+        "rss_growth_bytes": rss_after - rss_before,
+    }
+
+
+def memory_cuda(method: str, n_params: float, dtype: torch.dtype, device: str) -> dict:
+    params = linear_stack_params(n_params, device, dtype)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    optimizer = build_optimizer(method, params)
+    optimizer.first_step()
+    optimizer.restore()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    held = held_bytes(optimizer, params)
+    torch.cuda.synchronize(device)
+    grown = torch.cuda.memory_allocated(device) - base
+    peak = torch.cuda.max_memory_allocated(device) - base
+    optimizer.restore()
+    return {
+        "method": method,
+        "n_params": sum(p.numel() for p in params),
+        "param_bytes": param_bytes,
+        "held_bytes": held,
+        "allocated_growth_bytes": grown,
+        "peak_growth_bytes": peak,
+    }
+
+
+def run_speed(models: list[str], devices: list[str], dtype: torch.dtype, repeats: int, warmup: int) -> None:
+    print(f"\n## Ascent step (first_step), median of {repeats} after {warmup} warm-up, dtype {dtype}")
+    print(f"{'device':6} {'model':24} {'params':>8} {'zsharp ms':>10} {'sam ms':>9} {'naive ms':>9} "
+          f"{'zsharp/sam':>10} {'naive/zsharp':>12}")
+    for device in devices:
+        for name in models:
+            params = model_params(name, device, dtype)
+            ms = {}
+            for method in METHODS:
+                optimizer = build_optimizer(method, params)
+                ms[method] = 1e3 * time_ascent(optimizer, device, repeats, warmup)
+                del optimizer
+                gc.collect()
+            n = sum(p.numel() for p in params)
+            print(f"{device:6} {name:24} {n / 1e6:7.1f}M {ms['zsharp']:10.1f} {ms['sam']:9.1f} {ms['naive']:9.1f} "
+                  f"{ms['zsharp'] / ms['sam']:10.2f} {ms['naive'] / ms['zsharp']:12.2f}", flush=True)
+            del params
+            gc.collect()
+
+
+def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
+    dtype = DTYPES[dtype_name]
+    print(f"\n## Memory between first_step and second_step (~{n_params / 1e6:.0f}M-parameter Linear stack, {dtype})")
+    for device in devices:
+        rows = []
+        for method in METHODS:
+            if device == "cpu":
+                child = subprocess.run(
+                    [sys.executable, __file__, "--memory-child", method, "--memory-params", str(n_params),
+                     "--dtype", dtype_name],
+                    check=True, capture_output=True, text=True,
+                )
+                rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            else:
+                rows.append(memory_cuda(method, n_params, dtype, device))
+                gc.collect()
+                torch.cuda.empty_cache()
+        growth_key = "rss_growth_bytes" if device == "cpu" else "allocated_growth_bytes"
+        growth_name = "RSS growth" if device == "cpu" else "allocated growth"
+        header = f"{'device':6} {'method':8} {'param MB':>9} {'held MB':>8} {'held/param':>10} {growth_name + ' MB':>20} {'ratio':>6}"
+        if device != "cpu":
+            header += f" {'peak MB':>8} {'peak ratio':>10}"
+        print(header)
+        for row in rows:
+            pb = row["param_bytes"]
+            line = (f"{device:6} {row['method']:8} {pb / 2**20:9.1f} {row['held_bytes'] / 2**20:8.1f} "
+                    f"{row['held_bytes'] / pb:10.3f} {row[growth_key] / 2**20:20.1f} {row[growth_key] / pb:6.3f}")
+            if device != "cpu":
+                line += f" {row['peak_growth_bytes'] / 2**20:8.1f} {row['peak_growth_bytes'] / pb:10.3f}"
+            print(line, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="timm model names")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats before timing")
+    parser.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, plus cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and gradient dtype")
+    parser.add_argument("--memory-params", type=float, default=50e6, help="size of the memory-test model")
+    parser.add_argument("--skip-speed", action="store_true", help="only the memory measurement")
+    parser.add_argument("--skip-memory", action="store_true", help="only the speed measurement")
+    parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device is None:
+        args.device = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in args.device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error(f"--device {device}: CUDA is not available")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.memory_params, DTYPES[args.dtype])))
+        return
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, devices {args.device}")
+    if not args.skip_speed:
+        run_speed(args.models, args.device, DTYPES[args.dtype], args.repeats, args.warmup)
+    if not args.skip_memory:
+        run_memory(args.device, args.dtype, args.memory_params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Plain, independent references of the ascent steps (ZSharp, SAM, ASAM, Friendly-SAM) for the tests.
+
+Written from /work/shared/reference/ZSHARP_ALGORITHM.md and the official ASAM / F-SAM code, one tensor at
+a time in float64, with no code shared with `hf_zsharp.optim`. Each function returns the perturbation `e`
+(float64) per parameter, in the order of the gradients it was given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+EPS = 1e-12  # the paper's epsilon in the std and in every norm
+
+
+def exact_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(x.float(), q) (linear interpolation) from a float64 sort; works for any dtype and size.
+
+    Like torch.quantile on the paper's float32 |z|, the rank q * (n - 1) is formed in float32 (it decides
+    which order statistics are interpolated, e.g. q = 0.7, n = 91 gives rank 63 exactly, not 62.99...);
+    beyond 2**24 entries, where float32 cannot hold the rank and torch.quantile refuses, in float64.
+    """
+    values = x.detach().reshape(-1).to(torch.float64).sort().values
+    n = values.numel()
+    if n <= 2**24:
+        position = float(np.float32(q) * np.float32(n - 1))
+    else:
+        position = q * (n - 1)
+    below = math.floor(position)
+    above = min(below + 1, values.numel() - 1)
+    weight = position - below
+    start, end = values[below], values[above]
+    # Same lerp formula as torch: the form that is exact at the nearer end point.
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1.0 - weight)
+
+
+def zscore_mask(grad: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The paper's mask: |z| > quantile(|z|, Qp) (strict), z = (g - mean) / (unbiased std + eps)."""
+    g = grad.detach().to(torch.float64)
+    z = (g - g.mean()) / (g.std() + EPS)
+    return z.abs() > exact_quantile(z.abs(), percentile)
+
+
+def magnitude_mask(grad: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The magnitude control: |g| > quantile(|g|, Qp) (strict)."""
+    g = grad.detach().to(torch.float64).abs()
+    return g > exact_quantile(g, percentile)
+
+
+def global_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """|| [||g_p|| for all p] ||_2 in float64."""
+    return torch.stack([g.detach().to(torch.float64).norm() for g in grads]).norm()
+
+
+def sam_ascent(grads: Sequence[torch.Tensor], rho: float = 0.05) -> list[torch.Tensor]:
+    """SAM (Foret et al. 2021): e = rho * g / (||g||_all + eps)."""
+    scale = rho / (global_norm(grads) + EPS)
+    return [g.detach().to(torch.float64) * scale for g in grads]
+
+
+def zsharp_ascent(
+    grads: Sequence[torch.Tensor],
+    rho: float = 0.05,
+    percentile: float = 0.95,
+    radius: str = "tensor",
+    mask: str = "zscore",
+) -> list[torch.Tensor]:
+    """ZSharp's perturbation as the paper's code computes it (radius="tensor"), or with one global norm.
+
+    percentile == 0 disables the filter (the issue requires ZSharp to equal SAM then).
+    """
+    if percentile == 0:
+        return sam_ascent(grads, rho)
+    total = global_norm(grads)
+    rule = {"zscore": zscore_mask, "magnitude": magnitude_mask}[mask]
+    directions, filtered = [], []
+    for grad in grads:
+        g = grad.detach().to(torch.float64)
+        if g.ndim > 1:
+            f = g * rule(g, percentile)
+            directions.append(f)
+            filtered.append(True)
+        else:
+            directions.append(g)
+            filtered.append(False)
+    if radius == "global":
+        # One normalisation over the filtered directions and the unfiltered 1-D gradients; a filtered tensor
+        # whose mask is empty contributes its plain gradient (the per-tensor fallback's direction).
+        directions = [
+            g.detach().to(torch.float64) if keep and not d.any() else d
+            for d, g, keep in zip(directions, grads, filtered, strict=True)
+        ]
+        scale = rho / (global_norm(directions) + EPS)
+        return [d * scale for d in directions]
+    out = []
+    for d, grad, keep in zip(directions, grads, filtered, strict=True):
+        norm = d.norm()
+        if keep and norm > 0:
+            out.append(rho * d / (norm + EPS))
+        else:
+            out.append(rho * grad.detach().to(torch.float64) / (total + EPS))
+    return out
+
+
+def asam_ascent(
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rho: float = 0.5,
+    eta: float = 0.01,
+) -> list[torch.Tensor]:
+    """ASAM (Kwon et al. 2021, official code): T = |w| + eta on "weight" tensors (1 elsewhere),
+    e = rho * T^2 g / (||T g||_all + 1e-16)."""
+    scales = [
+        p.detach().to(torch.float64).abs() + eta if "weight" in n else torch.ones((), dtype=torch.float64)
+        for n, p in zip(names, params, strict=True)
+    ]
+    scaled = [t * g.detach().to(torch.float64) for t, g in zip(scales, grads, strict=True)]
+    norm = global_norm(scaled) + 1e-16
+    return [rho * t * tg / norm for t, tg in zip(scales, scaled, strict=True)]
+
+
+class FriendlySAMReference:
+    """Friendly-SAM (Li et al. 2024, official code): d = g - sigma * m_old, m = lmbda * m_old + (1 - lmbda) g;
+    on the first call m = g and d = g; then SAM's ascent along d."""
+
+    def __init__(self, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9) -> None:
+        self.rho, self.sigma, self.lmbda = rho, sigma, lmbda
+        self.momentum: list[torch.Tensor] | None = None
+
+    def ascent(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        g = [x.detach().to(torch.float64) for x in grads]
+        if self.momentum is None:
+            self.momentum = [x.clone() for x in g]
+            directions = g
+        else:
+            directions = [x - self.sigma * m for x, m in zip(g, self.momentum, strict=True)]
+            self.momentum = [self.lmbda * m + (1 - self.lmbda) * x for x, m in zip(g, self.momentum, strict=True)]
+        return sam_ascent(directions, self.rho)
