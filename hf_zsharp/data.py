@@ -1,0 +1,496 @@
+"""Image-classification data for training: load (Hub, local folders, embedded digits), check, transform lazily.
+
+`load_image_dataset` returns a `DatasetDict` with "train" and "eval" splits holding only the image column
+(undecoded, `datasets.Image(decode=False)`) and the label column (`ClassLabel`). Images are decoded,
+converted to RGB and augmented on access by the transforms set with `with_image_transforms`, so DataLoader
+workers do the work and nothing is materialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features
+from torchvision.transforms import v2
+
+logger = logging.getLogger(__name__)
+
+DIGITS = "digits"
+EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
+IMAGE_COLUMN_NAMES = ("img", "image")
+LABEL_COLUMN_NAMES = ("label", "fine_label", "labels", "coarse_label")
+
+# Per-channel mean and std of the training images (the values the ZSharp paper's code base uses for CIFAR).
+NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+}
+
+_RGB_DECODER = datasets.Image(mode="RGB")
+
+
+class DataError(ValueError):
+    """A problem with the dataset the user asked for, worded to be shown as is (no traceback needed)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_image_dataset(
+    dataset_name: str,
+    *,
+    dataset_config: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    train_val_split: float | None = None,
+    cache_dir: str | None = None,
+    seed: int = 42,
+    verify_images: bool = True,
+    num_proc: int | None = None,
+) -> tuple[DatasetDict, str, str, list[str]]:
+    """Load an image-classification dataset as ("train", "eval") splits; returns it with its columns and labels.
+
+    `dataset_name` is a Hub id, a local directory (imagefolder layout, data files such as parquet, or a
+    `save_to_disk` folder) or "digits" (scikit-learn's handwritten digits, embedded). The evaluation split is
+    `eval_split`, else a `train_val_split` fraction of the training split, else the first of test /
+    validation / valid / val. With `verify_images`, images that cannot be decoded are dropped and counted.
+    """
+    if eval_split is not None and train_val_split is not None:
+        raise DataError("Pass either an evaluation split name or a train/validation split fraction, not both.")
+    if train_val_split is not None and not 0.0 < train_val_split < 1.0:
+        raise DataError(f"The train/validation split fraction must be between 0 and 1, got {train_val_split}.")
+    raw = _load_raw(dataset_name, dataset_config, cache_dir)
+    splits = list(raw)
+    if train_split not in raw:
+        raise DataError(f"Dataset {dataset_name!r} has no split {train_split!r}; its splits are {splits}.")
+    features = raw[train_split].features
+    image_column = _resolve_image_column(features, image_column, dataset_name)
+    label_column = _resolve_label_column(features, label_column, dataset_name)
+
+    if eval_split is not None and eval_split not in raw:
+        raise DataError(f"Dataset {dataset_name!r} has no split {eval_split!r}; its splits are {splits}.")
+    if eval_split is None and train_val_split is None:
+        eval_split = next((name for name in EVAL_SPLIT_NAMES if name in raw and name != train_split), None)
+        if eval_split is None:
+            raise DataError(
+                f"Dataset {dataset_name!r} has no evaluation split (found {splits}; looked for "
+                f"{', '.join(EVAL_SPLIT_NAMES)}). Name one with --eval_split, or hold out a fraction of "
+                f"{train_split!r} with --train_val_split (e.g. 0.1)."
+            )
+    kept = [train_split] if eval_split is None else [train_split, eval_split]
+    for name in kept[1:]:
+        missing = [col for col in (image_column, label_column) if col not in raw[name].column_names]
+        if missing:
+            raise DataError(
+                f"Split {name!r} of {dataset_name!r} lacks column(s) {missing}; its columns are "
+                f"{raw[name].column_names}."
+            )
+    dataset = DatasetDict({name: raw[name].select_columns([image_column, label_column]) for name in kept})
+    dataset = _as_image_column(dataset, image_column, dataset_name)
+    dataset, labels = _as_class_labels(dataset, label_column, dataset_name)
+
+    if eval_split is None:
+        dataset = _hold_out(dataset[train_split], train_val_split, label_column, seed)
+    else:
+        dataset = DatasetDict({"train": dataset[train_split], "eval": dataset[eval_split]})
+    if verify_images:
+        dataset = DatasetDict(
+            {
+                split: drop_undecodable_images(ds, image_column, split=split, num_proc=num_proc)
+                for split, ds in dataset.items()
+            }
+        )
+    logger.info(
+        "Dataset %s: %d training and %d evaluation images, %d classes (image column %r, label column %r).",
+        dataset_name,
+        len(dataset["train"]),
+        len(dataset["eval"]),
+        len(labels),
+        image_column,
+        label_column,
+    )
+    return dataset, image_column, label_column, labels
+
+
+def load_digits_dataset() -> DatasetDict:
+    """scikit-learn's 1,797 8x8 handwritten digits upsampled to 32x32 RGB, with a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = [
+        PIL.Image.fromarray(array, mode="L").resize((32, 32), PIL.Image.Resampling.BILINEAR).convert("RGB")
+        for array in pixels
+    ]
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
+    )
+    features = Features({"image": datasets.Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    return DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"image": [images[i] for i in idx], "label": labels[idx].tolist()}, features=features
+            )
+            for split, idx in (("train", train_idx), ("test", test_idx))
+        }
+    )
+
+
+def _load_raw(dataset_name: str, dataset_config: str | None, cache_dir: str | None) -> DatasetDict:
+    if dataset_name == DIGITS:
+        return load_digits_dataset()
+    path = Path(dataset_name).expanduser()
+    if path.is_dir():
+        loaded = _load_local(path, dataset_config, cache_dir)
+    elif path.exists():
+        raise DataError(
+            f"{dataset_name!r} is a file; pass a directory (imagefolder layout, data files, or a dataset "
+            "saved with save_to_disk) or a Hub dataset id."
+        )
+    elif _looks_like_local_path(dataset_name):
+        raise DataError(f"Local dataset path {dataset_name!r} does not exist.")
+    else:
+        loaded = _load_hub(dataset_name, dataset_config, cache_dir)
+    if isinstance(loaded, Dataset):
+        return DatasetDict({"train": loaded})
+    return loaded
+
+
+def _load_local(path: Path, dataset_config: str | None, cache_dir: str | None) -> Dataset | DatasetDict:
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path))
+        return datasets.load_dataset(str(path), dataset_config, cache_dir=cache_dir)
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as err:
+        raise DataError(f"Could not load a dataset from the directory {str(path)!r}: {err}") from err
+
+
+def _load_hub(dataset_name: str, dataset_config: str | None, cache_dir: str | None) -> DatasetDict:
+    try:
+        return datasets.load_dataset(dataset_name, dataset_config, cache_dir=cache_dir)
+    except ConnectionError as err:
+        offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(
+            f"Dataset {dataset_name!r} is not available: the Hugging Face Hub cannot be reached{offline} and it "
+            "is not in the local cache. Run once where the Hub is reachable (then HF_HUB_OFFLINE=1 reuses the "
+            "cache), or pass a local path: an imagefolder directory, a directory of data files (e.g. parquet), "
+            f"or a dataset saved with save_to_disk. '{DIGITS}' is an embedded dataset that needs no network."
+        ) from err
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise DataError(
+            f"Dataset {dataset_name!r} was not found on the Hub (or it is private/gated: log in with "
+            "`hf auth login`). Check the id, or pass a local directory."
+        ) from err
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as err:
+        raise DataError(f"Could not load dataset {dataset_name!r}: {err}") from err
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Columns and splits
+
+
+def _resolve_image_column(features: Features, requested: str | None, dataset_name: str) -> str:
+    if requested is not None:
+        if requested not in features:
+            raise DataError(
+                f"Image column {requested!r} not found in {dataset_name!r}; its columns are {list(features)}."
+            )
+        return requested
+    found = next((name for name, feat in features.items() if isinstance(feat, datasets.Image)), None)
+    found = found or next((name for name in IMAGE_COLUMN_NAMES if name in features), None)
+    if found is None:
+        raise DataError(
+            f"No image column found in {dataset_name!r} (no Image feature, no column named "
+            f"{' or '.join(IMAGE_COLUMN_NAMES)}); its columns are {list(features)}. Name it with --image_column_name."
+        )
+    return found
+
+
+def _resolve_label_column(features: Features, requested: str | None, dataset_name: str) -> str:
+    if requested is not None:
+        if requested not in features:
+            raise DataError(
+                f"Label column {requested!r} not found in {dataset_name!r}; its columns are {list(features)}."
+            )
+        return requested
+    class_labels = [name for name, feat in features.items() if isinstance(feat, ClassLabel)]
+    found = next((name for name in LABEL_COLUMN_NAMES if name in class_labels), None)
+    found = found or next(iter(class_labels), None)
+    found = found or next((name for name in LABEL_COLUMN_NAMES if name in features), None)
+    if found is None:
+        raise DataError(
+            f"No label column found in {dataset_name!r} (no ClassLabel feature, no column named "
+            f"{', '.join(LABEL_COLUMN_NAMES)}); its columns are {list(features)}. Name it with --label_column_name."
+        )
+    return found
+
+
+def _as_image_column(dataset: DatasetDict, image_column: str, dataset_name: str) -> DatasetDict:
+    """Keep images undecoded in storage; the transforms decode them (and name the file when one fails)."""
+    try:
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    except (TypeError, ValueError) as err:
+        feature = next(iter(dataset.values())).features[image_column]
+        raise DataError(
+            f"Column {image_column!r} of {dataset_name!r} does not hold images (it holds {feature}); name the "
+            "image column with --image_column_name."
+        ) from err
+
+
+def _as_class_labels(dataset: DatasetDict, label_column: str, dataset_name: str) -> tuple[DatasetDict, list[str]]:
+    """Make the label column a `ClassLabel` (strings are encoded, integers 0..n-1 named "0".."n-1")."""
+    feature = next(iter(dataset.values())).features[label_column]
+    if isinstance(feature, ClassLabel):
+        return dataset, list(feature.names)
+    dtype = getattr(feature, "dtype", None)
+    if dtype == "string" or dtype == "large_string":
+        dataset = dataset.class_encode_column(label_column)
+        return dataset, list(next(iter(dataset.values())).features[label_column].names)
+    if dtype is None or not re.fullmatch(r"u?int\d+", dtype):
+        raise DataError(
+            f"Column {label_column!r} of {dataset_name!r} holds {feature}, not class labels; name the label "
+            "column with --label_column_name."
+        )
+    values = {int(v) for split in dataset.values() for v in split.unique(label_column)}
+    if min(values) < 0:
+        raise DataError(
+            f"Column {label_column!r} of {dataset_name!r} has negative labels (unlabelled examples?); "
+            "choose another evaluation split with --eval_split or --train_val_split."
+        )
+    labels = [str(i) for i in range(max(values) + 1)]
+    return dataset.cast_column(label_column, ClassLabel(names=labels)), labels
+
+
+def _hold_out(train: Dataset, fraction: float, label_column: str, seed: int) -> DatasetDict:
+    """Split `fraction` of the training split off for evaluation, stratified by label when every class allows."""
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=label_column)
+    except ValueError:
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+    return DatasetDict({"train": parts["train"], "eval": parts["test"]})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _image_name(value: dict[str, Any] | None, index: int) -> str:
+    path = (value or {}).get("path")
+    return os.path.basename(path) if path else f"#{index}"
+
+
+def decode_image(value: dict[str, Any], index: int = -1) -> PIL.Image.Image:
+    """Decode one stored image to RGB (greyscale, palette and RGBA images are converted)."""
+    try:
+        return _RGB_DECODER.decode_example(value)
+    except Exception as err:  # PIL raises many types (OSError, ValueError, DecompressionBombError, ...)
+        raise DataError(f"Could not decode image {_image_name(value, index)}: {err}") from err
+
+
+def _decodable(batch: dict[str, list], image_column: str) -> dict[str, list[bool]]:
+    ok = []
+    for value in batch[image_column]:
+        try:
+            _RGB_DECODER.decode_example(value)
+            ok.append(True)
+        except Exception:
+            ok.append(False)
+    return {"decodable": ok}
+
+
+def drop_undecodable_images(
+    dataset: Dataset, image_column: str, *, split: str = "train", num_proc: int | None = None
+) -> Dataset:
+    """Decode every image once and drop those that fail, logging how many were skipped and their names."""
+    checked = dataset.select_columns([image_column]).map(
+        _decodable,
+        fn_kwargs={"image_column": image_column},
+        batched=True,
+        remove_columns=[image_column],
+        num_proc=num_proc,
+        desc=f"Checking that the {split} images decode",
+    )
+    ok = np.asarray(checked["decodable"], dtype=bool)
+    if ok.all():
+        return dataset
+    bad = np.flatnonzero(~ok)
+    if len(bad) == len(dataset):
+        raise DataError(f"None of the {len(dataset)} images of the {split} split can be decoded.")
+    names = [_image_name(dataset[int(i)][image_column], int(i)) for i in bad[:10]]
+    logger.warning(
+        "Skipped %d of %d %s images that could not be decoded: %s%s",
+        len(bad),
+        len(dataset),
+        split,
+        ", ".join(names),
+        ", ..." if len(bad) > len(names) else "",
+    )
+    return dataset.select(np.flatnonzero(ok))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Transforms
+
+Transform = Callable[[PIL.Image.Image], torch.Tensor]
+
+
+class ResizeTo:
+    """Resize a PIL image to `size` x `size` unless it already has that size."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        if image.size == (self.size, self.size):
+            return image
+        return image.resize((self.size, self.size), PIL.Image.Resampling.BILINEAR)
+
+
+def _to_normalized_tensor(mean: Sequence[float] | None, std: Sequence[float] | None) -> list:
+    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if mean is not None and std is not None:
+        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return steps
+
+
+def paper_transforms(
+    mean: Sequence[float], std: Sequence[float], image_size: int = 32, padding: int = 4
+) -> tuple[Transform, Transform]:
+    """The paper's recipe for from-scratch models: RandomCrop(size, padding 4) + horizontal flip, then normalise."""
+    train = v2.Compose(
+        [
+            ResizeTo(image_size),
+            v2.RandomCrop(image_size, padding=padding),
+            v2.RandomHorizontalFlip(),
+            *_to_normalized_tensor(mean, std),
+        ]
+    )
+    evaluation = v2.Compose([ResizeTo(image_size), *_to_normalized_tensor(mean, std)])
+    return train, evaluation
+
+
+def timm_transforms(data_config: dict[str, Any]) -> tuple[Transform, Transform]:
+    """timm's own train and eval transforms for a resolved data config (`timm.data.resolve_data_config`)."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=True), create_transform(**data_config, is_training=False)
+
+
+def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
+    """Transforms matching a pretrained model's image processor: RandomResizedCrop + flip / resize + center crop.
+
+    transformers' timm wrapper processor (it carries a timm `data_config`) gets timm's transforms instead.
+    """
+    if hasattr(image_processor, "data_config"):
+        return timm_transforms(image_processor.data_config)
+    size = image_processor.size
+    shortest_edge = size.get("shortest_edge")
+    if shortest_edge:
+        crop: int | tuple[int, int] = shortest_edge
+        crop_pct = getattr(image_processor, "crop_pct", None)
+        resize: int | tuple[int, int] = int(shortest_edge / crop_pct) if crop_pct else shortest_edge
+    else:
+        crop = resize = (size["height"], size["width"])
+    crop_size = getattr(image_processor, "crop_size", None)
+    if crop_size and getattr(image_processor, "do_center_crop", False) and crop_size.get("height"):
+        crop = (crop_size["height"], crop_size["width"])
+    normalize = getattr(image_processor, "do_normalize", True)
+    mean = getattr(image_processor, "image_mean", None) if normalize else None
+    std = getattr(image_processor, "image_std", None) if normalize else None
+    train = v2.Compose([v2.RandomResizedCrop(crop), v2.RandomHorizontalFlip(), *_to_normalized_tensor(mean, std)])
+    evaluation = v2.Compose([v2.Resize(resize), v2.CenterCrop(crop), *_to_normalized_tensor(mean, std)])
+    return train, evaluation
+
+
+def normalization_stats(
+    dataset_name: str,
+    train_dataset: Dataset | None = None,
+    image_column: str | None = None,
+    max_images: int = 5000,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std for `dataset_name`: known values for CIFAR-10/100 and Tiny-ImageNet, else computed.
+
+    The computed statistics use up to `max_images` training images (decoded to RGB, pixels in [0, 1]).
+    """
+    key = re.sub(r"[^a-z0-9]", "", Path(dataset_name.rstrip("/")).name.lower())
+    if key in NORMALIZATION_STATS:
+        return NORMALIZATION_STATS[key]
+    if train_dataset is None or image_column is None:
+        raise ValueError(
+            f"No known normalisation statistics for {dataset_name!r}; pass the training split to compute them."
+        )
+    rng = np.random.default_rng(0)
+    count = min(max_images, len(train_dataset))
+    indices = np.sort(rng.choice(len(train_dataset), size=count, replace=False))
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    pixels = 0
+    for index in indices:
+        value = train_dataset.with_format(None)[int(index)][image_column]
+        array = np.asarray(decode_image(value, int(index)), dtype=np.float64).reshape(-1, 3) / 255.0
+        total += array.sum(axis=0)
+        total_sq += np.square(array).sum(axis=0)
+        pixels += len(array)
+    mean = total / pixels
+    std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+class ImageClassificationTransform:
+    """Batch transform for `Dataset.set_transform`: decode to RGB, apply `transform`; yields pixel_values, labels."""
+
+    def __init__(self, transform: Transform, image_column: str, label_column: str):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        pixel_values = [self.transform(decode_image(value)) for value in batch[self.image_column]]
+        return {"pixel_values": pixel_values, "labels": batch[self.label_column]}
+
+
+def with_image_transforms(
+    dataset: DatasetDict,
+    image_column: str,
+    label_column: str,
+    train_transform: Transform,
+    eval_transform: Transform,
+) -> DatasetDict:
+    """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split."""
+    return DatasetDict(
+        {
+            split: ds.with_transform(
+                ImageClassificationTransform(
+                    train_transform if split == "train" else eval_transform, image_column, label_column
+                )
+            )
+            for split, ds in dataset.items()
+        }
+    )
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack transformed examples into a batch: {"pixel_values": (B, C, H, W), "labels": (B,)}."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+    }
