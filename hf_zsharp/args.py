@@ -33,7 +33,7 @@ class ZSharpTrainingArguments(TrainingArguments):
         default=0.95,
         metadata={
             "help": "ZSharp only: entries of each filtered gradient tensor with |z-score| above this quantile are "
-            "kept for the ascent (0.95 keeps about 5%)."
+            "kept for the ascent (0.95 keeps about one entry in twenty)."
         },
     )
     sam_radius: str = field(

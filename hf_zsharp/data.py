@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
 
-_RGB_DECODER = datasets.Image(mode="RGB")
+_DECODER = datasets.Image()
 
 
 class DataError(ValueError):
@@ -69,9 +70,13 @@ def load_image_dataset(
     validation / valid / val. With `verify_images`, images that cannot be decoded are dropped and counted.
     """
     if eval_split is not None and train_val_split is not None:
-        raise DataError("Pass either an evaluation split name or a train/validation split fraction, not both.")
+        raise DataError(
+            "Pass either an evaluation split name or a train/validation split fraction, not both."
+        )
     if train_val_split is not None and not 0.0 < train_val_split < 1.0:
-        raise DataError(f"The train/validation split fraction must be between 0 and 1, got {train_val_split}.")
+        raise DataError(
+            f"The train/validation split fraction must be between 0 and 1, got {train_val_split}."
+        )
     raw = _load_raw(dataset_name, dataset_config, cache_dir)
     splits = list(raw)
     if train_split not in raw:
@@ -79,6 +84,8 @@ def load_image_dataset(
     features = raw[train_split].features
     image_column = _resolve_image_column(features, image_column, dataset_name)
     label_column = _resolve_label_column(features, label_column, dataset_name)
+    if image_column == label_column:
+        raise DataError(f"The image and label columns are both {image_column!r}; name them separately.")
 
     if eval_split is not None and eval_split not in raw:
         raise DataError(f"Dataset {dataset_name!r} has no split {eval_split!r}; its splits are {splits}.")
@@ -127,13 +134,18 @@ def load_image_dataset(
 
 def load_digits_dataset() -> DatasetDict:
     """scikit-learn's 1,797 8x8 handwritten digits upsampled to 32x32 RGB, with a fixed stratified 80/20 split."""
+    return DatasetDict(_digits())
+
+
+@cache
+def _digits() -> DatasetDict:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     images = [
-        PIL.Image.fromarray(array, mode="L").resize((32, 32), PIL.Image.Resampling.BILINEAR).convert("RGB")
+        PIL.Image.fromarray(array).resize((32, 32), PIL.Image.Resampling.BILINEAR).convert("RGB")
         for array in pixels
     ]
     labels = digits.target.astype(np.int64)
@@ -246,17 +258,20 @@ def _resolve_label_column(features: Features, requested: str | None, dataset_nam
 
 def _as_image_column(dataset: DatasetDict, image_column: str, dataset_name: str) -> DatasetDict:
     """Keep images undecoded in storage; the transforms decode them (and name the file when one fails)."""
-    try:
-        return dataset.cast_column(image_column, datasets.Image(decode=False))
-    except (TypeError, ValueError) as err:
-        feature = next(iter(dataset.values())).features[image_column]
+    feature = next(iter(dataset.values())).features[image_column]
+    stored_as_files = getattr(feature, "dtype", None) in ("string", "large_string", "binary", "large_binary")
+    stored_as_struct = isinstance(feature, dict) and set(feature) <= {"bytes", "path"}
+    if not (isinstance(feature, datasets.Image) or stored_as_files or stored_as_struct):
         raise DataError(
             f"Column {image_column!r} of {dataset_name!r} does not hold images (it holds {feature}); name the "
             "image column with --image_column_name."
-        ) from err
+        )
+    return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
-def _as_class_labels(dataset: DatasetDict, label_column: str, dataset_name: str) -> tuple[DatasetDict, list[str]]:
+def _as_class_labels(
+    dataset: DatasetDict, label_column: str, dataset_name: str
+) -> tuple[DatasetDict, list[str]]:
     """Make the label column a `ClassLabel` (strings are encoded, integers 0..n-1 named "0".."n-1")."""
     feature = next(iter(dataset.values())).features[label_column]
     if isinstance(feature, ClassLabel):
@@ -281,27 +296,45 @@ def _as_class_labels(dataset: DatasetDict, label_column: str, dataset_name: str)
 
 
 def _hold_out(train: Dataset, fraction: float, label_column: str, seed: int) -> DatasetDict:
-    """Split `fraction` of the training split off for evaluation, stratified by label when every class allows."""
+    """Split `fraction` of the training split off for evaluation, stratified by label when every class allows.
+
+    The split is made here rather than with `Dataset.train_test_split`, which writes index files next to
+    datasets loaded with `load_from_disk` (in the user's folder).
+    """
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(train))
+    labels = np.asarray(train[label_column])
     try:
-        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=label_column)
-    except ValueError:
-        parts = train.train_test_split(test_size=fraction, seed=seed)
-    return DatasetDict({"train": parts["train"], "eval": parts["test"]})
+        train_idx, eval_idx = train_test_split(
+            indices, test_size=fraction, random_state=seed, stratify=labels
+        )
+    except ValueError:  # a class with a single example cannot be stratified
+        train_idx, eval_idx = train_test_split(indices, test_size=fraction, random_state=seed)
+    return DatasetDict(
+        {
+            "train": train.select(np.sort(train_idx), keep_in_memory=True),
+            "eval": train.select(np.sort(eval_idx), keep_in_memory=True),
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
 # Decoding
 
 
-def _image_name(value: dict[str, Any] | None, index: int) -> str:
-    path = (value or {}).get("path")
-    return os.path.basename(path) if path else f"#{index}"
+def _image_name(value: Any, index: int | None = None) -> str:
+    path = value.get("path") if isinstance(value, dict) else None
+    if path:
+        return os.path.basename(path)
+    return f"#{index}" if index is not None else "(stored without a file name)"
 
 
-def decode_image(value: dict[str, Any], index: int = -1) -> PIL.Image.Image:
-    """Decode one stored image to RGB (greyscale, palette and RGBA images are converted)."""
+def decode_image(value: dict[str, Any] | PIL.Image.Image, index: int | None = None) -> PIL.Image.Image:
+    """Decode one stored image ({"bytes", "path"} or already a PIL image) to RGB; greyscale/RGBA are converted."""
     try:
-        return _RGB_DECODER.decode_example(value)
+        image = _DECODER.decode_example(value)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, ValueError, DecompressionBombError, ...)
         raise DataError(f"Could not decode image {_image_name(value, index)}: {err}") from err
 
@@ -310,9 +343,9 @@ def _decodable(batch: dict[str, list], image_column: str) -> dict[str, list[bool
     ok = []
     for value in batch[image_column]:
         try:
-            _RGB_DECODER.decode_example(value)
+            decode_image(value)
             ok.append(True)
-        except Exception:
+        except DataError:
             ok.append(False)
     return {"decodable": ok}
 
@@ -320,13 +353,17 @@ def _decodable(batch: dict[str, list], image_column: str) -> dict[str, list[bool
 def drop_undecodable_images(
     dataset: Dataset, image_column: str, *, split: str = "train", num_proc: int | None = None
 ) -> Dataset:
-    """Decode every image once and drop those that fail, logging how many were skipped and their names."""
+    """Decode every image once and drop those that fail, logging how many were skipped and their names.
+
+    Everything it computes stays in memory: no cache files are written next to the user's data.
+    """
     checked = dataset.select_columns([image_column]).map(
         _decodable,
         fn_kwargs={"image_column": image_column},
         batched=True,
         remove_columns=[image_column],
         num_proc=num_proc,
+        keep_in_memory=True,
         desc=f"Checking that the {split} images decode",
     )
     ok = np.asarray(checked["decodable"], dtype=bool)
@@ -344,7 +381,7 @@ def drop_undecodable_images(
         ", ".join(names),
         ", ..." if len(bad) > len(names) else "",
     )
-    return dataset.select(np.flatnonzero(ok))
+    return dataset.select(np.flatnonzero(ok), keep_in_memory=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -392,7 +429,9 @@ def timm_transforms(data_config: dict[str, Any]) -> tuple[Transform, Transform]:
     """timm's own train and eval transforms for a resolved data config (`timm.data.resolve_data_config`)."""
     from timm.data import create_transform
 
-    return create_transform(**data_config, is_training=True), create_transform(**data_config, is_training=False)
+    return create_transform(**data_config, is_training=True), create_transform(
+        **data_config, is_training=False
+    )
 
 
 def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
@@ -416,7 +455,9 @@ def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
     normalize = getattr(image_processor, "do_normalize", True)
     mean = getattr(image_processor, "image_mean", None) if normalize else None
     std = getattr(image_processor, "image_std", None) if normalize else None
-    train = v2.Compose([v2.RandomResizedCrop(crop), v2.RandomHorizontalFlip(), *_to_normalized_tensor(mean, std)])
+    train = v2.Compose(
+        [v2.RandomResizedCrop(crop), v2.RandomHorizontalFlip(), *_to_normalized_tensor(mean, std)]
+    )
     evaluation = v2.Compose([v2.Resize(resize), v2.CenterCrop(crop), *_to_normalized_tensor(mean, std)])
     return train, evaluation
 
@@ -441,17 +482,19 @@ def normalization_stats(
     rng = np.random.default_rng(0)
     count = min(max_images, len(train_dataset))
     indices = np.sort(rng.choice(len(train_dataset), size=count, replace=False))
+    sample = train_dataset.with_format(None).select_columns([image_column]).select(indices)
     total = np.zeros(3)
     total_sq = np.zeros(3)
     pixels = 0
-    for index in indices:
-        value = train_dataset.with_format(None)[int(index)][image_column]
-        array = np.asarray(decode_image(value, int(index)), dtype=np.float64).reshape(-1, 3) / 255.0
-        total += array.sum(axis=0)
-        total_sq += np.square(array).sum(axis=0)
-        pixels += len(array)
+    for batch in sample.iter(batch_size=256):
+        for value in batch[image_column]:
+            array = np.asarray(decode_image(value), dtype=np.float64).reshape(-1, 3) / 255.0
+            total += array.sum(axis=0)
+            total_sq += np.square(array).sum(axis=0)
+            pixels += len(array)
     mean = total / pixels
     std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
+    std[std < 1e-6] = 1.0  # a constant channel: centre it, do not divide by (almost) zero
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
@@ -475,12 +518,19 @@ def with_image_transforms(
     train_transform: Transform,
     eval_transform: Transform,
 ) -> DatasetDict:
-    """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split."""
+    """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split.
+
+    The columns are renamed to the model's argument names (pixel_values, labels), so that `Trainer`'s
+    `remove_unused_columns` keeps them; they still hold the stored images until the transform runs.
+    """
+    renames = {
+        old: new for old, new in ((image_column, "pixel_values"), (label_column, "labels")) if old != new
+    }
     return DatasetDict(
         {
-            split: ds.with_transform(
+            split: ds.rename_columns(renames).with_transform(
                 ImageClassificationTransform(
-                    train_transform if split == "train" else eval_transform, image_column, label_column
+                    train_transform if split == "train" else eval_transform, "pixel_values", "labels"
                 )
             )
             for split, ds in dataset.items()

@@ -13,6 +13,8 @@ method) or the CUDA allocator's growth and peak (GPU), each as a ratio to the pa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -20,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -41,7 +43,9 @@ class NaiveZSharp:
 
     @torch.no_grad()
     def first_step(self) -> None:
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params if p.grad is not None]), p=2)
+        grad_norm = torch.norm(
+            torch.stack([p.grad.norm(p=2) for p in self.params if p.grad is not None]), p=2
+        )
         for p in self.params:
             if p.grad is None:
                 continue
@@ -55,10 +59,8 @@ class NaiveZSharp:
                 mask = (z.abs() > threshold).to(g32.dtype)
                 filtered = g32 * mask
                 norm = filtered.norm(p=2)
-                if norm > 0:
-                    e = self.rho * filtered / (norm + 1e-12)
-                else:
-                    e = self.rho * g32 / (grad_norm + 1e-12)
+                # `if norm > 0` on a tensor: one host sync per tensor, as in the paper's code.
+                e = self.rho * filtered / (norm + 1e-12) if norm > 0 else self.rho * g32 / (grad_norm + 1e-12)
             else:
                 e = self.rho * g / (grad_norm + 1e-12)
             p.add_(e.to(p.dtype))
@@ -106,19 +108,21 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ascent(optimizer, device: str, repeats: int, warmup: int) -> float:
-    """Median seconds of first_step; restore() runs outside the timed region."""
-    times = []
+def time_ascents(optimizers: dict, device: str, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each optimizer's first_step, the methods interleaved round by round so that a shared
+    machine's changing load hits them alike; restore() runs outside the timed region."""
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
     for i in range(warmup + repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.first_step()
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-        optimizer.restore()
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+        for name, optimizer in optimizers.items():
+            synchronize(device)
+            start = time.perf_counter()
+            optimizer.first_step()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            optimizer.restore()
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
 
 
 def reachable_tensors(root, params: set[int]) -> dict[int, int]:
@@ -154,8 +158,28 @@ def held_bytes(optimizer, params: list[torch.nn.Parameter]) -> int:
 
 
 def rss_bytes() -> int:
+    """Resident set size after returning freed heap pages to the OS (glibc), so it counts live memory."""
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def memory_child(method: str, n_params: float, dtype: torch.dtype) -> dict:
@@ -166,10 +190,10 @@ def memory_child(method: str, n_params: float, dtype: torch.dtype) -> dict:
     # One untimed ascent + restore first: lazily created state and allocator caches are not counted as growth.
     optimizer.first_step()
     optimizer.restore()
-    gc.collect()
     rss_before = rss_bytes()
+    peak_known = reset_peak_rss()
     held = held_bytes(optimizer, params)
-    gc.collect()
+    peak = peak_rss_bytes() if peak_known else float("nan")
     rss_after = rss_bytes()
     optimizer.restore()
     return {
@@ -178,6 +202,7 @@ def memory_child(method: str, n_params: float, dtype: torch.dtype) -> dict:
         "param_bytes": param_bytes,
         "held_bytes": held,
         "rss_growth_bytes": rss_after - rss_before,
+        "peak_growth_bytes": peak - rss_before,
     }
 
 
@@ -206,36 +231,54 @@ def memory_cuda(method: str, n_params: float, dtype: torch.dtype, device: str) -
 
 
 def run_speed(models: list[str], devices: list[str], dtype: torch.dtype, repeats: int, warmup: int) -> None:
-    print(f"\n## Ascent step (first_step), median of {repeats} after {warmup} warm-up, dtype {dtype}")
-    print(f"{'device':6} {'model':24} {'params':>8} {'zsharp ms':>10} {'sam ms':>9} {'naive ms':>9} "
-          f"{'zsharp/sam':>10} {'naive/zsharp':>12}")
+    print(
+        f"\n## Ascent step (first_step) in ms: median (min) of {repeats} after {warmup} warm-up, dtype {dtype}"
+    )
+    print(
+        f"{'device':6} {'model':22} {'params':>7} {'zsharp':>15} {'sam':>15} {'naive':>15} "
+        f"{'zsharp/sam':>10} {'naive/zsharp':>12}"
+    )
     for device in devices:
         for name in models:
             params = model_params(name, device, dtype)
-            ms = {}
-            for method in METHODS:
-                optimizer = build_optimizer(method, params)
-                ms[method] = 1e3 * time_ascent(optimizer, device, repeats, warmup)
-                del optimizer
-                gc.collect()
+            optimizers = {method: build_optimizer(method, params) for method in METHODS}
+            times = time_ascents(optimizers, device, repeats, warmup)
+            med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+            low = {m: 1e3 * min(t) for m, t in times.items()}
+            cells = " ".join(f"{f'{med[m]:.0f} ({low[m]:.0f})':>15}" for m in METHODS)
             n = sum(p.numel() for p in params)
-            print(f"{device:6} {name:24} {n / 1e6:7.1f}M {ms['zsharp']:10.1f} {ms['sam']:9.1f} {ms['naive']:9.1f} "
-                  f"{ms['zsharp'] / ms['sam']:10.2f} {ms['naive'] / ms['zsharp']:12.2f}", flush=True)
-            del params
+            print(
+                f"{device:6} {name:22} {n / 1e6:6.1f}M {cells} "
+                f"{med['zsharp'] / med['sam']:10.2f} {med['naive'] / med['zsharp']:12.2f}",
+                flush=True,
+            )
+            del optimizers, params
             gc.collect()
 
 
 def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
     dtype = DTYPES[dtype_name]
-    print(f"\n## Memory between first_step and second_step (~{n_params / 1e6:.0f}M-parameter Linear stack, {dtype})")
+    print(
+        f"\n## Memory between first_step and second_step (~{n_params / 1e6:.0f}M-parameter Linear stack, {dtype})"
+    )
     for device in devices:
         rows = []
         for method in METHODS:
             if device == "cpu":
                 child = subprocess.run(
-                    [sys.executable, __file__, "--memory-child", method, "--memory-params", str(n_params),
-                     "--dtype", dtype_name],
-                    check=True, capture_output=True, text=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--memory-child",
+                        method,
+                        "--memory-params",
+                        str(n_params),
+                        "--dtype",
+                        dtype_name,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             else:
@@ -245,15 +288,15 @@ def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
         growth_key = "rss_growth_bytes" if device == "cpu" else "allocated_growth_bytes"
         growth_name = "RSS growth" if device == "cpu" else "allocated growth"
         header = f"{'device':6} {'method':8} {'param MB':>9} {'held MB':>8} {'held/param':>10} {growth_name + ' MB':>20} {'ratio':>6}"
-        if device != "cpu":
-            header += f" {'peak MB':>8} {'peak ratio':>10}"
+        header += f" {'peak MB':>8} {'peak ratio':>10}"
         print(header)
         for row in rows:
             pb = row["param_bytes"]
-            line = (f"{device:6} {row['method']:8} {pb / 2**20:9.1f} {row['held_bytes'] / 2**20:8.1f} "
-                    f"{row['held_bytes'] / pb:10.3f} {row[growth_key] / 2**20:20.1f} {row[growth_key] / pb:6.3f}")
-            if device != "cpu":
-                line += f" {row['peak_growth_bytes'] / 2**20:8.1f} {row['peak_growth_bytes'] / pb:10.3f}"
+            line = (
+                f"{device:6} {row['method']:8} {pb / 2**20:9.1f} {row['held_bytes'] / 2**20:8.1f} "
+                f"{row['held_bytes'] / pb:10.3f} {row[growth_key] / 2**20:20.1f} {row[growth_key] / pb:6.3f}"
+            )
+            line += f" {row['peak_growth_bytes'] / 2**20:8.1f} {row['peak_growth_bytes'] / pb:10.3f}"
             print(line, flush=True)
 
 
@@ -262,8 +305,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="timm model names")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats before timing")
-    parser.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, plus cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and gradient dtype")
+    parser.add_argument(
+        "--device", nargs="+", default=None, help="devices (default: cpu, plus cuda when available)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="parameter and gradient dtype"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--memory-params", type=float, default=50e6, help="size of the memory-test model")
     parser.add_argument("--skip-speed", action="store_true", help="only the memory measurement")
     parser.add_argument("--skip-memory", action="store_true", help="only the speed measurement")
@@ -271,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     if args.device is None:
         args.device = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in args.device:
@@ -281,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.memory_params, DTYPES[args.dtype])))
         return

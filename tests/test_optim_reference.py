@@ -2,84 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import reference as ref
 import torch
+from reference import BUILDERS, model_with_grads
 from torch import nn
 
 from hf_zsharp import SAM, ZSharp
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def vit() -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=10,
-    )
-    return ViTForImageClassification(config)
-
-
-BUILDERS = {"cnn": cnn, "mlp": mlp, "vit": vit}
-
-
-def loss_of(model: nn.Module, seed: int = 0) -> torch.Tensor:
-    """A classification loss on a fixed random batch suited to the model's input."""
-    gen = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    labels = torch.randint(10, (8,), generator=gen)
-    if isinstance(model, nn.Sequential) and isinstance(model[0], nn.Linear):
-        logits = model(torch.randn(8, 20, generator=gen).to(dtype))
-    elif isinstance(model, nn.Sequential):
-        logits = model(torch.randn(8, 3, 8, 8, generator=gen).to(dtype))
-    else:
-        logits = model(pixel_values=torch.randn(8, 3, 16, 16, generator=gen).to(dtype)).logits
-    return nn.functional.cross_entropy(logits.float(), labels)
-
-
-def model_with_grads(name: str, dtype: torch.dtype = torch.float32, zeros: bool = False) -> nn.Module:
-    """A model with the gradients of one batch; `zeros` plants exact zeros (50 %, 97 %, all) and one None."""
-    torch.manual_seed(0)
-    model = BUILDERS[name]().to(dtype)
-    loss_of(model).backward()
-    if zeros:
-        gen = torch.Generator().manual_seed(1)
-        params = list(model.parameters())
-        filtered = [p for p in params if p.ndim > 1]
-        filtered[0].grad.zero_()
-        for i, p in enumerate(filtered[1:]):
-            share = 0.97 if i % 2 else 0.5
-            p.grad.masked_fill_(torch.rand(p.shape, generator=gen) < share, 0)
-        params[-1].grad = None
-    return model
 
 
 def grads_of(model: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
@@ -87,7 +16,9 @@ def grads_of(model: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
     return params, [p.grad.detach().clone() for p in params]
 
 
-def assert_moved_by(after: list[torch.Tensor], before: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+def assert_moved_by(
+    after: list[torch.Tensor], before: list[torch.Tensor], expected: list[torch.Tensor]
+) -> None:
     """w_after == round(w + e) up to one ulp of the weights plus fp32 error in e.
 
     The optimizer works in fp32 on fp32 or lower-precision tensors: its e carries relative error ~1e-6
@@ -95,6 +26,7 @@ def assert_moved_by(after: list[torch.Tensor], before: list[torch.Tensor], expec
     mask entry kept or dropped wrongly changes that entry by |e| ~ rho / sqrt(kept) >> this tolerance.
     """
     for a, b, e in zip(after, before, expected, strict=True):
+        a, b = a.detach(), b.detach()
         want = b.double() + e
         ulp = torch.finfo(b.dtype).eps * float(want.abs().max())
         atol = ulp + 1e-5 * float(e.abs().max()) + 1e-12
@@ -121,7 +53,9 @@ def test_zsharp_matches_reference(name: str, zeros: bool) -> None:
     assert optimizer.first_step() is True
     assert_moved_by(list(params), before, expected)
     masks = [ref.zscore_mask(g, 0.95) if g.ndim > 1 else None for g in grads]
-    moved = sum(g.numel() if m is None or not m.any() else int(m.sum()) for g, m in zip(grads, masks, strict=True))
+    moved = sum(
+        g.numel() if m is None or not m.any() else int(m.sum()) for g, m in zip(grads, masks, strict=True)
+    )
     stats = optimizer.ascent_stats
     assert stats["kept_fraction"] == pytest.approx(moved / sum(g.numel() for g in grads))
     total = torch.stack([e.norm() for e in expected]).norm()
@@ -181,7 +115,8 @@ def test_percentile_zero_is_sam_exactly(name: str) -> None:
     sam = perturb(SAM(model.parameters(), torch.optim.SGD, lr=0.1), params)
     for z, s in zip(zsharp, sam, strict=True):
         assert torch.equal(z, s)
-    assert_moved_by([p + s for p, s in zip(params, sam)], list(params), ref.sam_ascent(grads))
+    before = [p.detach() for p in params]
+    assert_moved_by([b.double() + s for b, s in zip(before, sam)], before, ref.sam_ascent(grads))
 
 
 def test_magnitude_mask_matches_reference() -> None:
@@ -209,17 +144,16 @@ def test_random_mask_same_sparsity_and_seeded() -> None:
     first, again, other = random_perturbation(3), random_perturbation(3), random_perturbation(4)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(first, other, strict=True))
-    total = ref.global_norm(grads)
-    for e, g in zip(first, grads, strict=True):
-        g = g.double()
-        if g.ndim == 1:
-            torch.testing.assert_close(e, 0.05 * g / total, rtol=1e-5, atol=1e-9)
-            continue
-        kept = e != 0
-        # Same count as the Z-score mask (random scores have no ties), direction rho * f / ||f||.
-        assert int(kept.sum()) == int(ref.zscore_mask(g, 0.95).sum())
-        f = g * kept
-        torch.testing.assert_close(e, 0.05 * f / f.norm(), rtol=1e-5, atol=1e-9)
+    expected = ref.sam_ascent(grads)  # 1-D tensors: plain SAM
+    for i, (e, g) in enumerate(zip(first, grads, strict=True)):
+        if g.ndim > 1:
+            kept = e != 0
+            # Same count as the Z-score mask (random scores have no ties), direction rho * f / ||f||.
+            assert int(kept.sum()) == int(ref.zscore_mask(g, 0.95).sum())
+            f = g.double() * kept
+            expected[i] = 0.05 * f / f.norm()
+    before = [p.detach() for p in params]
+    assert_moved_by([b.double() + e for b, e in zip(before, first)], before, expected)
 
 
 @pytest.mark.parametrize("optimizer_cls", [ZSharp, SAM], ids=["zsharp", "sam"])
@@ -245,17 +179,37 @@ def test_tensor_over_2_24_entries() -> None:
     big.grad = torch.randn(1, n, generator=gen)
     bias.grad = torch.randn(7, generator=gen)
     expected = ref.zsharp_ascent([big.grad, bias.grad])
-    mask = ref.zscore_mask(big.grad, 0.95)
+    mask = expected[0] != 0  # randn has no exact zeros: e != 0 exactly on the reference mask
     optimizer = ZSharp([big, bias], torch.optim.SGD, lr=0.1)
     assert optimizer.first_step() is True
     assert torch.equal(big != 0, mask)
-    torch.testing.assert_close(big.double(), expected[0], rtol=1e-5, atol=1e-12)
-    torch.testing.assert_close(bias.double(), expected[1], rtol=1e-5, atol=1e-12)
+    # torch's CPU float32 norm accumulates sequentially: ~1e-3 relative error on 2^24 entries (the global
+    # norm that scales the bias), ~1e-5 on the ~8e5 kept entries.
+    torch.testing.assert_close(big.double(), expected[0], rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(bias.double(), expected[1], rtol=2e-3, atol=1e-12)
     optimizer.restore()
     assert not big.any()
 
 
-@pytest.mark.parametrize(("shape", "q"), [((7, 13), 0.95), ((91,), 0.7), ((26,), 0.6), ((40, 25), 0.95)])
+def test_quantile_rank_as_torch_quantile() -> None:
+    """torch.quantile forms the rank float32(q) * (n - 1) in float64. For n = 2207542 (the smallest such
+    size at q = 0.95; also 3072 x 3072 kernels, BERT's 30522 x 768 embeddings) that rank, 2097163.92,
+    differs in its integer part from a product rounded to float32 (2097164.0): the paper's code keeps one
+    entry more than such a rank would."""
+    n = 2207542
+    assert float(torch.tensor(0.95) * (n - 1)) == 2097164.0
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.zeros(1, n))
+    w.grad = torch.randn(w.shape, generator=gen)
+    mask = ref.zscore_mask(w.grad, 0.95)
+    assert int(mask.sum()) == n - 2097163 - 1
+    ZSharp([w], torch.optim.SGD, lr=0.1).first_step()
+    assert torch.equal(w != 0, mask)
+
+
+@pytest.mark.parametrize(
+    ("shape", "q"), [((7, 13), 0.95), ((40, 25), 0.95), ((3, 1000), 0.95), ((91,), 0.8), ((26,), 0.6)]
+)
 def test_reference_quantile_is_torch_quantile(shape: tuple[int, ...], q: float) -> None:
     """The reference's own quantile equals torch.quantile (the paper's call), float32 rank included."""
     gen = torch.Generator().manual_seed(0)

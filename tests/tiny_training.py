@@ -28,15 +28,17 @@ class TinyNet(nn.Module):
     gradients.
     """
 
-    def __init__(self, seed: int = 0, dropout: float = 0.0, batchnorm: bool = False, hidden: int = 16) -> None:
+    def __init__(
+        self, seed: int = 0, dropout: float = 0.0, batchnorm: bool = False, hidden: int = 16
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         layers: list[nn.Module] = [nn.Linear(IN_FEATURES, hidden)]
         if batchnorm:
             layers.append(nn.BatchNorm1d(hidden))
-        layers.append(nn.ReLU())
-        if dropout:
+        if dropout:  # before the ReLU (equivalent), so that the zeros it leaves are exactly its mask
             layers.append(nn.Dropout(dropout))
+        layers.append(nn.ReLU())
         layers.append(nn.Linear(hidden, CLASSES))
         self.net = nn.Sequential(*layers)
         self.calls = 0
@@ -87,6 +89,7 @@ def tiny_args(output_dir: str, **overrides) -> ZSharpTrainingArguments:
         "disable_tqdm": True,
         "train_sampling_strategy": "sequential",
         "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
     }
     return ZSharpTrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
 
@@ -134,7 +137,9 @@ def _run_ddp_case(out: Path, name: str, model: TinyNet, **overrides) -> dict:
     from transformers import TrainerCallback
 
     rank = int(os.environ["RANK"])
-    trainer = ZSharpTrainer(model=model, args=tiny_args(str(out / name), **overrides), train_dataset=TinyData())
+    trainer = ZSharpTrainer(
+        model=model, args=tiny_args(str(out / name), **overrides), train_dataset=TinyData()
+    )
     flags, state = _sync_flags(trainer)
     record: dict[str, list] = {"checksums": [], "calls_per_step": []}
 
@@ -144,7 +149,9 @@ def _run_ddp_case(out: Path, name: str, model: TinyNet, **overrides) -> dict:
             state["calls"] = model.calls
 
         def on_step_end(self, args, st, control, **kw):
-            checksum = torch.tensor([float(flat(model).double().sum()), float(flat(model).abs().double().sum())])
+            checksum = torch.tensor(
+                [float(flat(model).double().sum()), float(flat(model).abs().double().sum())]
+            )
             record["checksums"].append(checksum.tolist())
             record["calls_per_step"].append(model.calls - state["calls"])
 
@@ -163,7 +170,12 @@ def main(out_dir: str) -> None:
     results = {
         # 2 ranks x batch 2 x accumulation 2 with the ascent all-reduced: compared with 1 process x batch 8.
         "sync": _run_ddp_case(
-            out, "sync", TinyNet(), per_device_train_batch_size=2, gradient_accumulation_steps=2, sam_sync_ascent=True
+            out,
+            "sync",
+            TinyNet(),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            sam_sync_ascent=True,
         ),
         # Each replica's own ascent: first passes under no_sync.
         "local": _run_ddp_case(

@@ -32,7 +32,9 @@ def build_model(
     """A randomly initialised paper model (one of `PAPER_MODELS`) with a `num_labels`-way classifier."""
     key = name.lower()
     if key not in _BUILDERS:
-        raise ValueError(f"Unknown model {name!r}; the paper's from-scratch models are: {', '.join(PAPER_MODELS)}.")
+        raise ValueError(
+            f"Unknown model {name!r}; the paper's from-scratch models are: {', '.join(PAPER_MODELS)}."
+        )
     if id2label is not None and len(id2label) != num_labels:
         raise ValueError(f"id2label has {len(id2label)} entries but num_labels is {num_labels}.")
     id2label = id2label if id2label is not None else {i: str(i) for i in range(num_labels)}

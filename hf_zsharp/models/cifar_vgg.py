@@ -7,7 +7,6 @@ global average pooling and one Linear(512, C), as in the ZSharp paper's from-scr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutput
@@ -19,7 +18,29 @@ VGG_LAYOUTS: dict[int, list[int | str]] = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+    19: [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+    ],
 }
 
 
@@ -31,6 +52,10 @@ class CifarVGGConfig(PretrainedConfig):
     def __init__(self, depth: int = 16, num_channels: int = 3, image_size: int = 32, **kwargs):
         if depth not in VGG_LAYOUTS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_LAYOUTS)}, got {depth}.")
+        if image_size < 32:
+            raise ValueError(
+                f"VGG needs inputs of at least 32x32 (five 2x2 max-pools), got image_size={image_size}."
+            )
         self.depth = depth
         self.num_channels = num_channels
         self.image_size = image_size
@@ -67,7 +92,11 @@ class CifarVGGModel(CifarVGGPreTrainedModel):
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(in_channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(in_channels, item, 3, padding=1),
+                    nn.BatchNorm2d(item),
+                    nn.ReLU(inplace=True),
+                ]
                 in_channels = item
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

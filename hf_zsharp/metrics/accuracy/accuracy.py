@@ -41,21 +41,27 @@ class Accuracy(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float32")),
+                    "references": datasets.Value("int64"),
+                }
             ),
         )
 
     def _compute(self, predictions, references) -> dict[str, float]:
+        widths = {len(row) for row in predictions}
+        if len(widths) != 1 or len(predictions) != len(references):
+            raise ValueError(
+                f"Expected one row of logits per reference, all of the same length; got {len(predictions)} rows "
+                f"of lengths {sorted(widths)} for {len(references)} references."
+            )
         logits = np.asarray(predictions, dtype=np.float32)
         labels = np.asarray(references, dtype=np.int64)
-        if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
-            raise ValueError(
-                f"Expected one row of logits per reference, got logits of shape {logits.shape} "
-                f"for {len(labels)} references."
-            )
         num_classes = logits.shape[1]
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"References must be class ids in [0, {num_classes}), got {labels.min()}..{labels.max()}.")
+            raise ValueError(
+                f"References must be class ids in [0, {num_classes}), got {labels.min()}..{labels.max()}."
+            )
         results = {"accuracy": float(np.mean(logits.argmax(axis=1) == labels))}
         if num_classes >= TOP_K:
             top = np.argpartition(-logits, TOP_K - 1, axis=1)[:, :TOP_K]

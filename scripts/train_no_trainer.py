@@ -1,0 +1,132 @@
+"""Train a paper model on the embedded digits data with your own Accelerate loop and `hf_zsharp.accelerate_step`.
+
+    python scripts/train_no_trainer.py --model resnet20 --max_steps 200
+    torchrun --nproc_per_node 2 scripts/train_no_trainer.py --gradient_accumulation_steps 2 --mixed_precision bf16
+
+The loop is an ordinary Accelerate loop: `accelerate_step(...)` replaces `accelerator.backward(loss)`.
+"""
+
+import argparse
+import json
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from hf_zsharp.data import (
+    collate_fn,
+    load_digits_dataset,
+    normalization_stats,
+    paper_transforms,
+    with_image_transforms,
+)
+from hf_zsharp.models import PAPER_MODELS, build_model
+from hf_zsharp.optim import METHODS, create_sam_optimizer
+from hf_zsharp.two_pass import accelerate_step
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="resnet20", choices=PAPER_MODELS)
+    parser.add_argument("--sam", default="zsharp", choices=sorted(METHODS), help="sharpness-aware method")
+    parser.add_argument("--rho", type=float, default=None, help="ascent radius (default: the method's)")
+    parser.add_argument("--sam_interval", type=int, default=1, help="two-pass step every k optimizer steps")
+    parser.add_argument("--sync_ascent", action="store_true", help="DDP: all-reduce the ascent gradient")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--weight_decay", type=float, default=5e-5)
+    parser.add_argument("--batch_size", type=int, default=64, help="per process and micro-batch")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--max_steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--warmup_steps", type=int, default=10)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "sam_interval", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    return args
+
+
+def digits_loaders(batch_size: int) -> tuple[DataLoader, DataLoader]:
+    dataset = load_digits_dataset()
+    mean, std = normalization_stats("digits", dataset["train"], "image")
+    dataset = with_image_transforms(dataset, "image", "label", *paper_transforms(mean, std))
+    train = DataLoader(
+        dataset["train"], batch_size=batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True
+    )
+    test = DataLoader(dataset["test"], batch_size=256, collate_fn=collate_fn)
+    return train, test
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    set_seed(args.seed)
+    train_loader, test_loader = digits_loaders(args.batch_size)
+    model = build_model(args.model, num_labels=10)
+    sam_kwargs = {} if args.rho is None else {"rho": args.rho}
+    optimizer = create_sam_optimizer(
+        args.sam,
+        model.named_parameters(),
+        torch.optim.AdamW,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        **sam_kwargs,
+    )
+    # Accelerate's prepared scheduler steps once per process at each optimizer step.
+    n = accelerator.num_processes
+    scheduler = get_scheduler("linear", optimizer, args.warmup_steps * n, args.max_steps * n)
+    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, scheduler
+    )
+
+    step, losses = 0, []
+    model.train()
+    while step < args.max_steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss = accelerate_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    lambda batch=batch: model(**batch).loss,
+                    sync_ascent=args.sync_ascent,
+                    interval=args.sam_interval,
+                )
+                losses.append(loss.item())
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                step += 1
+                if step % args.log_every == 0 or step == args.max_steps:
+                    accelerator.print(json.dumps({"step": step, "loss": round(sum(losses) / len(losses), 4)}))
+                    losses = []
+                if step == args.max_steps:
+                    break
+
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in test_loader:
+            predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=-1)
+            predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
+            correct += (predictions == labels).sum().item()
+            total += labels.numel()
+    result = {"steps": step, "eval_accuracy": correct / total}
+    accelerator.print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

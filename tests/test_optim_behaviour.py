@@ -1,0 +1,296 @@
+"""What users of torch optimizers expect from the SAM family: robustness, exact restore, checkpoints,
+Accelerate, argument checks, BatchNorm freezing and the closure step."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import reference as ref
+import torch
+from reference import cnn, loss_of, mlp, model_with_grads
+from torch import nn
+
+from hf_zsharp import SAM, ZSharp, create_sam_optimizer, frozen_batchnorm_stats
+
+METHODS = ["zsharp", "sam", "asam", "fsam"]
+
+
+def build(method: str, model: nn.Module, base: type = torch.optim.SGD, **kwargs):
+    kwargs.setdefault("lr", 0.1)
+    return create_sam_optimizer(method, model.named_parameters(), base, **kwargs)
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor (torch.equal alone treats -0.0 == 0.0)."""
+    if not t.is_floating_point():
+        return t
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bit_identical(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(model.parameters(), saved, strict=True))
+
+
+def test_factory_builds_each_method() -> None:
+    model = mlp()
+    classes = {m: type(build(m, model)) for m in METHODS}
+    assert classes["zsharp"] is ZSharp and classes["sam"] is SAM
+    assert all(issubclass(c, torch.optim.Optimizer) for c in classes.values())
+    with pytest.raises(ValueError, match="method"):
+        build("adam", model)
+
+
+@pytest.mark.parametrize("poison", ["inf+nan", "nan", "-inf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_gradients_skip_the_step(method: str, poison: str) -> None:
+    model = model_with_grads("cnn")
+    optimizer = build(method, model, momentum=0.9)
+    grad = model[0].weight.grad
+    if "inf" in poison:
+        grad.view(-1)[0] = float(poison.split("+")[0])
+    if "nan" in poison:
+        grad.view(-1)[1] = float("nan")
+    saved = snapshot(model)
+    assert optimizer.first_step() is False
+    assert optimizer.skipped_perturbation is True
+    assert_bit_identical(model, saved)
+    # The second pass brings finite gradients; the base step must still be skipped.
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    optimizer.second_step()
+    assert_bit_identical(model, saved)
+    assert not optimizer.base_optimizer.state  # no momentum buffer was created
+    # The next step proceeds normally.
+    optimizer.zero_grad()
+    loss_of(model).backward()
+    assert optimizer.first_step() is True
+    assert optimizer.skipped_perturbation is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_restore_is_bit_exact(method: str, dtype: torch.dtype) -> None:
+    model = model_with_grads("mlp", dtype=dtype, zeros=True)
+    with torch.no_grad():
+        model[0].weight.view(-1)[:7] = -0.0  # signed zeros must come back too
+    saved = snapshot(model)
+    optimizer = build(method, model)
+    assert optimizer.first_step() is True
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), saved, strict=True))
+    optimizer.restore()
+    assert_bit_identical(model, saved)
+    optimizer.restore()  # no-op without a perturbation
+    assert_bit_identical(model, saved)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_second_step_with_zero_lr_leaves_weights_bit_identical(method: str) -> None:
+    model = model_with_grads("cnn")
+    saved = snapshot(model)
+    optimizer = build(method, model, lr=0.0)
+    optimizer.first_step()
+    optimizer.second_step()
+    assert_bit_identical(model, saved)
+
+
+def test_channels_last_conv_matches_reference_and_restores() -> None:
+    """Non-contiguous (channels_last) kernels: same perturbation as the reference, exact restore."""
+    torch.manual_seed(0)
+    model = cnn().to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    loss_of(model).backward()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    expected = ref.zsharp_ascent([p.grad for p in params])
+    optimizer = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1)
+    optimizer.first_step()
+    for p, b, e in zip(params, before, expected, strict=True):
+        torch.testing.assert_close(p.double(), b.double() + e, rtol=2e-7, atol=1e-5 * float(e.abs().max()))
+    optimizer.restore()
+    assert all(torch.equal(bits(p), bits(b)) for p, b in zip(params, before, strict=True))
+
+
+def test_param_groups_use_their_own_rho_and_lr() -> None:
+    model = model_with_grads("mlp")
+    first, rest = list(model[0].parameters()), [p for m in model[1:] for p in m.parameters()]
+    params = first + rest
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    optimizer = ZSharp(
+        [{"params": first, "rho": 0.2, "lr": 0.5}, {"params": rest}], torch.optim.SGD, rho=0.05, lr=0.1
+    )
+    optimizer.first_step()
+    e_first = ref.zsharp_ascent(grads, rho=0.2)[: len(first)]
+    e_rest = ref.zsharp_ascent(grads, rho=0.05)[len(first) :]
+    for p, b, e in zip(params, before, e_first + e_rest, strict=True):
+        torch.testing.assert_close(p.double(), b.double() + e, rtol=2e-7, atol=1e-5 * float(e.abs().max()))
+    optimizer.second_step()
+    for p, b, g, lr in zip(params, before, grads, [0.5] * len(first) + [0.1] * len(rest), strict=True):
+        torch.testing.assert_close(p, b - lr * g)
+
+
+def test_first_step_zero_grad() -> None:
+    model = model_with_grads("mlp")
+    optimizer = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1)
+    optimizer.first_step(zero_grad=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_state_dict_round_trip_keeps_base_momentum_and_hyperparameters() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    kwargs = {"rho": 0.07, "percentile": 0.9, "lr": 2e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
+    optimizer = ZSharp(model.parameters(), torch.optim.AdamW, **kwargs)
+    for seed in range(2):
+        optimizer.zero_grad()
+        loss_of(model, seed).backward()
+        optimizer.first_step(zero_grad=True)
+        loss_of(model, seed).backward()
+        optimizer.second_step(zero_grad=True)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+
+    clone = copy.deepcopy(model)
+    restored = ZSharp(clone.parameters(), torch.optim.AdamW, lr=1.0)
+    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    for name, value in kwargs.items():
+        assert restored.param_groups[0][name] == value
+        assert restored.base_optimizer.param_groups[0][name] == value
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.base_optimizer.state[p][key], restored.base_optimizer.state[q][key])
+    # Both continue identically.
+    for m, opt in ((model, optimizer), (clone, restored)):
+        opt.zero_grad()
+        loss_of(m, 5).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(m, 5).backward()
+        opt.second_step(zero_grad=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), clone.parameters(), strict=True))
+
+
+def test_scheduler_on_wrapper_reaches_base_optimizer() -> None:
+    model = mlp()
+    optimizer = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.load_state_dict(optimizer.state_dict())
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_accelerate_prepare_keeps_base_optimizer_linked(accelerator) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = ZSharp(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    model, prepared, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    wrapper = prepared.optimizer
+    assert wrapper is optimizer
+    base = wrapper.base_optimizer
+    accelerator.backward(loss_of(model))
+    assert wrapper.first_step(zero_grad=True) is True
+    accelerator.backward(loss_of(model))
+    prepared.step()  # restore + base step, through AcceleratedOptimizer
+    prepared.zero_grad()
+    assert base.state  # the base optimizer stepped
+    scheduler.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert wrapper.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_bad_arguments_raise_value_error_naming_them() -> None:
+    params = list(mlp().parameters())
+    cases = [
+        ({"rho": 0.0}, "rho"),
+        ({"rho": -0.1}, "rho"),
+        ({"percentile": 1.0}, "percentile"),
+        ({"percentile": -0.1}, "percentile"),
+        ({"radius": "layer"}, "radius"),
+        ({"mask": "topk"}, "mask"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(ValueError, match=name):
+            ZSharp(params, torch.optim.SGD, lr=0.1, **kwargs)
+    for base in (torch.optim.SGD(params, lr=0.1), object, "AdamW", nn.Linear):
+        with pytest.raises(ValueError, match="base_optimizer"):
+            ZSharp(params, base, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        SAM(params, torch.optim.SGD, rho=0, lr=0.1)
+
+
+def test_frozen_batchnorm_stats() -> None:
+    torch.manual_seed(0)
+    model = cnn().train()
+    loss_of(model, 0)  # running stats move once
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    twin = copy.deepcopy(model)
+    with frozen_batchnorm_stats(model):
+        inside = loss_of(model, 1)
+    # Inside: batch statistics still normalise (same loss as a normal training forward), buffers untouched.
+    assert torch.equal(inside, loss_of(twin, 1))
+    for key, value in buffers.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.training
+    # After: running statistics update again.
+    loss_of(model, 2)
+    assert not torch.equal(model.state_dict()["1.running_mean"], buffers["1.running_mean"])
+    assert int(model.state_dict()["1.num_batches_tracked"]) == int(buffers["1.num_batches_tracked"]) + 1
+
+
+@pytest.mark.parametrize("method", ["zsharp", "sam"])
+def test_step_with_closure_equals_manual_two_pass(method: str) -> None:
+    torch.manual_seed(0)
+    manual_model = cnn()
+    closure_model = copy.deepcopy(manual_model)
+    manual = build(method, manual_model, momentum=0.9)
+    with_closure = build(method, closure_model, momentum=0.9)
+    for seed in range(2):
+        manual.zero_grad()
+        first_loss = loss_of(manual_model, seed)
+        first_loss.backward()
+        manual.first_step(zero_grad=True)
+        loss_of(manual_model, seed).backward()
+        manual.second_step(zero_grad=True)
+
+        def closure(seed: int = seed) -> torch.Tensor:
+            with_closure.zero_grad()
+            loss = loss_of(closure_model, seed)
+            loss.backward()
+            return loss
+
+        returned = with_closure.step(closure)
+        assert torch.equal(returned, first_loss)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                manual_model.state_dict().values(), closure_model.state_dict().values(), strict=True
+            )
+        )
+
+
+def test_step_without_closure_and_no_perturbation_is_a_base_step() -> None:
+    model = model_with_grads("mlp")
+    twin = copy.deepcopy(model)  # deepcopy leaves .grad behind
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    ZSharp(model.parameters(), torch.optim.SGD, lr=0.1).step()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))

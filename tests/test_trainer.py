@@ -1,0 +1,469 @@
+"""ZSharpTrainingArguments and ZSharpTrainer on the CPU: the semantics of issue 3 (1-4, 6-9; DDP is test_ddp.py)."""
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from tiny_training import TinyData, TinyNet, decay_groups, flat, tiny_args
+from transformers import HfArgumentParser, TrainerCallback, get_linear_schedule_with_warmup
+
+from hf_zsharp.args import ZSharpTrainingArguments
+from hf_zsharp.optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_batchnorm_stats
+from hf_zsharp.trainer import ZSharpTrainer
+from hf_zsharp.two_pass import check_supported
+
+
+def train(tmp_path, model=None, dataset=None, callbacks=(), scaler=None, fp16_amp=False, **overrides):
+    """Train `model` (default TinyNet()) with tiny_args(**overrides); returns the trainer."""
+    model = TinyNet() if model is None else model
+    trainer = ZSharpTrainer(
+        model=model,
+        args=tiny_args(str(tmp_path / "out"), **overrides),
+        train_dataset=TinyData() if dataset is None else dataset,
+        callbacks=list(callbacks),
+    )
+    if scaler is not None:
+        # Accelerate only builds a GradScaler on GPUs; this is the one it would build (before prepare).
+        trainer.accelerator.scaler = scaler
+        trainer.accelerator.native_amp = fp16_amp
+    trainer.train()
+    return trainer
+
+
+class StepRecorder(TrainerCallback):
+    """Per optimizer step: parameters after it, the forward calls it made, whether Accelerate skipped it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.trainer = None
+        self.params, self.calls, self.skipped, self.lrs, self.restored = [], [], [], [], []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._calls = self.model.calls
+        self._start = flat(self.model)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.restored.append(torch.equal(flat(self.model), self._start))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.params.append(flat(self.model))
+        self.calls.append(self.model.calls - self._calls)
+        if self.trainer is not None:
+            self.skipped.append(self.trainer.accelerator.optimizer_step_was_skipped)
+            self.lrs.append(self.trainer.lr_scheduler.get_last_lr()[0])
+
+
+def recorded_train(tmp_path, model=None, **kwargs):
+    model = TinyNet() if model is None else model
+    recorder = StepRecorder(model)
+    trainer = ZSharpTrainer(
+        model=model,
+        args=tiny_args(
+            str(tmp_path / "out"), **{k: v for k, v in kwargs.items() if k not in ("scaler", "fp16_amp")}
+        ),
+        train_dataset=TinyData(),
+        callbacks=[recorder],
+    )
+    recorder.trainer = trainer
+    if kwargs.get("scaler") is not None:
+        trainer.accelerator.scaler = kwargs["scaler"]
+        trainer.accelerator.native_amp = kwargs.get("fp16_amp", False)
+    trainer.train()
+    return trainer, recorder
+
+
+def reference_zsharp(
+    model, steps, batch_size=8, lr=1e-2, weight_decay=0.0, clip=0.0, autocast=None, **sam_kwargs
+):
+    """A plain loop with hf_zsharp.ZSharp and the Trainer's default linear schedule."""
+    opt = ZSharp(decay_groups(model, weight_decay), torch.optim.AdamW, lr=lr, seed=42, **sam_kwargs)
+    schedule = get_linear_schedule_with_warmup(opt, 0, steps)
+    batches = TinyData().batches(batch_size)
+    for batch in batches[:steps]:
+
+        def closure(batch=batch):
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                loss = model(**batch)["loss"]
+            loss.backward()
+            return loss
+
+        if clip:
+            opt.zero_grad()
+            closure()
+            opt.first_step(zero_grad=True)
+            closure()
+            opt.restore()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+        else:
+            opt.step(closure)
+        schedule.step()
+    return flat(model)
+
+
+# --- arguments -------------------------------------------------------------------------------------------
+
+
+def test_options_are_in_help_and_parse():
+    parser = HfArgumentParser(ZSharpTrainingArguments)
+    text = " ".join(parser.format_help().split())
+    for option in (
+        "--sam ",
+        "--sam_rho",
+        "--zsharp_percentile",
+        "--sam_radius",
+        "--sam_mask",
+        "--sam_interval",
+    ):
+        assert option in text
+    assert "--sam_sync_ascent" in text and "all-reduce the first-pass gradient" in text
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "o", "--sam", "asam", "--sam_rho", "0.3", "--sam_interval", "2", "--use_cpu", "True"]
+    )
+    assert (args.sam, args.sam_rho, args.sam_interval, args.sam_sync_ascent) == ("asam", 0.3, 2, False)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", "o", "--sam", "adam"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sam": "sharp"}, "sam must be one of"),
+        ({"sam_rho": 0.0}, "sam_rho must be a positive"),
+        ({"sam_rho": math.nan}, "sam_rho must be a positive"),
+        ({"zsharp_percentile": 1.0}, "zsharp_percentile"),
+        ({"sam_radius": "layer"}, "sam_radius"),
+        ({"sam_mask": "topk"}, "sam_mask"),
+        ({"sam_interval": 0}, "sam_interval"),
+        ({"sam_interval": 1.5}, "sam_interval"),
+        ({"optim": "lomo"}, "optim='lomo' cannot be the base"),
+        ({"optim": "adamw_bnb_8bit"}, "cannot be the base"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ZSharpTrainingArguments(output_dir="o", use_cpu=True, **overrides)
+
+
+def test_zsharp_only_options_warn_with_other_methods():
+    with pytest.warns(UserWarning, match="only apply to sam='zsharp'"):
+        ZSharpTrainingArguments(output_dir="o", use_cpu=True, sam="sam", zsharp_percentile=0.9)
+
+
+def test_deepspeed_and_fsdp_are_refused_at_start_up():
+    # Semantics 9: a clear error naming them and pointing to DDP, before anything is built.
+    with pytest.raises(ValueError, match="does not support DeepSpeed.*Use DDP"):
+        ZSharpTrainingArguments(output_dir="o", deepspeed="ds_config.json")
+    with pytest.raises(ValueError, match="does not support FSDP.*Use DDP"):
+        ZSharpTrainingArguments(output_dir="o", fsdp="full_shard")
+    # Configured through Accelerate instead of the arguments: refused by the trainer (and accelerate_step).
+    for kind, name in [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")]:
+        with pytest.raises(ValueError, match=f"does not support {name}.*Use DDP"):
+            check_supported(SimpleNamespace(distributed_type=kind))
+
+
+def test_trainer_refuses_deepspeed_configured_by_accelerate(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        "accelerate.Accelerator.distributed_type",
+        property(lambda self: DistributedType.DEEPSPEED),
+        raising=True,
+    )
+    with pytest.raises(ValueError, match="does not support DeepSpeed.*Use DDP"):
+        ZSharpTrainer(model=TinyNet(), args=tiny_args(str(tmp_path)), train_dataset=TinyData())
+
+
+# --- optimizer construction -------------------------------------------------------------------------------
+
+
+def test_optimizer_wraps_the_optim_base_with_trainer_weight_decay_groups(tmp_path):
+    args = tiny_args(str(tmp_path), weight_decay=0.1, adam_beta1=0.8)
+    trainer = ZSharpTrainer(model=TinyNet(), args=args, train_dataset=TinyData())
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, ZSharp) and isinstance(opt.base_optimizer, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["param_names"] == ["net.0.weight", "net.2.weight"]
+    assert no_decay["param_names"] == ["net.0.bias", "net.2.bias"]
+    assert decay["betas"] == (0.8, 0.999) and decay["lr"] == 1e-2
+    assert (decay["rho"], decay["percentile"], opt.defaults["radius"], opt.defaults["mask"]) == (
+        0.05,
+        0.95,
+        "tensor",
+        "zscore",
+    )
+
+
+@pytest.mark.parametrize(
+    ("sam", "optim", "cls", "base", "rho"),
+    [
+        ("asam", "sgd", ASAM, torch.optim.SGD, 0.5),
+        ("sam", "rmsprop", SAM, torch.optim.RMSprop, 0.05),
+        ("fsam", "adamw_torch", FriendlySAM, torch.optim.AdamW, 0.05),
+    ],
+)
+def test_optimizer_follows_sam_and_optim(tmp_path, sam, optim, cls, base, rho):
+    trainer = ZSharpTrainer(
+        model=TinyNet(), args=tiny_args(str(tmp_path), sam=sam, optim=optim), train_dataset=TinyData()
+    )
+    opt = trainer.create_optimizer()
+    assert type(opt) is cls and type(opt.base_optimizer) is base
+    assert opt.param_groups[0]["rho"] == rho
+
+
+def test_optimizer_cls_and_kwargs_gives_the_base(tmp_path):
+    trainer = ZSharpTrainer(
+        model=TinyNet(),
+        args=tiny_args(str(tmp_path)),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    )
+    opt = trainer.create_optimizer()
+    assert type(opt) is ZSharp and type(opt.base_optimizer) is torch.optim.SGD
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_sam_rho_overrides_the_method_default(tmp_path):
+    args = tiny_args(str(tmp_path), sam="asam", sam_rho=0.2)
+    assert ZSharpTrainer(model=TinyNet(), args=args).create_optimizer().param_groups[0]["rho"] == 0.2
+
+
+def test_sam_none_is_a_stock_trainer(tmp_path):
+    trainer, recorder = recorded_train(tmp_path, sam="none")
+    assert type(trainer.optimizer.optimizer) is torch.optim.AdamW
+    assert recorder.calls == [1, 1, 1, 1]
+    assert not any("sam_perturbation_norm" in log for log in trainer.state.log_history)
+
+
+def test_a_plain_optimizer_is_refused(tmp_path):
+    model = TinyNet()
+    with pytest.raises(ValueError, match="cannot take a two-pass step"):
+        ZSharpTrainer(
+            model=model, args=tiny_args(str(tmp_path)), optimizers=(torch.optim.SGD(model.parameters()), None)
+        )
+
+
+def test_args_must_be_zsharp_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="needs ZSharpTrainingArguments"):
+        ZSharpTrainer(model=TinyNet(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+
+
+# --- semantics ----------------------------------------------------------------------------------------------
+
+
+def test_1_matches_a_plain_zsharp_loop(tmp_path):
+    model = TinyNet()
+    expected = reference_zsharp(copy.deepcopy(model), steps=5, weight_decay=0.1)
+    train(tmp_path, model, max_steps=5, weight_decay=0.1)
+    torch.testing.assert_close(flat(model), expected, rtol=0, atol=1e-6)
+    assert not torch.equal(flat(model), flat(TinyNet()))
+
+
+def test_2_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    big, small = TinyNet(), TinyNet()
+    train(tmp_path / "big", big, per_device_train_batch_size=8)
+    trainer, recorder = recorded_train(
+        tmp_path / "small", small, per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    # One ascent from the whole accumulated gradient, then both micro-batches again: 4 forwards per step.
+    assert recorder.calls == [4, 4, 4, 4]
+    torch.testing.assert_close(flat(small), flat(big), rtol=0, atol=1e-6)
+
+
+def test_3_weights_are_restored_before_clipping_and_the_step(tmp_path):
+    model = TinyNet()
+    expected = reference_zsharp(copy.deepcopy(model), steps=4, clip=0.05)
+    trainer, recorder = recorded_train(tmp_path, model, max_grad_norm=0.05)
+    assert recorder.restored == [True] * 4
+    torch.testing.assert_close(flat(model), expected, rtol=0, atol=1e-6)
+    # Clipping was active (a clipped run differs from an unclipped one).
+    assert not torch.allclose(expected, reference_zsharp(TinyNet(), steps=4), atol=1e-4)
+
+
+def test_3_non_finite_first_pass_skips_the_step(tmp_path):
+    model = TinyNet()
+    model.poison = {5}  # the first pass of step 2 (steps 0 and 1 used calls 1-4)
+    trainer, recorder = recorded_train(tmp_path, model, logging_steps=4)
+    assert recorder.calls == [2, 2, 1, 2]  # no second pass for the skipped step
+    assert torch.equal(recorder.params[2], recorder.params[1])
+    assert (
+        not torch.equal(recorder.params[3], recorder.params[2]) and torch.isfinite(recorder.params[3]).all()
+    )
+    assert trainer.state.log_history[0]["sam_skipped_steps"] == 1
+
+
+def test_3_a_skip_does_not_skip_the_next_plain_step(tmp_path):
+    model = TinyNet()
+    model.poison = {1}  # step 0 (two-pass) is skipped; step 1 is a plain step (sam_interval=2)
+    trainer, recorder = recorded_train(tmp_path, model, sam_interval=2, max_steps=2)
+    assert recorder.calls == [1, 1]
+    assert torch.equal(recorder.params[0], flat(TinyNet()))
+    assert not torch.equal(recorder.params[1], recorder.params[0])
+
+
+def scaler(**kwargs):
+    return torch.amp.GradScaler("cpu", **{"init_scale": 2.0**10, "growth_interval": 1000, **kwargs})
+
+
+def test_3_grad_scaler_overflow_in_the_second_pass_skips_like_stock(tmp_path):
+    model = TinyNet()
+    model.poison = {6}  # the second pass of step 2
+    grad_scaler = scaler()
+    trainer, recorder = recorded_train(
+        tmp_path, model, scaler=grad_scaler, fp16=True, fp16_amp=True, max_grad_norm=1.0
+    )
+    assert recorder.skipped == [False, False, True, False]
+    assert torch.equal(recorder.params[2], recorder.params[1])  # restored, and the step skipped
+    assert grad_scaler.get_scale() == 2.0**9
+    # The LR scheduler does not advance on the skipped step (as in stock Trainer).
+    assert recorder.lrs[2] == recorder.lrs[1] != recorder.lrs[0]
+    assert torch.isfinite(flat(model)).all()
+
+
+def test_3_grad_scaler_overflow_in_the_first_pass_skips_the_second(tmp_path):
+    model = TinyNet()
+    model.poison = {3}  # the first pass of step 1
+    grad_scaler = scaler()
+    trainer, recorder = recorded_train(
+        tmp_path, model, scaler=grad_scaler, fp16=True, fp16_amp=True, max_grad_norm=1.0
+    )
+    assert recorder.calls == [2, 1, 2, 2]
+    assert recorder.skipped == [False, True, False, False]
+    assert torch.equal(recorder.params[1], recorder.params[0])
+    assert grad_scaler.get_scale() == 2.0**9
+
+
+def test_4_fp16_unscales_once_per_step_and_trains(tmp_path):
+    grad_scaler = scaler()
+    calls = []
+    unscale = grad_scaler.unscale_
+    grad_scaler.unscale_ = lambda optimizer: (calls.append(1), unscale(optimizer))[1]
+    model = TinyNet()
+    forward_dtypes = []
+    model.net[0].register_forward_hook(lambda m, i, o: forward_dtypes.append(o.dtype))
+    trainer, recorder = recorded_train(
+        tmp_path, model, scaler=grad_scaler, fp16=True, fp16_amp=True, max_grad_norm=1.0
+    )
+    assert len(calls) == 4  # by clipping; GradScaler.step then does not unscale again
+    assert forward_dtypes == [torch.float16] * 8  # both passes under fp16 autocast
+    assert recorder.skipped == [False] * 4 and torch.isfinite(flat(model)).all()
+
+
+@pytest.mark.parametrize("sam", ["zsharp", "fsam"])
+def test_4_the_ascent_is_unchanged_by_loss_scaling(tmp_path, sam):
+    # fp32 arithmetic with a GradScaler whose scale doubles every step: scaled gradients are exact multiples.
+    reference, scaled = TinyNet(), TinyNet()
+    train(tmp_path / "ref", reference, sam=sam, max_steps=5)
+    grad_scaler = scaler(growth_interval=1)
+    train(tmp_path / "scaled", scaled, sam=sam, max_steps=5, scaler=grad_scaler)
+    assert grad_scaler.get_scale() == 2.0**15
+    torch.testing.assert_close(flat(scaled), flat(reference), rtol=0, atol=1e-6)
+
+
+def test_4_bf16_autocast_on_cpu(tmp_path):
+    model = TinyNet()
+    expected = reference_zsharp(copy.deepcopy(model), steps=4, autocast=torch.bfloat16)
+    forward_dtypes = []
+    model.net[0].register_forward_hook(lambda m, i, o: forward_dtypes.append(o.dtype))
+    train(tmp_path, model, bf16=True)
+    assert forward_dtypes == [torch.bfloat16] * 8
+    torch.testing.assert_close(flat(model), expected, rtol=0, atol=1e-6)
+
+
+def test_6_batchnorm_statistics_come_from_the_first_pass_only(tmp_path):
+    model = TinyNet(batchnorm=True)
+    reference = copy.deepcopy(model)
+    train(tmp_path, model, max_steps=3)
+    bn = model.net[1]
+    assert bn.num_batches_tracked.item() == 3
+    opt = ZSharp(decay_groups(reference, 0.0), torch.optim.AdamW, lr=1e-2)
+    schedule = get_linear_schedule_with_warmup(opt, 0, 3)
+    for batch in TinyData().batches(8)[:3]:
+        reference(**batch)["loss"].backward()
+        opt.first_step(zero_grad=True)
+        with frozen_batchnorm_stats(reference):
+            reference(**batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    torch.testing.assert_close(bn.running_mean, reference.net[1].running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, reference.net[1].running_var, rtol=0, atol=1e-6)
+    torch.testing.assert_close(flat(model), flat(reference), rtol=0, atol=1e-6)
+
+
+def dropout_masks(tmp_path, **overrides):
+    model = TinyNet(dropout=0.5)
+    masks = []
+    dropout = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    dropout.register_forward_hook(lambda m, i, o: masks.append(o == 0))
+    train(tmp_path, model, max_steps=3, **overrides)
+    return masks
+
+
+def test_6_dropout_draws_the_same_mask_in_both_passes(tmp_path):
+    masks = dropout_masks(tmp_path / "zsharp")
+    assert len(masks) == 6
+    for first, second in zip(masks[0::2], masks[1::2]):
+        assert torch.equal(first, second)
+    assert not torch.equal(masks[0], masks[2])
+    # The replay leaves the RNG where one pass would: the first passes draw the masks of a stock Trainer.
+    stock = dropout_masks(tmp_path / "stock", sam="none")
+    for first, plain in zip(masks[0::2], stock):
+        assert torch.equal(first, plain)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_7_sam_interval_takes_one_two_pass_step_every_k(tmp_path, accumulation):
+    batch = 8 // accumulation
+    trainer, recorder = recorded_train(
+        tmp_path,
+        sam_interval=3,
+        max_steps=7,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+    )
+    two_pass, plain = 2 * accumulation, accumulation
+    assert recorder.calls == [two_pass, plain, plain, two_pass, plain, plain, two_pass]
+
+
+def test_8_resume_from_a_checkpoint_continues_identically(tmp_path):
+    for sam in ("zsharp", "fsam"):
+        run = {
+            "sam": sam,
+            "max_steps": 6,
+            "save_strategy": "steps",
+            "save_steps": 3,
+            "per_device_train_batch_size": 16,
+        }
+        straight = TinyNet(dropout=0.2)
+        trainer = train(tmp_path / sam, straight, train_sampling_strategy="random", **run)
+        resumed = TinyNet(dropout=0.2)
+        trainer = ZSharpTrainer(
+            model=resumed,
+            args=tiny_args(str(tmp_path / sam / "out"), train_sampling_strategy="random", **run),
+            train_dataset=TinyData(),
+        )
+        trainer.train(resume_from_checkpoint=str(tmp_path / sam / "out" / "checkpoint-3"))
+        torch.testing.assert_close(flat(resumed), flat(straight), rtol=0, atol=0)
+        # The checkpoint held the base optimizer's state (Adam moments) too.
+        state = torch.load(tmp_path / sam / "out" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+        assert state["base_optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
+
+
+def test_ascent_statistics_are_averaged_into_the_logs(tmp_path):
+    stats = []
+
+    class Peek(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            stats.append(dict(optimizer.optimizer.ascent_stats))
+
+    trainer = train(tmp_path, callbacks=[Peek()], logging_steps=2)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2
+    for log, pair in zip(logs, (stats[:2], stats[2:])):
+        assert log["sam_perturbation_norm"] == pytest.approx(sum(s["perturbation_norm"] for s in pair) / 2)
+        assert log["sam_kept_fraction"] == pytest.approx(sum(s["kept_fraction"] for s in pair) / 2)
+        assert 0 < log["sam_kept_fraction"] < 0.5 and log["sam_skipped_steps"] == 0

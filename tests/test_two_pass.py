@@ -1,0 +1,187 @@
+"""The two-pass step in a plain Accelerate loop (`accelerate_step`) and TwoPassStep's own rules."""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from tiny_training import TinyData, TinyNet, decay_groups, flat
+
+from hf_zsharp.optim import ZSharp
+from hf_zsharp.two_pass import TwoPassStep, accelerate_step, unwrap_sam_optimizer
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerator state is process-wide: each test builds its own Accelerator from scratch."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def make_optimizer(model):
+    return ZSharp(decay_groups(model, 0.0), torch.optim.AdamW, lr=1e-2)
+
+
+def accelerate_loop(model, steps, batch_size=8, accumulation=1, interval=1, scaler=None):
+    """An ordinary Accelerate loop with accelerate_step; returns per-step (forward calls, skipped)."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    if scaler is not None:
+        accelerator.scaler = scaler
+    optimizer = make_optimizer(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    record, calls = [], model.calls
+    for batch in TinyData().batches(batch_size)[: steps * accumulation]:
+        with accelerator.accumulate(model):
+            loss = accelerate_step(
+                accelerator, model, optimizer, lambda b=batch: model(**b)["loss"], interval=interval
+            )
+            assert not loss.requires_grad
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            record.append((model.calls - calls, optimizer.step_was_skipped))
+            calls = model.calls
+    return record
+
+
+def test_matches_a_plain_zsharp_loop():
+    model, reference = TinyNet(), TinyNet()
+    accelerate_loop(model, steps=4)
+    opt = make_optimizer(reference)
+    for batch in TinyData().batches(8)[:4]:
+
+        def closure(batch=batch):
+            loss = reference(**batch)["loss"]
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    torch.testing.assert_close(flat(model), flat(reference), rtol=0, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    big, small = TinyNet(), TinyNet()
+    accelerate_loop(big, steps=3, batch_size=8)
+    record = accelerate_loop(small, steps=3, batch_size=4, accumulation=2)
+    assert [calls for calls, _ in record] == [4, 4, 4]
+    torch.testing.assert_close(flat(small), flat(big), rtol=0, atol=1e-6)
+
+
+def test_interval_alternates_two_pass_and_plain_steps():
+    record = accelerate_loop(TinyNet(), steps=5, interval=2)
+    assert [calls for calls, _ in record] == [2, 1, 2, 1, 2]
+
+
+def test_grad_scaler_skips_a_step_with_non_finite_first_pass():
+    model = TinyNet()
+    model.poison = {3}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    record = accelerate_loop(model, steps=3, scaler=scaler)
+    assert record == [(2, False), (1, True), (2, False)]
+    assert scaler.get_scale() == 2.0**9
+
+
+def test_an_error_in_the_second_pass_leaves_the_weights_and_rng_restored():
+    model = TinyNet(dropout=0.5)
+    twin = copy.deepcopy(model)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model))
+    before = flat(model)
+    batch = TinyData().batches(8)[0]
+    passes = []
+
+    def compute_loss():
+        passes.append(1)
+        if len(passes) == 2:
+            raise RuntimeError("boom")
+        return model(**batch)["loss"]
+
+    start = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="boom"):
+        accelerate_step(accelerator, model, optimizer, compute_loss)
+    after = torch.get_rng_state()
+    assert torch.equal(flat(model), before)
+    # The RNG is where the first pass alone leaves it.
+    torch.set_rng_state(start)
+    twin(**batch)
+    assert torch.equal(after, torch.get_rng_state())
+    # Nothing is left pending: the next step is a normal two-pass step.
+    passes.clear()
+    calls = model.calls
+    accelerate_step(accelerator, model, optimizer, lambda: model(**batch)["loss"])
+    assert model.calls - calls == 2
+
+
+def test_perturb_cannot_change_within_an_optimizer_step():
+    model = TinyNet()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model))
+    step = TwoPassStep(accelerator, model, optimizer)
+    batch = TinyData().batches(4)[0]
+
+    def forward_backward():
+        loss = model(**batch)["loss"]
+        accelerator.backward(loss)
+        return loss.detach()
+
+    with accelerator.accumulate(model):
+        step(forward_backward, perturb=True)
+    with accelerator.accumulate(model), pytest.raises(RuntimeError, match="perturb changed"):
+        step(forward_backward, perturb=False)
+
+
+def test_statistics_are_averaged_then_reset():
+    model = TinyNet()
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model))
+    step = TwoPassStep(accelerator, model, optimizer)
+    seen = []
+    for batch in TinyData().batches(8)[:2]:
+        step(lambda b=batch: _backward(accelerator, model, b))
+        seen.append(dict(optimizer.optimizer.ascent_stats))
+        optimizer.step()
+        optimizer.zero_grad()
+    stats = step.pop_stats()
+    assert stats["sam_perturbation_norm"] == pytest.approx(
+        (seen[0]["perturbation_norm"] + seen[1]["perturbation_norm"]) / 2
+    )
+    assert stats["sam_kept_fraction"] == pytest.approx(seen[0]["kept_fraction"])
+    assert stats["sam_skipped_steps"] == 0
+    assert step.pop_stats() == {}
+
+
+def _backward(accelerator, model, batch):
+    loss = model(**batch)["loss"]
+    accelerator.backward(loss)
+    return loss.detach()
+
+
+def test_a_plain_optimizer_and_bad_interval_are_refused():
+    model = TinyNet()
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="needs an hf_zsharp optimizer"):
+        unwrap_sam_optimizer(optimizer)
+    with pytest.raises(TypeError, match="needs an hf_zsharp optimizer"):
+        accelerate_step(accelerator, model, optimizer, lambda: model(**TinyData().batches(8)[0])["loss"])
+    with pytest.raises(ValueError, match="interval must be an integer >= 1"):
+        accelerate_step(accelerator, model, optimizer, lambda: None, interval=0)
+
+
+def test_the_no_trainer_script_trains_on_digits():
+    path = Path(__file__).parents[1] / "scripts" / "train_no_trainer.py"
+    spec = importlib.util.spec_from_file_location("train_no_trainer", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(
+        ["--max_steps", "2", "--batch_size", "8", "--gradient_accumulation_steps", "2", "--sam_interval", "2"]
+    )
+    assert result["steps"] == 2 and 0.0 <= result["eval_accuracy"] <= 1.0
+    with pytest.raises(SystemExit):
+        script.parse_args(["--sam", "adam"])
