@@ -69,7 +69,6 @@ class ZSharp(SAM):
         filtered = [p for p in params if p.ndim > 1 and self._group(p)["percentile"] > 0]
         if not filtered:
             return super()._moves(params)
-        dense = [p for p in params if not (p.ndim > 1 and self._group(p)["percentile"] > 0)]
         batches = [self._select(group) for group in _same_shape(filtered, self._group)]
         grad_norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32)
         host = fetch(torch.stack(grad_norms), *(b["norm"] for b in batches), *(b["kept"] for b in batches))
@@ -77,38 +76,42 @@ class ZSharp(SAM):
         total = math.sqrt(sum(n * n for n in host[0]))
         if not math.isfinite(total):
             return None
-        sparse = [
-            (p, values, index, norm, int(kept))
+        kept = [  # filtered tensors whose mask kept something; the others take the SAM direction
+            (p, values, index, norm, int(count))
             for b, norms, counts in zip(batches, host[1 : 1 + len(batches)], host[1 + len(batches) :])
-            for p, values, index, norm, kept in zip(b["params"], b["values"], b["index"], norms, counts)
+            for p, values, index, norm, count in zip(b["params"], b["values"], b["index"], norms, counts)
+            if norm > 0
         ]
-        if self.defaults["radius"] == "global":
-            norm = math.sqrt(sum(n * n for *_, n, _ in sparse) + sum(norm_of[id(p)] ** 2 for p in dense))
-            scale = {id(p): 1 / (norm + EPS) for p in params}
-        else:
-            scale = {id(p): 1 / (n + EPS) for p, *_, n, _ in sparse if n > 0}
+        filtered_ids = {id(p) for p, *_ in kept}
+        sam_direction = [p for p in params if id(p) not in filtered_ids]
+        if self.defaults["radius"] == "global":  # one norm over every tensor's direction
+            norm = math.sqrt(
+                sum(n * n for *_, n, _ in kept) + sum(norm_of[id(p)] ** 2 for p in sam_direction)
+            )
+            per_tensor, dense_norm = [norm] * len(kept), norm
+        else:  # each filtered tensor by its own norm; the others by the global gradient norm, as in SAM
+            per_tensor, dense_norm = [n for *_, n, _ in kept], total
         moves = [
-            _sparse_move(p, values, index, self._rho(p) * scale[id(p)], n, kept)
-            for p, values, index, n, kept in sparse
-            if id(p) in scale
+            _sparse_move(p, values, index, self._rho(p) / (divisor + EPS), n, count)
+            for (p, values, index, n, count), divisor in zip(kept, per_tensor)
         ]
-        sam_direction = [p for p in params if id(p) not in scale]  # 1-D tensors and empty masks
-        moves += [Move(p, p.grad, self._rho(p) / (total + EPS), norm_of[id(p)]) for p in sam_direction]
+        moves += [Move(p, p.grad, self._rho(p) / (dense_norm + EPS), norm_of[id(p)]) for p in sam_direction]
         return moves
 
     def _select(self, params: list[Tensor]) -> dict[str, Any]:
         """Filter the gradients of same-shape tensors at once: kept values, their positions, norms, counts."""
-        rows = torch.stack([p.grad.reshape(-1) for p in params]).float()
+        grads = [p.grad.reshape(-1) for p in params]
+        rows = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).float()
         mask = self.defaults["mask"]
         if mask == "zscore":
-            scores = rows.sub_(rows.sum(dim=1, keepdim=True) / rows.shape[1]).abs_()
+            scores = (rows - rows.sum(dim=1, keepdim=True) / rows.shape[1]).abs_()
         elif mask == "magnitude":
-            scores = rows.abs_()
+            scores = rows.abs()
         else:
             scores = torch.rand(rows.shape, generator=self._generator(rows.device), device=rows.device)
         selected = top_share(scores, self._group(params[0])["percentile"])
         del rows, scores
-        values = [p.grad.reshape(-1)[index].float() * keep for p, (index, keep) in zip(params, selected)]
+        values = [g[index].float() * keep for g, (index, keep) in zip(grads, selected)]
         return {
             "params": params,
             "values": values,
