@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,31 +50,33 @@ def top_share(scores: Tensor, q: float) -> list[tuple[Tensor, Tensor]]:
 
 
 def _kept_prefiltered(row: Tensor, low: int, weight: float) -> tuple[Tensor, Tensor]:
-    """Exact kept entries of one long row on the CPU: rank only the entries above a sampled lower bound.
+    """Exact kept entries of one long CPU row: rank only the entries above a sampled lower bound.
 
-    CPU `torch.topk` costs ~20 passes over the row; a comparison plus `nonzero` costs ~3. The bound is a
-    sample quantile (fixed sample positions, no global RNG use) with a four-sigma margin; if it is not
-    below the quantile after all, the bound falls to the row's minimum, so the result is exact either way.
+    CPU `torch.topk` costs ~20 passes over the row; a comparison plus `flatnonzero` costs ~3, and NumPy's
+    (on the same memory, no copy) run about twice as fast as torch's for these steps. The bound is a sample
+    quantile (fixed sample positions, no global RNG use) with a four-sigma margin; if it is not below the
+    quantile after all, every entry becomes a candidate, so the result is exact either way.
     """
-    n = row.numel()
+    scores = row.numpy()
+    n = scores.size
     share = (n - low) / n
     margin = 4 * math.sqrt(share * (1 - share) / _SAMPLE_SIZE)
-    sample = row[_sample_positions(n)]
-    bound = sample.kthvalue(max(1, math.floor((1 - share - margin) * _SAMPLE_SIZE))).values
-    candidates = (row >= bound).nonzero().squeeze(1)
-    if candidates.numel() < n - low:
-        candidates = torch.arange(n)
-    values = row[candidates]
-    rank = low - (n - candidates.numel())  # position of the quantile's lower neighbour among candidates
-    if weight > 0:  # the two order statistics at rank and rank + 1, from one partial selection
-        above, below = torch.topk(values, rank + 2, largest=False, sorted=False).values.topk(2).values
-    else:
-        below = above = values.kthvalue(rank + 1).values
-    index = candidates[values > torch.lerp(below, above, weight)]
+    j = max(0, math.floor((1 - share - margin) * _SAMPLE_SIZE) - 1)
+    bound = np.partition(scores[_sample_positions(n)], j)[j]
+    candidates = np.flatnonzero(scores >= bound)
+    if candidates.size < n - low:
+        candidates = np.arange(n)
+    values = scores[candidates]
+    rank = low - (n - candidates.size)  # position of the quantile's lower neighbour among candidates
+    pair = np.partition(values, [rank, rank + 1] if weight > 0 else rank)
+    below = torch.tensor(pair[rank])
+    above = torch.tensor(pair[rank + 1]) if weight > 0 else below
+    threshold = torch.lerp(below, above, weight).item()  # torch.quantile's own rounding
+    index = torch.from_numpy(candidates[values > np.float32(threshold)])
     return index, torch.ones_like(index, dtype=torch.bool)
 
 
 @lru_cache(maxsize=64)
-def _sample_positions(n: int) -> Tensor:
+def _sample_positions(n: int) -> np.ndarray:
     """Fixed pseudo-random positions in [0, n) from a private generator."""
-    return torch.randint(n, (_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n))
+    return np.random.default_rng(n).integers(n, size=_SAMPLE_SIZE)

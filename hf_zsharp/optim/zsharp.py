@@ -111,7 +111,7 @@ class ZSharp(SAM):
             scores = torch.rand(rows.shape, generator=self._generator(rows.device), device=rows.device)
         selected = top_share(scores, self._group(params[0])["percentile"])
         del rows, scores
-        values = [g[index].float() * keep for g, (index, keep) in zip(grads, selected)]
+        values = [g.index_select(0, index).float() * keep for g, (index, keep) in zip(grads, selected)]
         return {
             "params": params,
             "values": values,
