@@ -69,11 +69,15 @@ def _kept_prefiltered(row: Tensor, low: int, weight: float) -> tuple[Tensor, Ten
     values = scores[candidates]
     rank = low - (n - candidates.size)  # position of the quantile's lower neighbour among candidates
     pair = np.partition(values, [rank, rank + 1] if weight > 0 else rank)
-    below = torch.tensor(pair[rank])
-    above = torch.tensor(pair[rank + 1]) if weight > 0 else below
-    threshold = torch.lerp(below, above, weight).item()  # torch.quantile's own rounding
-    index = torch.from_numpy(candidates[values > np.float32(threshold)])
+    threshold = _lerp(pair[rank], pair[rank + 1] if weight > 0 else pair[rank], weight)
+    index = torch.from_numpy(candidates[values > threshold])
     return index, torch.ones_like(index, dtype=torch.bool)
+
+
+def _lerp(below: np.float32, above: np.float32, weight: float) -> np.float32:
+    """torch.lerp's float32 formula (exact at both ends), so the threshold rounds as torch.quantile's does."""
+    w = np.float32(weight)
+    return below + w * (above - below) if w < 0.5 else above - (above - below) * (np.float32(1) - w)
 
 
 @lru_cache(maxsize=64)

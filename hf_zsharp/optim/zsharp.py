@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -69,7 +70,7 @@ class ZSharp(SAM):
         filtered = [p for p in params if p.ndim > 1 and self._group(p)["percentile"] > 0]
         if not filtered:
             return super()._moves(params)
-        batches = [self._select(group) for group in _same_shape(filtered, self._group)]
+        batches = _map_threads(self._select, _same_shape(filtered, self._group))
         grad_norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32)
         host = fetch(torch.stack(grad_norms), *(b["norm"] for b in batches), *(b["kept"] for b in batches))
         norm_of = dict(zip(map(id, params), host[0]))
@@ -137,6 +138,19 @@ def _same_shape(params: list[Tensor], group_of: Any) -> list[list[Tensor]]:
         key = id(p) if p.device.type == "cpu" else (p.shape, p.grad.dtype, p.device, id(group_of(p)))
         buckets[key].append(p)
     return list(buckets.values())
+
+
+def _map_threads(function: Any, items: list) -> list:
+    """`[function(x) for x in items]`; CPU items on torch's intra-op thread count at once.
+
+    The CPU selection (`selection._kept_prefiltered`) is a chain of single-threaded NumPy/torch calls that
+    release the GIL, so tensors can be processed side by side.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or len(items) < 2 or items[0][0].device.type != "cpu":
+        return [function(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, items))
 
 
 def _sparse_move(param: Tensor, values: Tensor, index: Tensor, alpha: float, norm: float, kept: int) -> Move:
