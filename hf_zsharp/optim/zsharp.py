@@ -70,7 +70,11 @@ class ZSharp(SAM):
         filtered = [p for p in params if p.ndim > 1 and self._group(p)["percentile"] > 0]
         if not filtered:
             return super()._moves(params)
-        batches = _map_threads(self._select, _same_shape(filtered, self._group))
+        groups = _same_shape(filtered, self._group)
+        if self.defaults["mask"] == "random":  # one generator: draw in a fixed order
+            batches = [self._select(group) for group in groups]
+        else:
+            batches = _map_threads(self._select, groups)
         grad_norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32)
         host = fetch(torch.stack(grad_norms), *(b["norm"] for b in batches), *(b["kept"] for b in batches))
         norm_of = dict(zip(map(id, params), host[0]))
