@@ -68,6 +68,14 @@ class ZSharpTrainingArguments(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an output_dir that already holds a run (its files are overwritten, never deleted). "
+            "Without it, hf-zsharp-train refuses such a directory."
+        },
+    )
+
     def __post_init__(self) -> None:
         # Checked before TrainingArguments' own set-up, which would already initialise DeepSpeed/FSDP.
         if self.sam not in SAM_METHODS:
@@ -89,9 +97,10 @@ class ZSharpTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"sam_rho must be a positive number (or None for the method default); got {self.sam_rho}."
             )
-        if not 0.0 < self.zsharp_percentile < 1.0:
+        if not 0.0 <= self.zsharp_percentile < 1.0:
             raise ValueError(
-                f"zsharp_percentile must lie strictly between 0 and 1; got {self.zsharp_percentile}."
+                f"zsharp_percentile must lie in [0, 1) (0 disables the filter: plain SAM); got "
+                f"{self.zsharp_percentile}."
             )
         if self.sam_radius not in ("tensor", "global"):
             raise ValueError(f"sam_radius must be 'tensor' or 'global'; got {self.sam_radius!r}.")

@@ -135,6 +135,7 @@ def test_options_are_in_help_and_parse():
         ({"sam_rho": 0.0}, "sam_rho must be a positive"),
         ({"sam_rho": math.nan}, "sam_rho must be a positive"),
         ({"zsharp_percentile": 1.0}, "zsharp_percentile"),
+        ({"zsharp_percentile": -0.1}, "zsharp_percentile"),
         ({"sam_radius": "layer"}, "sam_radius"),
         ({"sam_mask": "topk"}, "sam_mask"),
         ({"sam_interval": 0}, "sam_interval"),
