@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import reference as ref
@@ -294,3 +295,15 @@ def test_step_without_closure_and_no_perturbation_is_a_base_step() -> None:
     ZSharp(model.parameters(), torch.optim.SGD, lr=0.1).step()
     torch.optim.SGD(twin.parameters(), lr=0.1).step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+def test_a_skipped_step_does_not_skip_the_next_plain_step() -> None:
+    param = torch.nn.Parameter(torch.ones(3, 3))
+    optimizer = ZSharp([param], torch.optim.SGD, lr=1.0)
+    param.grad = torch.full((3, 3), math.inf)
+    assert not optimizer.first_step()
+    optimizer.second_step()
+    assert torch.equal(param, torch.ones(3, 3)) and optimizer.skipped_perturbation
+    param.grad = torch.ones(3, 3)
+    optimizer.step()  # a plain step: nothing perturbed, the base optimizer steps
+    assert torch.equal(param, torch.zeros(3, 3))

@@ -4,6 +4,7 @@ import csv
 import inspect
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from hf_zsharp.reproduce import (
     METHODS,
     PaperLRSchedule,
     RunSpec,
+    SharpnessSettings,
     expand_grid,
     make_plan,
     paired_test,
@@ -160,11 +162,14 @@ def test_method_hyperparameters():
         (["--seed=4"], "use --seeds"),
         (["--sam_mask", "random"], "use --methods"),
         (["--no_such_flag", "1"], "no_such_flag"),
+        (["--seeds", "2", "paper-cifar10"], "Name the preset first"),
     ],
 )
 def test_bad_input_is_refused_before_training(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
         make_plan(["digits", "--output_dir", str(tmp_path), *argv])
+    with pytest.raises(ValueError, match=message):  # the preset is optional
+        make_plan([*argv, "--output_dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize(
@@ -172,7 +177,7 @@ def test_bad_input_is_refused_before_training(tmp_path, argv, message):
 )
 def test_bad_options_exit_with_usage(tmp_path, argv):
     with pytest.raises(SystemExit):
-        make_plan(["--output_dir", str(tmp_path), *argv])
+        make_plan([*argv, "--output_dir", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,8 +297,13 @@ def test_markdown_without_sharpness_has_no_sharpness_columns():
 
 @pytest.fixture
 def fake_training(monkeypatch):
-    """Replace `run_training` by a recorder that writes nothing but the folder and returns fixed metrics."""
+    """Replace `run_training` by a recorder that writes nothing but the folder and returns fixed metrics.
+
+    The figure is replaced too (drawn in test_table_csv_and_figure): `calls.figures` counts its rewrites.
+    """
     calls = []
+    figures = []
+    monkeypatch.setattr(reproduce, "plot_results", lambda runs, path: figures.append(len(runs)))
 
     def fake_run_training(model_args, data_args, training_args, **hooks):
         calls.append((training_args.output_dir, training_args.overwrite_output_dir, hooks))
@@ -309,14 +319,15 @@ def fake_training(monkeypatch):
         )
 
     monkeypatch.setattr(reproduce, "run_training", fake_run_training)
-    return calls
+    return SimpleNamespace(runs=calls, figures=figures)
 
 
 def test_finished_runs_are_skipped_and_unfinished_ones_rerun(tmp_path, fake_training, capsys):
     argv = ["digits", "--methods", "sam,zsharp", "--seeds", "2", "--output_dir", str(tmp_path)]
     reproduce.main(argv)
-    assert len(fake_training) == 4
-    assert all(overwrite for _, overwrite, _ in fake_training)
+    assert len(fake_training.runs) == 4
+    assert all(overwrite for _, overwrite, _ in fake_training.runs)
+    assert fake_training.figures == [1, 2, 3, 4, 4]  # rewritten after every run, and at the end
     out = capsys.readouterr().out
     assert "[1/4] digits resnet20 sam seed 0" in out and "ETA" in out
     saved = json.loads((tmp_path / "digits/resnet20/zsharp/seed-1/run.json").read_text())
@@ -324,13 +335,13 @@ def test_finished_runs_are_skipped_and_unfinished_ones_rerun(tmp_path, fake_trai
     assert saved["epoch_accuracy"] == [[1.0, 0.65]]
     assert saved["sharpness"] is None and saved["environment"]["torch"] == torch.__version__
 
-    fake_training.clear()
+    fake_training.runs.clear()
     reproduce.main(argv)
-    assert fake_training == []  # everything finished: nothing repeated
+    assert fake_training.runs == []  # everything finished: nothing repeated
 
     (tmp_path / "digits/resnet20/sam/seed-1/run.json").unlink()  # as if it crashed in that run
     reproduce.main([*argv[:-2], "--seeds", "3", "--output_dir", str(tmp_path)])
-    rerun = [Path(folder).relative_to(tmp_path).as_posix() for folder, _, _ in fake_training]
+    rerun = [Path(folder).relative_to(tmp_path).as_posix() for folder, _, _ in fake_training.runs]
     assert rerun == [
         "digits/resnet20/sam/seed-1",
         "digits/resnet20/sam/seed-2",
@@ -346,7 +357,7 @@ def test_a_finished_run_with_other_flags_is_refused(tmp_path, fake_training):
         reproduce.main(
             ["digits", "--methods", "sam", "--seeds", "1", "--epochs", "9", "--output_dir", str(tmp_path)]
         )
-    assert len(fake_training) == 1
+    assert len(fake_training.runs) == 1
 
 
 def test_results_cover_every_grid_written_to_the_folder(tmp_path, fake_training):
@@ -354,7 +365,7 @@ def test_results_cover_every_grid_written_to_the_folder(tmp_path, fake_training)
     reproduce.main(
         ["digits", "--methods", "zsharp", "--seeds", "2", "--output_dir", str(tmp_path), "--dry_run"]
     )
-    assert len(fake_training) == 2
+    assert len(fake_training.runs) == 2
     reproduce.main(["digits", "--methods", "zsharp", "--seeds", "2", "--output_dir", str(tmp_path)])
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     assert [r["method"] for r in rows] == ["sam", "zsharp"]
@@ -366,7 +377,9 @@ def test_results_cover_every_grid_written_to_the_folder(tmp_path, fake_training)
 
 
 @pytest.mark.slow
-def test_digits_end_to_end(tmp_path):
+def test_digits_end_to_end(tmp_path, monkeypatch):
+    quick = SharpnessSettings(batches=1, batch_size=8, ascent_steps=2, power_iters=2)
+    monkeypatch.setitem(reproduce.PRESETS, "digits", replace(reproduce.PRESETS["digits"], sharpness=quick))
     out = tmp_path / "out"
     reproduce.main(
         [

@@ -85,6 +85,7 @@ class SAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.skipped_perturbation = False
+        self._skip_base_step = False
         self.ascent_stats: dict[str, float] = {}
         self._saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self._groups: dict[int, dict[str, Any]] = {}
@@ -101,7 +102,7 @@ class SAM(Optimizer):
         self._groups = {id(p): group for group in self.param_groups for p in group["params"]}
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         moves = self._moves(params) if params else []
-        self.skipped_perturbation = moves is None
+        self.skipped_perturbation = self._skip_base_step = moves is None
         if moves is not None:
             for move in moves:
                 self._apply(move)
@@ -124,12 +125,13 @@ class SAM(Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w, then step the base optimizer with the gradients taken at w + e.
 
-        The base step is skipped (and `skipped_perturbation` stays set) when `first_step` found
-        non-finite gradients.
+        The base step is skipped when this step's `first_step` found non-finite gradients
+        (`skipped_perturbation` stays readable); later steps are not affected.
         """
         self.restore()
-        if not self.skipped_perturbation:
+        if not self._skip_base_step:
             self.base_optimizer.step()
+        self._skip_base_step = False
         if zero_grad:
             self.zero_grad()
 
