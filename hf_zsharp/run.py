@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+from torch.optim import Optimizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    TrainerCallback,
+    set_seed,
+)
 
 from hf_zsharp import cards, hub
 from hf_zsharp.args import ZSharpTrainingArguments
@@ -149,9 +157,18 @@ def load_model(
 
 
 def run_training(
-    model_args: ModelArguments, data_args: DataArguments, training_args: ZSharpTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: ZSharpTrainingArguments,
+    *,
+    callbacks: list[TrainerCallback] | None = None,
+    optimizer_cls_and_kwargs: tuple[type[Optimizer], dict[str, Any]] | None = None,
 ) -> TrainingRun:
-    """Train and evaluate, then save model, metrics and model card to `output_dir` (and push if asked)."""
+    """Train and evaluate, then save model, metrics and model card to `output_dir` (and push if asked).
+
+    `callbacks` and `optimizer_cls_and_kwargs` (the base optimizer) go to the Trainer, for the reproduction's
+    paper recipe.
+    """
     check_output_dir(training_args)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # our own push, after the card exists
     with training_args.main_process_first(desc="loading the dataset"):
@@ -169,6 +186,7 @@ def run_training(
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
+    set_seed(training_args.seed)  # the model's initialisation depends on it
     model, processor, base_model = load_model(model_args, labels)
     if processor is None:
         mean, std = normalization_stats(data_args.dataset_name, dataset["train"], image_column)
@@ -185,6 +203,8 @@ def run_training(
         data_collator=collate_fn,
         compute_metrics=compute_metrics,
         processing_class=processor,
+        callbacks=callbacks,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {**train_result.metrics, **trainer.evaluate()}
