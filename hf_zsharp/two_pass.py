@@ -86,8 +86,6 @@ class TwoPassStep:
             if self._pending:
                 raise RuntimeError("perturb changed within one optimizer step (between its micro-batches).")
             if sync:
-                # A skip left over from an earlier two-pass step must not skip this plain step.
-                self.optimizer.skipped_perturbation = False
                 self.optimizer_steps += 1
             return forward_backward()
         rng = _rng_state(self.accelerator.device)
