@@ -220,13 +220,18 @@ def _looks_like_local_path(name: str) -> bool:
 # Columns and splits
 
 
+def _requested_column(features: Features, requested: str, kind: str, dataset_name: str) -> str:
+    """A column the user named, or a DataError that lists the columns that exist."""
+    if requested not in features:
+        raise DataError(
+            f"{kind} column {requested!r} not found in {dataset_name!r}; its columns are {list(features)}."
+        )
+    return requested
+
+
 def _resolve_image_column(features: Features, requested: str | None, dataset_name: str) -> str:
     if requested is not None:
-        if requested not in features:
-            raise DataError(
-                f"Image column {requested!r} not found in {dataset_name!r}; its columns are {list(features)}."
-            )
-        return requested
+        return _requested_column(features, requested, "Image", dataset_name)
     found = next((name for name, feat in features.items() if isinstance(feat, datasets.Image)), None)
     found = found or next((name for name in IMAGE_COLUMN_NAMES if name in features), None)
     if found is None:
@@ -239,11 +244,7 @@ def _resolve_image_column(features: Features, requested: str | None, dataset_nam
 
 def _resolve_label_column(features: Features, requested: str | None, dataset_name: str) -> str:
     if requested is not None:
-        if requested not in features:
-            raise DataError(
-                f"Label column {requested!r} not found in {dataset_name!r}; its columns are {list(features)}."
-            )
-        return requested
+        return _requested_column(features, requested, "Label", dataset_name)
     class_labels = [name for name, feat in features.items() if isinstance(feat, ClassLabel)]
     found = next((name for name in LABEL_COLUMN_NAMES if name in class_labels), None)
     found = found or next(iter(class_labels), None)
