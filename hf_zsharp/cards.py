@@ -56,8 +56,8 @@ _ROWS = {
 _METRIC_LABELS = {
     "accuracy": "Top-1 accuracy",
     "top5_accuracy": "Top-5 accuracy",
-    "loss": "Loss",
-    "train_loss": "Training loss",
+    "loss": "Evaluation loss",
+    "train_loss": "Training loss (mean over the run)",
     "epoch": "Epochs",
 }
 

@@ -8,7 +8,9 @@ workers do the work and nothing is materialised.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -98,6 +100,9 @@ def load_image_dataset(
                 f"{train_split!r} with --train_val_split (e.g. 0.1)."
             )
     kept = [train_split] if eval_split is None else [train_split, eval_split]
+    for name in kept:
+        if len(raw[name]) == 0:
+            raise DataError(f"Split {name!r} of {dataset_name!r} is empty; choose another split.")
     for name in kept[1:]:
         missing = [col for col in (image_column, label_column) if col not in raw[name].column_names]
         if missing:
@@ -184,12 +189,26 @@ def _load_raw(dataset_name: str, dataset_config: str | None, cache_dir: str | No
 
 
 def _load_local(path: Path, dataset_config: str | None, cache_dir: str | None) -> Dataset | DatasetDict:
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if saved:
+        _refuse_empty_saved_splits(path)
     try:
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if saved:
             return datasets.load_from_disk(str(path))
         return datasets.load_dataset(str(path), dataset_config, cache_dir=cache_dir)
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as err:
         raise DataError(f"Could not load a dataset from the directory {str(path)!r}: {err}") from err
+
+
+def _refuse_empty_saved_splits(path: Path) -> None:
+    """A `save_to_disk` split with no rows has no data file, and `load_from_disk` fails on it with an IndexError."""
+    states = [path / "state.json"] if (path / "state.json").is_file() else sorted(path.glob("*/state.json"))
+    for state in states:
+        if not json.loads(state.read_text(encoding="utf-8")).get("_data_files", [None]):
+            where = "" if state.parent == path else f"split {state.parent.name!r} of "
+            raise DataError(
+                f"The {where}saved dataset {str(path)!r} holds no rows; remove it or add examples."
+            )
 
 
 def _load_hub(dataset_name: str, dataset_config: str | None, cache_dir: str | None) -> DatasetDict:
@@ -273,17 +292,28 @@ def _as_image_column(dataset: DatasetDict, image_column: str, dataset_name: str)
 def _as_class_labels(
     dataset: DatasetDict, label_column: str, dataset_name: str
 ) -> tuple[DatasetDict, list[str]]:
-    """Make the label column a `ClassLabel` (strings are encoded, integers 0..n-1 named "0".."n-1")."""
-    feature = next(iter(dataset.values())).features[label_column]
-    if isinstance(feature, ClassLabel):
-        return dataset, list(feature.names)
-    dtype = getattr(feature, "dtype", None)
-    if dtype == "string" or dtype == "large_string":
-        dataset = dataset.class_encode_column(label_column)
-        return dataset, list(next(iter(dataset.values())).features[label_column].names)
-    if dtype is None or not re.fullmatch(r"u?int\d+", dtype):
+    """Make the label column one `ClassLabel` shared by every split, and refuse labels outside its range.
+
+    Strings are encoded with one mapping (the sorted union over the splits), integers 0..n-1 are named
+    "0".."n-1", and `ClassLabel` splits whose names differ are aligned by name, so that a label means the
+    same class in training and evaluation.
+    """
+    features = [split.features[label_column] for split in dataset.values()]
+    if all(isinstance(feature, ClassLabel) for feature in features):
+        names = list(features[0].names)
+        names += sorted({n for f in features[1:] for n in f.names} - set(names))
+        for split, feature in zip(list(dataset), features):
+            _check_label_range(dataset[split], label_column, feature.num_classes, dataset_name, split)
+            if list(feature.names) != names:
+                dataset[split] = _renumber_labels(dataset[split], label_column, feature.names, names)
+        return dataset, names
+    dtypes = {getattr(feature, "dtype", None) for feature in features}
+    if dtypes <= {"string", "large_string"}:
+        names = sorted({str(v) for split in dataset.values() for v in split.unique(label_column)})
+        return dataset.cast_column(label_column, ClassLabel(names=names)), names
+    if not all(dtype is not None and re.fullmatch(r"u?int\d+", dtype) for dtype in dtypes):
         raise DataError(
-            f"Column {label_column!r} of {dataset_name!r} holds {feature}, not class labels; name the label "
+            f"Column {label_column!r} of {dataset_name!r} holds {features[0]}, not class labels; name the label "
             "column with --label_column_name."
         )
     values = {int(v) for split in dataset.values() for v in split.unique(label_column)}
@@ -294,6 +324,36 @@ def _as_class_labels(
         )
     labels = [str(i) for i in range(max(values) + 1)]
     return dataset.cast_column(label_column, ClassLabel(names=labels)), labels
+
+
+def _renumber_labels(split: Dataset, label_column: str, old: Sequence[str], new: list[str]) -> Dataset:
+    """Re-encode a `ClassLabel` column from the names `old` to the names `new` (in memory: no cache files)."""
+    index = {name: i for i, name in enumerate(new)}
+    mapping = np.array([index[name] for name in old], dtype=np.int64)
+    features = split.features.copy()
+    features[label_column] = ClassLabel(names=new)
+    return split.map(
+        lambda batch: {label_column: mapping[np.asarray(batch[label_column], dtype=np.int64)].tolist()},
+        batched=True,
+        features=features,
+        keep_in_memory=True,
+        desc="Aligning class labels",
+    )
+
+
+def _check_label_range(
+    split: Dataset, label_column: str, num_classes: int, dataset_name: str, name: str
+) -> None:
+    """Refuse `ClassLabel` values outside 0..num_classes-1 (e.g. -1 for unlabelled examples) before training."""
+    bad = [v for v in split.unique(label_column) if v is None or not 0 <= v < num_classes]
+    if bad:
+        bad.sort(key=lambda v: -math.inf if v is None else v)
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise DataError(
+            f"Column {label_column!r} of {dataset_name!r} (split {name!r}) holds labels outside 0..{num_classes - 1} "
+            f"({num_classes} class names): {shown}. Fix the data, or choose another split with --eval_split or "
+            "--train_val_split (-1 usually marks unlabelled examples)."
+        )
 
 
 def _hold_out(train: Dataset, fraction: float, label_column: str, seed: int) -> DatasetDict:

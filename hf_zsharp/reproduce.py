@@ -33,9 +33,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, set_seed
 
-from hf_zsharp.cli import DEFAULT_TRAIN_ARGS, parse_train_args
 from hf_zsharp.models import PAPER_MODELS
-from hf_zsharp.run import TrainingRun, run_training
+from hf_zsharp.run import TrainingRun, parse_train_args, run_training
 
 RUN_SUMMARY = "run.json"
 BASELINE = "sam"
@@ -99,6 +98,7 @@ class Preset:
 # and a 5-epoch warm-up then StepLR(30, 0.75). Adam and the schedule come from `paper_trainer_hooks`; the
 # constant schedule below is what `PaperLRSchedule` reshapes.
 PAPER_TRAIN_ARGS = (
+    "--image_size", "32",
     "--per_device_train_batch_size", "256",
     "--per_device_eval_batch_size", "512",
     "--learning_rate", "1e-3",
@@ -150,7 +150,13 @@ PRESETS: dict[str, Preset] = {
         ("digits",),
         ("resnet20",),
         4,
-        (*DEFAULT_TRAIN_ARGS, "--remove_unused_columns", "false", "--disable_tqdm", "true"),
+        (
+            "--save_strategy", "no",
+            "--overwrite_output_dir",
+            "--use_cpu",
+            "--remove_unused_columns", "false",
+            "--disable_tqdm", "true",
+        ),
         sharpness=SharpnessSettings(batches=1, batch_size=64, power_iters=10),
     ),
 }  # fmt: skip

@@ -7,25 +7,36 @@ asked. Every argument problem it can detect is raised before training starts.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 import os
+import re
+import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
+import PIL.Image
+import yaml
 from torch.optim import Optimizer
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
+    HfArgumentParser,
     PreTrainedModel,
     TrainerCallback,
+    ViTImageProcessor,
     set_seed,
 )
 
 from hf_zsharp import cards, hub
 from hf_zsharp.args import ZSharpTrainingArguments
 from hf_zsharp.data import (
+    DIGITS,
     collate_fn,
     load_image_dataset,
     normalization_stats,
@@ -47,6 +58,8 @@ RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.
 class ModelArguments:
     """Which model to train."""
 
+    _argument_group_name = "Model options"
+
     model_name_or_path: str = field(
         default="resnet20",
         metadata={
@@ -54,8 +67,12 @@ class ModelArguments:
             f"timm Hub models such as timm/resnet50.a1_in1k), or a paper model trained from scratch: {', '.join(PAPER_MODELS)}."
         },
     )
-    image_size: int = field(
-        default=32, metadata={"help": "Input resolution of the paper's from-scratch models."}
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input resolution of the paper's from-scratch models (default: 16 for digits, 64 for "
+            "Tiny-ImageNet, 32 otherwise). Pretrained models use their image processor's."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
@@ -64,6 +81,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     """Which data to train and evaluate on."""
+
+    _argument_group_name = "Data options"
 
     dataset_name: str = field(
         default="digits",
@@ -92,6 +111,14 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
 
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"--{name} must be at least 1 (or left out to use the whole split); got {value}."
+                )
+
 
 @dataclass
 class TrainingRun:
@@ -102,18 +129,157 @@ class TrainingRun:
     log_history: list[dict[str, Any]]
 
 
+# The recipe of `hf-zsharp-train`, on top of `TrainingArguments`' own defaults: every flag or config-file entry
+# overrides it. COMMON applies to every run; the learning-rate recipe depends on the kind of model.
+COMMON_RECIPE: dict[str, Any] = {
+    "output_dir": "outputs",
+    "per_device_train_batch_size": 32,
+    "eval_strategy": "epoch",
+    "logging_strategy": "epoch",
+    "save_strategy": "epoch",
+}
+KIND_RECIPES: dict[str, dict[str, Any]] = {
+    # The paper's models from scratch (the embedded default: ResNet-20 on digits, ~1 min on 2 CPU cores).
+    "from scratch": {
+        "num_train_epochs": 4,
+        "learning_rate": 3e-3,
+        "weight_decay": 5e-5,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 10,
+        "per_device_eval_batch_size": 256,
+    },
+    # Hub / local / timm checkpoints: the usual fine-tuning recipe of transformers' image-classification example.
+    "pretrained": {
+        "num_train_epochs": 3,
+        "learning_rate": 5e-5,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0.1,
+        "per_device_eval_batch_size": 64,
+    },
+}
+DEFAULT_IMAGE_SIZES = {DIGITS: 16, "tinyimagenet": 64}  # paper models from scratch; 32 otherwise
+
+
+def model_kind(model_name_or_path: str) -> str:
+    """ "from scratch" for the paper's models, "pretrained" for everything loaded from the Hub or a folder."""
+    return "from scratch" if model_name_or_path.lower() in PAPER_MODELS else "pretrained"
+
+
+def recipe_help() -> str:
+    """The default run and the recipe in words, for `--help`."""
+    titles = {
+        "from scratch": "paper models (from scratch)",
+        "pretrained": "pretrained models (Hub, folder, timm)",
+    }
+    lines = [
+        "Train or fine-tune an image classifier with ZSharp (or a SAM baseline). With no arguments: ResNet-20",
+        "from scratch on scikit-learn's digits, offline, on the CPU in about a minute, written to ./outputs.",
+        "",
+        "Defaults (on top of TrainingArguments' own; any flag or config-file entry overrides them):",
+    ]
+    for title, recipe in (("every run", COMMON_RECIPE), *((titles[k], r) for k, r in KIND_RECIPES.items())):
+        options = " ".join(f"--{k} {v}" for k, v in recipe.items())
+        lines += textwrap.wrap(options, 100, initial_indent=f"  {title}: ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults in the help, and the description (the recipe) as written."""
+
+
+class TrainArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` over the model, data and training arguments, with the recipe as defaults.
+
+    `--help` lists the model, data and sharpness-aware options first, then the many `TrainingArguments` ones.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            (ModelArguments, DataArguments, ZSharpTrainingArguments),
+            prog="hf-zsharp-train",
+            usage="%(prog)s [options] | %(prog)s CONFIG.yaml",
+            description=recipe_help(),
+            formatter_class=_HelpFormatter,
+        )
+        self.set_defaults(**COMMON_RECIPE)
+
+    def _add_dataclass_arguments(self, dtype: Any) -> None:
+        if dtype is not ZSharpTrainingArguments:
+            super()._add_dataclass_arguments(dtype)
+            return
+        hints = get_type_hints(dtype)
+        fields = [f for f in dataclasses.fields(dtype) if f.init]
+        for title, sam_first in (
+            ("Sharpness-aware options (ZSharpTrainingArguments)", True),
+            ("Training options (transformers.TrainingArguments)", False),
+        ):
+            group = self.add_argument_group(title)
+            for f in fields:
+                if f.name.startswith(("sam", "zsharp")) == sam_first:
+                    f.type = hints[f.name]
+                    self._parse_dataclass_field(group, f)
+
+    def parse(self, argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
+        """Parse flags, or one YAML/JSON config file as in the transformers examples, over the recipe."""
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+            config = _read_config(Path(argv[0]))
+            kind = model_kind(str(config.get("model_name_or_path", ModelArguments.model_name_or_path)))
+            return self.parse_dict({**COMMON_RECIPE, **KIND_RECIPES[kind], **config})
+        known, _ = self.parse_known_args(argv)
+        self.set_defaults(**KIND_RECIPES[model_kind(known.model_name_or_path)])
+        return self.parse_args_into_dataclasses(argv)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"Cannot read the config file {str(path)!r}: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
+    return config
+
+
+def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
+    """`hf-zsharp-train`'s arguments: the recipe above, overridden by flags or a YAML/JSON config file."""
+    return TrainArgumentParser().parse(argv)
+
+
 def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
-    """Refuse an output directory that holds another run unless asked to overwrite or to resume it."""
+    """Refuse, before any work, an output directory that cannot be written, or that holds another run (unless
+    asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
     output_dir = Path(training_args.output_dir)
-    if not output_dir.is_dir() or training_args.resume_from_checkpoint or training_args.overwrite_output_dir:
-        return
-    found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists())
-    found += sorted(p.name for p in output_dir.glob("checkpoint-*"))
-    if found:
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"lies under {str(existing)!r}, which is a file"
         raise ValueError(
-            f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose another "
-            "--output_dir, resume with --resume_from_checkpoint, or pass --overwrite_output_dir to write over "
-            "it (files are overwritten, never deleted)."
+            f"Output directory {str(output_dir)!r} {where}; choose a directory with --output_dir."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"Output directory {str(output_dir)!r} cannot be written ({error.strerror or error} in "
+            f"{str(existing)!r}); choose another --output_dir."
+        ) from error
+    if not output_dir.is_dir() or training_args.resume_from_checkpoint:
+        return
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
+    if not training_args.overwrite_output_dir:
+        found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists()) + checkpoints
+        if found:
+            raise ValueError(
+                f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose "
+                "another --output_dir, resume with --resume_from_checkpoint, or pass --overwrite_output_dir to "
+                "write over it (files are overwritten, never deleted)."
+            )
+    if checkpoints and training_args.save_total_limit:
+        raise ValueError(
+            f"Output directory {str(output_dir)!r} holds checkpoints of another run ({', '.join(checkpoints[:5])}) "
+            f"and --save_total_limit {training_args.save_total_limit} would let Trainer's checkpoint rotation "
+            "delete them. Choose another --output_dir, move them away, or drop --save_total_limit."
         )
 
 
@@ -124,7 +290,7 @@ def load_model(
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
     name = model_args.model_name_or_path
-    if name.lower() in PAPER_MODELS:
+    if model_kind(name) == "from scratch":
         return build_model(name, len(labels), id2label, label2id, model_args.image_size), None, None
     try:
         config = AutoConfig.from_pretrained(
@@ -156,6 +322,27 @@ def load_model(
     return model, processor, name
 
 
+def paper_image_processor(
+    image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> ViTImageProcessor:
+    """An image processor with the evaluation preprocessing of the paper models (bilinear resize, scale to
+    [0, 1], normalise), saved with them so that `from_pretrained` users and pipelines preprocess alike."""
+    return ViTImageProcessor(
+        size={"height": image_size, "width": image_size},
+        resample=PIL.Image.Resampling.BILINEAR,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
+def run_name(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ZSharpTrainingArguments
+) -> str:
+    """A readable model name for the card: `<model>-<dataset>-<method>` (e.g. resnet20-digits-zsharp)."""
+    parts = (model_args.model_name_or_path, data_args.dataset_name, training_args.sam)
+    return "-".join(re.sub(r"[^A-Za-z0-9._-]+", "-", Path(part.rstrip("/")).name) for part in parts)
+
+
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -166,11 +353,16 @@ def run_training(
 ) -> TrainingRun:
     """Train and evaluate, then save model, metrics and model card to `output_dir` (and push if asked).
 
-    `callbacks` and `optimizer_cls_and_kwargs` (the base optimizer) go to the Trainer, for the reproduction's
-    paper recipe.
+    Everything that can be checked is checked before training (output folder, Hub prerequisites, data);
+    only the files this run wrote are pushed. `callbacks` and `optimizer_cls_and_kwargs` (the base optimizer)
+    go to the Trainer, for the reproduction's paper recipe.
     """
     check_output_dir(training_args)
+    output_dir = training_args.output_dir
     push, training_args.push_to_hub = training_args.push_to_hub, False  # our own push, after the card exists
+    repo_id = (training_args.hub_model_id or Path(output_dir).resolve().name) if push else None
+    if push:
+        hub.check_push_prerequisites(repo_id, training_args.hub_token)
     with training_args.main_process_first(desc="loading the dataset"):
         dataset, image_column, label_column, labels = load_image_dataset(
             data_args.dataset_name,
@@ -186,11 +378,15 @@ def run_training(
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
+    if model_args.image_size is None:
+        key = re.sub(r"[^a-z0-9]", "", Path(data_args.dataset_name.rstrip("/")).name.lower())
+        model_args.image_size = DEFAULT_IMAGE_SIZES.get(key, 32)
     set_seed(training_args.seed)  # the model's initialisation depends on it
     model, processor, base_model = load_model(model_args, labels)
     if processor is None:
         mean, std = normalization_stats(data_args.dataset_name, dataset["train"], image_column)
         train_transform, eval_transform = paper_transforms(mean, std, model_args.image_size)
+        processor = paper_image_processor(model_args.image_size, mean, std)
     else:
         train_transform, eval_transform = processor_transforms(processor)
     dataset = with_image_transforms(dataset, image_column, label_column, train_transform, eval_transform)
@@ -206,6 +402,7 @@ def run_training(
         callbacks=callbacks,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
+    before = hub.snapshot(output_dir)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {**train_result.metrics, **trainer.evaluate()}
     trainer.save_model()
@@ -213,21 +410,38 @@ def run_training(
     trainer.save_metrics("all", metrics)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        output_dir = training_args.output_dir
-        repo_id = (training_args.hub_model_id or Path(output_dir).resolve().name) if push else None
         cards.write_model_card(
             output_dir,
             settings=training_args,
             metrics=metrics,
             log_history=trainer.state.log_history,
+            model_name=repo_id.rsplit("/", 1)[-1]
+            if repo_id
+            else run_name(model_args, data_args, training_args),
             base_model=base_model,
             dataset_name=data_args.dataset_name,
             dataset_split=data_args.eval_split,
             repo_id=repo_id,
         )
         if push:
-            url = hub.push_to_hub(
-                output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
-            )
-            logger.info("Pushed %s to %s", output_dir, url)
+            _push(output_dir, repo_id, hub.written_since(output_dir, before), training_args)
     return TrainingRun(metrics=metrics, trainer=trainer, log_history=list(trainer.state.log_history))
+
+
+def _push(output_dir: str, repo_id: str, files: list[str], training_args: ZSharpTrainingArguments) -> None:
+    """Push the files this run wrote; a failure says that the local results are safe and how to push them later."""
+    try:
+        url = hub.push_to_hub(
+            output_dir,
+            repo_id,
+            files=files,
+            token=training_args.hub_token,
+            private=training_args.hub_private_repo,
+        )
+    except Exception as error:
+        uploads = " ".join(f"--include {path.name!r}" for path in hub.files_to_upload(output_dir, files))
+        raise RuntimeError(
+            f"Training finished and its results are saved in {output_dir!r}, but pushing them to {repo_id!r} "
+            f"failed: {error}. Push them later with: hf upload {repo_id} {output_dir} {uploads}"
+        ) from error
+    logger.info("Pushed %s to %s", output_dir, url)

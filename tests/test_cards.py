@@ -157,7 +157,7 @@ def test_from_scratch_card_without_eval_or_curves(tmp_path):
     assert "trained from scratch" in card.text
     assert "rho" not in card.text
     assert "| Precision | fp32 |" in card.text
-    assert "| Training loss | 0.4 |" in card.text
+    assert "| Training loss (mean over the run) | 0.4 |" in card.text
     assert not (tmp_path / CURVES_NAME).exists() and CURVES_NAME not in card.text
     assert "import hf_zsharp.models" in card.text
     assert "AutoImageProcessor" not in card.text

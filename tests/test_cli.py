@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_hub import RecordingApi
 from huggingface_hub import ModelCard
 
 from hf_zsharp import hub
-from hf_zsharp.cli import DEFAULT_TRAIN_ARGS, train_main
+from hf_zsharp.cli import train_main
+from hf_zsharp.run import COMMON_RECIPE, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -23,6 +25,7 @@ FAST = [
     "--disable_tqdm", "true",
 ]  # fmt: skip
 TOKEN = "hf_SECRETtoken1234567890abcdefghijklmnop"
+SMALL = ["--max_train_samples", "64", "--max_eval_samples", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -83,39 +86,34 @@ def test_cifar100_fine_labels_and_a_yaml_config(tmp_path, cifar100_dir):
     assert json.loads((out / "zsharp_args.json").read_text())["sam_mask"] == "magnitude"
 
 
-class RecordingApi:
-    """Stands in for huggingface_hub.HfApi: records calls and the uploaded files' contents."""
-
-    calls: list = []
-
-    def __init__(self, *args, **kwargs):
-        self.token = kwargs.get("token")
-
-    def create_repo(self, repo_id, **kwargs):
-        RecordingApi.calls.append(("create_repo", repo_id, kwargs))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        RecordingApi.calls.append(("create_commit", repo_id, files))
-        return type("Info", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A recording HfApi behind hf_zsharp.hub, with the Hub online and no ambient token."""
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "HfApi", lambda *args, **kwargs: api)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", "/nonexistent/hf_token")
+    return api
 
 
-def test_push_to_hub_uploads_the_model_and_card_without_the_token(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
-    RecordingApi.calls = []
+def test_push_to_hub_uploads_the_model_and_card_without_the_token(tmp_path, fake_hub):
     out = tmp_path / "out"
     train(
-        *DEFAULT_TRAIN_ARGS, "--output_dir", out, *FAST, "--max_train_samples", "64", "--max_eval_samples", "32",
+        "--output_dir", out, *FAST, *SMALL,
         "--push_to_hub", "--hub_model_id", "someone/zsharp-digits", "--hub_token", TOKEN,
     )  # fmt: skip
-    (kind, repo, _), (commit, repo2, files) = RecordingApi.calls
-    assert (kind, commit, repo, repo2) == ("create_repo", "create_commit", "someone/zsharp-digits", repo)
+    assert [call[0] for call in fake_hub.calls] == ["whoami", "create_repo", "upload_folder"]
+    assert fake_hub.calls[1][1] == fake_hub.calls[2][1] == "someone/zsharp-digits"
+    files = fake_hub.uploaded
     assert {
         "model.safetensors",
         "config.json",
+        "preprocessor_config.json",
         "README.md",
         "training_curves.png",
         "zsharp_args.json",
+        "all_results.json",
     } <= set(files)
     assert not any(name.endswith((".bin", ".pt")) or "checkpoint" in name for name in files)
     assert all(TOKEN.encode() not in content for content in files.values())
@@ -125,14 +123,118 @@ def test_push_to_hub_uploads_the_model_and_card_without_the_token(tmp_path, monk
     assert "someone/zsharp-digits" in files["README.md"].decode()
 
 
-def test_embedded_default_runs_with_no_arguments(tmp_path, monkeypatch):
-    """`hf-zsharp-train` alone: the default writes to ./outputs (shortened here through the same flags)."""
+def test_push_uploads_only_what_the_run_wrote(tmp_path, fake_hub):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "customer_results.json").write_text('{"private": true}')
+    (out / "old_private_model.safetensors").write_bytes(b"private weights")
+    train("--output_dir", out, *FAST, *SMALL, "--overwrite_output_dir", "--push_to_hub", "--hub_token", TOKEN)
+    assert "model.safetensors" in fake_hub.uploaded and "all_results.json" in fake_hub.uploaded
+    assert "customer_results.json" not in fake_hub.uploaded
+    assert "old_private_model.safetensors" not in fake_hub.uploaded
+    assert (out / "customer_results.json").read_text() == '{"private": true}'
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("offline", "HF_HUB_OFFLINE is set"),
+        ("no token", "needs a Hub token"),
+        ("unreachable", "cannot be reached or refused the token"),
+    ],
+)
+def test_push_prerequisites_fail_before_training(tmp_path, fake_hub, monkeypatch, setup, message):
+    token = ["--hub_token", TOKEN]
+    if setup == "offline":
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    elif setup == "no token":
+        token = []
+    else:
+        fake_hub.whoami_error = OSError("Name or service not known")
+    with pytest.raises(SystemExit, match=message):
+        train("--output_dir", tmp_path / "out", *FAST, "--push_to_hub", *token)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_failed_push_after_training_keeps_the_results_and_says_how_to_push(tmp_path, fake_hub):
+    fake_hub.upload_error = ConnectionError("connection reset")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train("--output_dir", out, *FAST, *SMALL, "--push_to_hub", "--hub_token", TOKEN)
+    message = str(exit_info.value)
+    assert message.startswith("error: Training finished and its results are saved in")
+    assert "connection reset" in message and "hf upload" in message and "\n" not in message
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def card_usage_code(card_text: str) -> str:
+    """The Python block of a model card's "How to use" section."""
+    section = card_text.split("## How to use", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_embedded_default_runs_with_no_arguments(tmp_path, monkeypatch, capsys):
+    """`hf-zsharp-train` alone: the default recipe into ./outputs (shortened here by extending the recipe)."""
     monkeypatch.chdir(tmp_path)
-    short = [*DEFAULT_TRAIN_ARGS, "--max_steps", "3", "--max_eval_samples", "50"]
-    monkeypatch.setattr("hf_zsharp.cli.DEFAULT_TRAIN_ARGS", short)
+    monkeypatch.setitem(COMMON_RECIPE, "max_steps", 3)
+    monkeypatch.setitem(COMMON_RECIPE, "max_eval_samples", 50)
     train_main([])
-    card = ModelCard.load(tmp_path / "outputs" / "README.md")
+    out = tmp_path / "outputs"
+    card = ModelCard.load(out / "README.md")
     assert card.data.eval_results[0].metric_type == "accuracy"
+    assert "\n# resnet20-digits-zsharp\n" in card.text  # a model name, not the folder's
+    assert "| Evaluation loss |" in card.text and "| Training loss (mean over the run) |" in card.text
+    # The card's "How to use" works as written, on one of the dataset's own images.
+    from hf_zsharp.data import load_digits_dataset
+
+    load_digits_dataset()["test"][0]["image"].save(tmp_path / "image.png")
+    code = card_usage_code(card.text)
+    assert "import hf_zsharp.models" in code and "AutoImageProcessor" in code
+    exec(code, {})
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed in [str(d) for d in range(10)]
+
+
+def test_flags_apply_on_top_of_the_default_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_args, data_args, args = parse_train_args(["--sam", "sam"])
+    assert (args.sam, args.output_dir, args.learning_rate, args.num_train_epochs) == (
+        "sam",
+        "outputs",
+        3e-3,
+        4,
+    )
+    assert (model_args.model_name_or_path, data_args.dataset_name, args.lr_scheduler_type.value) == (
+        "resnet20",
+        "digits",
+        "cosine",
+    )
+    # A pretrained model gets the fine-tuning recipe, unless the flags say otherwise.
+    _, _, tuned = parse_train_args(["--model_name_or_path", "google/vit-base-patch16-224-in21k"])
+    assert (tuned.learning_rate, tuned.num_train_epochs, tuned.warmup_steps) == (5e-5, 3, 0.1)
+    _, _, chosen = parse_train_args(["--model_name_or_path", "some/vit", "--learning_rate", "1e-4"])
+    assert chosen.learning_rate == 1e-4
+    # A config file gets the same recipe under it.
+    (tmp_path / "run.yaml").write_text("sam: asam\nnum_train_epochs: 2\n")
+    _, _, from_file = parse_train_args([str(tmp_path / "run.yaml")])
+    assert (from_file.sam, from_file.num_train_epochs, from_file.learning_rate) == ("asam", 2, 3e-3)
+
+
+def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys):
+    with pytest.raises(SystemExit):
+        train("--help")
+    text = capsys.readouterr().out
+    order = [
+        text.index(title)
+        for title in ("Model options:", "Data options:", "Sharpness-aware options", "Training options")
+    ]
+    assert order == sorted(order)
+    assert (
+        text.index("--sam_rho") < text.index("Training options") < text.index("--learning_rate LEARNING_RATE")
+    )
+    recipe = text[: text.index("Model options:")]
+    assert "--learning_rate 0.003" in recipe and "--learning_rate 5e-05" in recipe and "./outputs" in recipe
+    assert len(text[: text.index("Training options")].splitlines()) < 150
 
 
 @pytest.mark.parametrize(
@@ -144,18 +246,20 @@ def test_embedded_default_runs_with_no_arguments(tmp_path, monkeypatch):
         (["--image_column_name", "picture"], "image"),
         (["--eval_split", "holdout"], "holdout"),
         (["--zsharp_percentile", "1.5"], "zsharp_percentile"),
+        (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
+        (["--max_eval_samples", "-3"], "--max_eval_samples must be at least 1"),
     ],
 )
-def test_bad_input_is_a_clear_error(tmp_path, argv, message, capsys):
+def test_bad_input_is_a_clear_error(tmp_path, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        train(*DEFAULT_TRAIN_ARGS, "--output_dir", tmp_path / "out", *FAST, *argv)
-    assert message in str(exit_info.value)
+        train("--output_dir", tmp_path / "out", *FAST, *argv)
+    assert message in str(exit_info.value) and str(exit_info.value).startswith("error: ")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_invalid_sam_is_refused_by_the_parser(tmp_path):
     with pytest.raises(SystemExit):
-        train(*DEFAULT_TRAIN_ARGS, "--output_dir", tmp_path / "out", "--sam", "adam")
+        train("--output_dir", tmp_path / "out", "--sam", "adam")
 
 
 def test_an_output_dir_with_another_run_is_refused_and_kept(tmp_path):
@@ -163,10 +267,56 @@ def test_an_output_dir_with_another_run_is_refused_and_kept(tmp_path):
     out.mkdir()
     (out / "trainer_state.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
-    argv = [a for a in DEFAULT_TRAIN_ARGS if a != "--overwrite_output_dir"]
     with pytest.raises(SystemExit, match="already holds a run"):
-        train(*argv, "--output_dir", out, *FAST)
+        train("--output_dir", out, *FAST)
     assert (out / "notes.txt").read_text() == "mine" and (out / "trainer_state.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("where", "message"), [("file", "is a file"), ("under a file", "lies under .*, which is a file")]
+)
+def test_an_output_dir_that_is_or_lies_under_a_file_is_refused(tmp_path, where, message):
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "out"
+    with pytest.raises(SystemExit, match=f"error: Output directory .*{message}"):
+        train("--output_dir", out, *FAST)
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write in: permissions for ordinary users, the immutable attribute for root."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = (
+        os.geteuid() == 0
+        and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    )
+    try:
+        if os.access(folder, os.W_OK) and not immutable:
+            pytest.skip("cannot make a read-only folder on this machine")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_a_read_only_output_dir_is_refused_before_training(read_only_dir):
+    with pytest.raises(SystemExit, match="error: Output directory .* cannot be written"):
+        train("--output_dir", read_only_dir / "out", *FAST)
+
+
+def test_checkpoint_rotation_never_deletes_checkpoints_this_run_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-5000").mkdir(parents=True)
+    (out / "checkpoint-5000" / "model.safetensors").write_bytes(b"a user's weights")
+    with pytest.raises(
+        SystemExit, match="checkpoint-5000.*--save_total_limit 1 would let Trainer's checkpoint rotation"
+    ):
+        train("--output_dir", out, *FAST, "--overwrite_output_dir", "--save_total_limit", "1")
+    assert (out / "checkpoint-5000" / "model.safetensors").read_bytes() == b"a user's weights"
 
 
 def test_two_processes_with_torchrun(tmp_path):
@@ -174,7 +324,7 @@ def test_two_processes_with_torchrun(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "scripts" / "train.py"),
-        *DEFAULT_TRAIN_ARGS, "--output_dir", str(out), *FAST, "--max_train_samples", "64", "--max_eval_samples", "32",
+        "--output_dir", str(out), *FAST, *SMALL,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

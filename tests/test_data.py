@@ -159,6 +159,52 @@ def test_plain_integer_and_string_labels(load, tmp_path):
     assert isinstance(dataset["eval"].features["label"], datasets.ClassLabel)
 
 
+def _saved(path, splits, names=None):
+    """save_to_disk a DatasetDict of 8x8 images whose labels are `splits[name]` (a ClassLabel when `names`)."""
+    parts = {}
+    for split, labels in splits.items():
+        part = datasets.Dataset.from_dict(
+            {"image": [PIL.Image.new("RGB", (8, 8))] * len(labels), "label": labels}
+        )
+        split_names = names[split] if isinstance(names, dict) else names
+        parts[split] = (
+            part if split_names is None else part.cast_column("label", datasets.ClassLabel(names=split_names))
+        )
+    datasets.DatasetDict(parts).save_to_disk(str(path))
+    return path
+
+
+def test_string_labels_are_encoded_with_one_mapping_for_every_split(load, tmp_path):
+    root = _saved(tmp_path / "s", {"train": ["dog", "cat", "fox"], "test": ["cat", "fox", "fox"]})
+    dataset, _, label_column, labels = load(root)
+    assert labels == ["cat", "dog", "fox"]
+    assert dataset["eval"][label_column] == [0, 2, 2]  # 'fox' is class 2 in both splits
+    assert dataset["eval"].features[label_column] == dataset["train"].features[label_column]
+
+
+def test_class_label_splits_with_different_names_are_aligned_by_name(load, tmp_path):
+    names = {"train": ["cat", "dog", "fox"], "test": ["cat", "fox", "owl"]}
+    root = _saved(tmp_path / "c", {"train": [0, 1, 2], "test": [0, 1, 2]}, names)
+    files_before = sorted(root.rglob("*"))
+    dataset, _, label_column, labels = load(root)
+    assert labels == ["cat", "dog", "fox", "owl"]
+    assert (dataset["train"][label_column], dataset["eval"][label_column]) == ([0, 1, 2], [0, 2, 3])
+    assert sorted(root.rglob("*")) == files_before  # no cache files written into the user's folder
+
+
+@pytest.mark.parametrize("bad", [7, -1])
+def test_class_labels_out_of_range_are_refused_before_training(load, tmp_path, bad):
+    root = _saved(tmp_path / "r", {"train": [0, 1, 2], "test": [0, bad, 2, bad]}, ["a", "b", "c"])
+    with pytest.raises(DataError, match=rf"'label'.*split 'test'.*outside 0..2.*: {bad}\."):
+        load(root)
+
+
+def test_an_empty_saved_split_is_a_clear_error(load, tmp_path):
+    root = _saved(tmp_path / "e", {"train": [0, 1, 2], "test": []}, ["a", "b", "c"])
+    with pytest.raises(DataError, match="split 'test' of saved dataset .* holds no rows"):
+        load(root)
+
+
 def test_digits_is_embedded_and_deterministic(load):
     dataset, image_column, label_column, labels = load("digits")
     assert labels == [str(d) for d in range(10)]

@@ -2,18 +2,17 @@
 
 import json
 import os
-from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+from fake_hub import RecordingApi
 from huggingface_hub import ModelCard
 from safetensors.numpy import save_file
 
 from hf_zsharp.cards import write_model_card
-from hf_zsharp.hub import push_to_hub
+from hf_zsharp.hub import check_push_prerequisites, push_to_hub, snapshot, written_since
 
 FAKE_TOKEN = "hf_SECRETtoken123"
 REPO_ID = "someone/resnet20-zsharp"
@@ -28,29 +27,6 @@ EXPECTED = {
     "training_curves.png",
     "zsharp_args.json",
 }
-
-
-class RecordingApi:
-    """Stands in for HfApi: records calls and the bytes of every uploaded file; any other method fails."""
-
-    def __init__(self, token=None):
-        self.token = token
-        self.calls = []
-        self.uploaded = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", repo_id, kwargs))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        for op in operations:
-            assert op.path_in_repo not in self.uploaded
-            self.uploaded[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
-        self.calls.append(("create_commit", repo_id, kwargs))
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123")
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +69,7 @@ def test_push_uploads_exactly_the_model_files_in_one_commit(model_dir):
     url = push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN, private=True, api=api)
 
     assert url == f"https://huggingface.co/{REPO_ID}/commit/abc123"
-    assert [call[0] for call in api.calls] == ["create_repo", "create_commit"]
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
     _, repo_id, repo_kwargs = api.calls[0]
     assert repo_id == REPO_ID
     assert repo_kwargs["exist_ok"] is True and repo_kwargs["private"] is True
@@ -120,7 +96,7 @@ def test_push_to_revision_with_sharded_weights(model_dir):
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
     api = RecordingApi()
     push_to_hub(model_dir, REPO_ID, revision="zsharp-run", api=api)
-    assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "create_commit"]
+    assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "upload_folder"]
     assert api.calls[1][2]["branch"] == "zsharp-run" and api.calls[1][2]["exist_ok"] is True
     assert api.calls[2][2]["revision"] == "zsharp-run"
     expected = EXPECTED - {"model.safetensors"} | {
@@ -166,3 +142,49 @@ def test_a_file_holding_the_token_is_never_uploaded(model_dir, monkeypatch, sour
     with pytest.raises(ValueError, match="README.md contains the Hub token"):
         push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN if source == "argument" else None, api=api)
     assert api.calls == []
+
+
+def test_only_the_files_a_run_wrote_are_pushed(model_dir):
+    # A user's files already in the folder before the run: never uploaded, even when they match a pattern.
+    (model_dir / "customer_results.json").write_text('{"private": true}')
+    (model_dir / "old_private_model.safetensors").write_bytes(b"private weights")
+    before = snapshot(model_dir)
+    (model_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.75}))  # rewritten by the run
+    (model_dir / "train_results.json").write_text("{}")  # new
+    manifest = written_since(model_dir, before)
+    assert manifest == ["all_results.json", "train_results.json"]
+    model = ("model.safetensors", "config.json", "README.md")
+    api = RecordingApi()
+    push_to_hub(model_dir, REPO_ID, files=[*manifest, *model], api=api)
+    assert set(api.uploaded) == {*manifest, *model}
+    assert api.uploaded["all_results.json"] == b'{"eval_accuracy": 0.75}'
+
+
+def test_a_file_name_with_pattern_characters_is_uploaded_alone(model_dir):
+    (model_dir / "[1]results.json").write_text("{}")
+    (model_dir / "1results.json").write_text("{}")  # what the unescaped pattern '[1]results.json' would match
+    api = RecordingApi()
+    push_to_hub(
+        model_dir,
+        REPO_ID,
+        files=["[1]results.json", "model.safetensors", "config.json", "README.md"],
+        api=api,
+    )
+    assert set(api.uploaded) == {"[1]results.json", "model.safetensors", "config.json", "README.md"}
+
+
+def test_push_prerequisites_are_checked_before_training(monkeypatch):
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        check_push_prerequisites(REPO_ID, FAKE_TOKEN, api=RecordingApi())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with pytest.raises(ValueError, match="needs a Hub token.*hf auth login"):
+        check_push_prerequisites(REPO_ID, None, api=RecordingApi())
+    with pytest.raises(ValueError, match="cannot be reached or refused the token.*Name or service"):
+        check_push_prerequisites(
+            REPO_ID, FAKE_TOKEN, api=RecordingApi(whoami_error=OSError("Name or service not known"))
+        )
+    with pytest.raises(ValueError, match="Repo id must"):
+        check_push_prerequisites("not a repo id", FAKE_TOKEN, api=RecordingApi())
+    api = RecordingApi()
+    check_push_prerequisites(REPO_ID, FAKE_TOKEN, api=api)
+    assert api.calls == [("whoami", FAKE_TOKEN)]

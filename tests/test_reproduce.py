@@ -13,7 +13,6 @@ import torch
 from scipy.stats import ttest_rel
 
 from hf_zsharp import reproduce
-from hf_zsharp.cli import parse_train_args
 from hf_zsharp.optim import ASAM, FriendlySAM
 from hf_zsharp.reproduce import (
     METHODS,
@@ -28,6 +27,7 @@ from hf_zsharp.reproduce import (
     table_markdown,
     write_results,
 )
+from hf_zsharp.run import parse_train_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
