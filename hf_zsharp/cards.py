@@ -1,7 +1,8 @@
 """Model cards for ZSharp-trained image classifiers: Hub metadata, settings, results and training curves.
 
-The card body comes from the Jinja template `model_cards/zsharp.md` (shipped as `hf_zsharp.model_cards`); the
-YAML metadata is built with `huggingface_hub.ModelCardData` so the Hub can index it.
+The card is `huggingface_hub.ModelCard.from_template` over the Jinja template `hf_zsharp/templates/model_card.md`
+(also reachable as the top-level `model_cards/`), with the YAML metadata built by `ModelCardData` so the Hub can
+index it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from enum import Enum
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
 ZSHARP_ARGS_NAME = "zsharp_args.json"
+TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 
 METHOD_TITLES = {
     "zsharp": "ZSharp (SAM with Z-score gradient filtering, Yun 2025)",
@@ -189,11 +190,9 @@ def render_model_card(
         model_name=model_name,
         eval_results=_eval_results(scores, dataset_name, dataset_id, dataset_split) or None,
     )
-    template = jinja2.Environment(
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
-    ).from_string(resources.files("hf_zsharp.model_cards").joinpath("zsharp.md").read_text(encoding="utf-8"))
-    content = template.render(
-        card_data=card_data.to_yaml(),
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
         model_name=model_name,
         description=description or _description(method, base_model, base_model_id, dataset_name, dataset_id),
         method=method,
@@ -206,7 +205,6 @@ def render_model_card(
         needs_hf_zsharp=needs_hf_zsharp,
         versions=[(name, _version(name)) for name in FRAMEWORKS],
     )
-    return ModelCard(content)
 
 
 def write_model_card(
