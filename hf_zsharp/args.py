@@ -1,10 +1,13 @@
-"""`ZSharpTrainingArguments`: `TrainingArguments` plus the sharpness-aware options of `ZSharpTrainer`."""
+"""The arguments of training with hf_zsharp: the model and data to use (`ModelArguments`, `DataArguments`, read by
+`hf-zsharp-train`) and `ZSharpTrainingArguments`, `TrainingArguments` plus the options of `ZSharpTrainer`."""
 
 import math
 import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+
+from hf_zsharp.models import PAPER_MODELS
 
 SAM_METHODS = ("zsharp", "sam", "asam", "fsam", "none")
 # `TrainingArguments.optim` values whose optimizer is a plain torch optimizer stepping on `.grad`, which the
@@ -126,3 +129,69 @@ class ZSharpTrainingArguments(TrainingArguments):
                 f"optim={optim!r} cannot be the base of a two-pass sharpness-aware optimizer; use one of "
                 f"{', '.join(SUPPORTED_BASE_OPTIMS)} (or sam='none')."
             )
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train."""
+
+    _argument_group_name = "Model options"
+
+    model_name_or_path: str = field(
+        default="resnet20",
+        metadata={
+            "help": "A Hub model id or local folder (any AutoModelForImageClassification model: ViT, ResNet, ...; "
+            f"timm Hub models such as timm/resnet50.a1_in1k), or a paper model trained from scratch: {', '.join(PAPER_MODELS)}."
+        },
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input resolution of the paper's from-scratch models (default: 16 for digits, 64 for "
+            "Tiny-ImageNet, 32 otherwise). Pretrained models use their image processor's."
+        },
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub models and datasets."})
+    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on."""
+
+    _argument_group_name = "Data options"
+
+    dataset_name: str = field(
+        default="digits",
+        metadata={
+            "help": "A Hub dataset id (uoft-cs/cifar10, uoft-cs/cifar100, zh-plus/tiny-imagenet, ...), a local "
+            "imagefolder / parquet / save_to_disk folder, or 'digits' (scikit-learn's digits, offline)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column (default: detected)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column (default: detected)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Training split name."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Evaluation split (default: test, validation, valid or val)."}
+    )
+    train_val_split: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this fraction of the training split for evaluation (no evaluation split)."
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"--{name} must be at least 1 (or left out to use the whole split); got {value}."
+                )

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from hf_zsharp import cards, hub
-from hf_zsharp.args import ZSharpTrainingArguments
+from hf_zsharp.args import DataArguments, ModelArguments, ZSharpTrainingArguments
 from hf_zsharp.data import (
     DIGITS,
     collate_fn,
@@ -52,72 +52,6 @@ logger = logging.getLogger(__name__)
 
 # What a previous run leaves in its output directory; finding one means "another run lives here".
 RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.md", "model.safetensors")
-
-
-@dataclass
-class ModelArguments:
-    """Which model to train."""
-
-    _argument_group_name = "Model options"
-
-    model_name_or_path: str = field(
-        default="resnet20",
-        metadata={
-            "help": "A Hub model id or local folder (any AutoModelForImageClassification model: ViT, ResNet, ...; "
-            f"timm Hub models such as timm/resnet50.a1_in1k), or a paper model trained from scratch: {', '.join(PAPER_MODELS)}."
-        },
-    )
-    image_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Input resolution of the paper's from-scratch models (default: 16 for digits, 64 for "
-            "Tiny-ImageNet, 32 otherwise). Pretrained models use their image processor's."
-        },
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub models and datasets."})
-    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
-
-
-@dataclass
-class DataArguments:
-    """Which data to train and evaluate on."""
-
-    _argument_group_name = "Data options"
-
-    dataset_name: str = field(
-        default="digits",
-        metadata={
-            "help": "A Hub dataset id (uoft-cs/cifar10, uoft-cs/cifar100, zh-plus/tiny-imagenet, ...), a local "
-            "imagefolder / parquet / save_to_disk folder, or 'digits' (scikit-learn's digits, offline)."
-        },
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    image_column_name: str | None = field(
-        default=None, metadata={"help": "Image column (default: detected)."}
-    )
-    label_column_name: str | None = field(
-        default=None, metadata={"help": "Label column (default: detected)."}
-    )
-    train_split: str = field(default="train", metadata={"help": "Training split name."})
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Evaluation split (default: test, validation, valid or val)."}
-    )
-    train_val_split: float | None = field(
-        default=None,
-        metadata={
-            "help": "Hold out this fraction of the training split for evaluation (no evaluation split)."
-        },
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
-
-    def __post_init__(self) -> None:
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(
-                    f"--{name} must be at least 1 (or left out to use the whole split); got {value}."
-                )
 
 
 @dataclass
