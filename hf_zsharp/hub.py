@@ -23,6 +23,7 @@ UPLOAD_PATTERNS = (
     "*.safetensors.index.json",
     "config.json",
     "preprocessor_config.json",
+    "*.py",  # the model code of the paper architectures (see hf_zsharp.models), for trust_remote_code
     CARD_NAME,
     CURVES_NAME,
     ZSHARP_ARGS_NAME,

@@ -122,9 +122,8 @@ def test_fine_tuned_card_metadata_and_body(tmp_path):
         assert row in body, row
     assert "runtime" not in body
     assert f"]({CURVES_NAME})" in body
-    assert 'from_pretrained("someone/vit-cifar10-zsharp")' in body
-    assert "AutoImageProcessor.from_pretrained" in body
-    assert "import hf_zsharp" not in body
+    assert 'pipeline("image-classification", model="someone/vit-cifar10-zsharp")' in body
+    assert "trust_remote_code" not in body and "import hf_zsharp" not in body
     assert "arXiv:2505.02369" in body and "Vincent-Daniel" in body and "foret2021" in body
     for framework in ("torch", "transformers", "accelerate", "datasets", "hf_zsharp"):
         assert f"- {framework} " in body
@@ -159,9 +158,9 @@ def test_from_scratch_card_without_eval_or_curves(tmp_path):
     assert "| Precision | fp32 |" in card.text
     assert "| Training loss (mean over the run) | 0.4 |" in card.text
     assert not (tmp_path / CURVES_NAME).exists() and CURVES_NAME not in card.text
-    assert "import hf_zsharp.models" in card.text
-    assert "AutoImageProcessor" not in card.text
-    assert f'from_pretrained("{tmp_path}")' in card.text
+    assert "import hf_zsharp.models" in card.text  # the alternative to the shipped code
+    assert "pipeline" not in card.text  # no image processor
+    assert f'from_pretrained("{tmp_path}", trust_remote_code=True)' in card.text
 
 
 def test_local_base_model_stays_out_of_metadata(tmp_path):

@@ -57,6 +57,7 @@ def test_finetune_a_local_vit_on_cifar10_schema(tmp_path, cifar10_dir, tiny_vit)
     card = ModelCard.load(out / "README.md")
     assert "zsharp" in card.data.tags and card.data.base_model is None  # a local folder is not a Hub id
     assert (out / "preprocessor_config.json").is_file() and (out / "zsharp_args.json").is_file()
+    assert_pipeline_reproduces_the_evaluation(out, cifar10_dir, count=20)
 
 
 def test_paper_model_on_tiny_imagenet_schema_finds_the_valid_split(tmp_path, tiny_imagenet_dir):
@@ -189,10 +190,42 @@ def test_embedded_default_runs_with_no_arguments(tmp_path, monkeypatch, capsys):
 
     load_digits_dataset()["test"][0]["image"].save(tmp_path / "image.png")
     code = card_usage_code(card.text)
-    assert "import hf_zsharp.models" in code and "AutoImageProcessor" in code
+    assert 'pipeline("image-classification", model="outputs", trust_remote_code=True)' in code
     exec(code, {})
     printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed in [str(d) for d in range(10)]
+    assert eval(printed)[0]["label"] in [str(d) for d in range(10)]
+    assert_pipeline_reproduces_the_evaluation(out, "digits", count=50)
+
+
+def assert_pipeline_reproduces_the_evaluation(out, dataset_name, count):
+    """transformers.pipeline on the saved folder sees the evaluation's pixels and scores the run's accuracy
+    (on the first `count` evaluation images, those the run evaluated)."""
+    import torch
+    from transformers import pipeline
+
+    from hf_zsharp.data import decode_image, load_image_dataset, paper_transforms, processor_transforms
+
+    results = json.loads((out / "all_results.json").read_text())
+    classifier = pipeline("image-classification", model=str(out), trust_remote_code=True)
+    dataset, image_column, label_column, _ = load_image_dataset(str(dataset_name))
+    evaluation = dataset["eval"].select(range(count))
+    images = [decode_image(value) for value in evaluation[image_column]]
+    processor = classifier.image_processor
+    if "cifar_resnet" in (out / "config.json").read_text():
+        eval_transform = paper_transforms(
+            processor.image_mean, processor.image_std, processor.size["height"]
+        )[1]
+    else:
+        eval_transform = processor_transforms(processor)[1]
+    expected = torch.stack([eval_transform(image) for image in images])
+    seen = processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(
+        seen, expected, rtol=0, atol=1e-5
+    )  # float32 rescale/normalise in another order
+    predictions = [top[0]["label"] for top in classifier(images, top_k=1)]
+    names = dataset["eval"].features[label_column].names
+    accuracy = sum(p == names[y] for p, y in zip(predictions, evaluation[label_column])) / len(images)
+    assert accuracy == pytest.approx(results["eval_accuracy"])
 
 
 def test_flags_apply_on_top_of_the_default_recipe(tmp_path, monkeypatch):

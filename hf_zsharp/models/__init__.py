@@ -1,7 +1,9 @@
 """The ZSharp paper's from-scratch architectures as transformers models, registered with the Auto classes.
 
 Importing this package registers `cifar_resnet` and `cifar_vgg`, so that
-`AutoModelForImageClassification.from_pretrained(path)` loads checkpoints saved with `save_pretrained`.
+`AutoModelForImageClassification.from_pretrained(path)` loads checkpoints saved with `save_pretrained`; those
+checkpoints also carry the model code, so `from_pretrained(path, trust_remote_code=True)` (and
+`pipeline(..., trust_remote_code=True)`) load them without the import.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
@@ -18,6 +20,11 @@ for _config, _base, _classifier in (
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _base, exist_ok=True)
     AutoModelForImageClassification.register(_config, _classifier, exist_ok=True)
+    # save_pretrained also writes the model's code and the config's `auto_map`, so the saved folder loads where
+    # hf_zsharp is not imported (or not installed) with `trust_remote_code=True`, as custom models on the Hub do.
+    _config.register_for_auto_class()
+    _base.register_for_auto_class("AutoModel")
+    _classifier.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "PAPER_MODELS",
