@@ -105,14 +105,25 @@ def save_zsharp_args(output_dir: str | Path, settings: Mapping[str, Any] | Any) 
     return path
 
 
+# The panels of training_curves.png: title, y label, and the curves drawn (label -> log_history key).
+_PANELS = (
+    ("Loss", "loss", {"Training loss": "loss", "Evaluation loss": "eval_loss"}),
+    (
+        "Evaluation accuracy",
+        "accuracy",
+        {"Top-1 accuracy": "eval_accuracy", "Top-5 accuracy": "eval_top5_accuracy"},
+    ),
+    (
+        "Sharpness-aware ascent",
+        "mean per training log",
+        {"Perturbation norm": "sam_perturbation_norm", "Kept fraction": "sam_kept_fraction"},
+    ),
+)
+
+
 def _series(log_history: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """(epoch, value) points per curve from a `Trainer.state.log_history`; curves with no point are left out."""
-    keys = {
-        "Training loss": "loss",
-        "Evaluation loss": "eval_loss",
-        "Top-1 accuracy": "eval_accuracy",
-        "Top-5 accuracy": "eval_top5_accuracy",
-    }
+    """(epoch, value) points per curve of `_PANELS` from a `Trainer.state.log_history`; empty curves left out."""
+    keys = {label: key for *_, curves in _PANELS for label, key in curves.items()}
     series = {label: [] for label in keys}
     for entry in log_history:
         if "epoch" not in entry:
@@ -124,29 +135,28 @@ def _series(log_history: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[fl
 
 
 def plot_training_curves(log_history: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Draw loss (training, evaluation) and evaluation accuracy against epochs into a PNG at `path`."""
+    """Draw loss, evaluation accuracy and (when logged) the ascent statistics against epochs into a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     series = _series(log_history)
-    if not series:
+    if not any(label in series for label in (*_PANELS[0][2], *_PANELS[1][2])):
         raise ValueError("log_history holds no 'loss', 'eval_loss' or 'eval_accuracy' entry with an 'epoch'")
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    panels = [panel for panel in _PANELS[:2]] + [
+        p for p in _PANELS[2:] if any(label in series for label in p[2])
+    ]
+    figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     FigureCanvasAgg(figure)
-    loss_axes, accuracy_axes = figure.subplots(1, 2)
-    for axes, kind, title in (
-        (loss_axes, "loss", "Loss"),
-        (accuracy_axes, "accuracy", "Evaluation accuracy"),
-    ):
-        curves = {label: points for label, points in series.items() if label.lower().endswith(kind)}
-        for label, points in curves.items():
-            epochs, values = zip(*points, strict=True)
-            axes.plot(epochs, values, marker="o" if len(points) < 30 else None, label=label)
-        if curves:
+    for axes, (title, ylabel, curves) in zip(figure.subplots(1, len(panels)), panels):
+        drawn = [label for label in curves if label in series]
+        for label in drawn:
+            epochs, values = zip(*series[label], strict=True)
+            axes.plot(epochs, values, marker="o" if len(epochs) < 30 else None, label=label)
+        if drawn:
             axes.legend()
         else:
-            axes.text(0.5, 0.5, f"no {kind} logged", ha="center", va="center", transform=axes.transAxes)
-        axes.set(title=title, xlabel="epoch", ylabel=kind)
+            axes.text(0.5, 0.5, f"no {ylabel} logged", ha="center", va="center", transform=axes.transAxes)
+        axes.set(title=title, xlabel="epoch", ylabel=ylabel)
         axes.grid(alpha=0.3)
     path = Path(path)
     figure.savefig(path, dpi=100)

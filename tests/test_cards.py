@@ -195,6 +195,13 @@ def test_training_curves_png_with_and_without_eval(tmp_path):
             image.verify()
             assert image.format == "PNG"
     assert full.read_bytes() != train_only.read_bytes()
+    # The ascent statistics get a panel of their own when they were logged.
+    ascent = [
+        {**e, "sam_perturbation_norm": 0.2, "sam_kept_fraction": 0.1} if "loss" in e else e
+        for e in LOG_HISTORY
+    ]
+    with Image.open(plot_training_curves(ascent, tmp_path / "ascent.png")) as image, Image.open(full) as two:
+        assert image.size[0] == 3 * two.size[0] // 2  # three panels instead of two
     with pytest.raises(ValueError, match="no 'loss'"):
         plot_training_curves([{"train_runtime": 1.0}], tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()

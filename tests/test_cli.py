@@ -60,6 +60,32 @@ def test_finetune_a_local_vit_on_cifar10_schema(tmp_path, cifar10_dir, tiny_vit)
     assert_pipeline_reproduces_the_evaluation(out, cifar10_dir, count=20)
 
 
+def test_sharpness_aware_statistics_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    train(
+        "--output_dir",
+        out,
+        *FAST,
+        *SMALL,
+        "--report_to",
+        "tensorboard",
+        "--logging_steps",
+        "1",
+        "--logging_strategy",
+        "steps",
+    )
+    (run,) = out.glob("runs/*")  # one run folder, holding the event files of training and evaluation
+    tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    assert {
+        "train/loss",
+        "train/sam_perturbation_norm",
+        "train/sam_kept_fraction",
+        "train/sam_skipped_steps",
+    } <= set(tags)
+
+
 def test_paper_model_on_tiny_imagenet_schema_finds_the_valid_split(tmp_path, tiny_imagenet_dir):
     out = tmp_path / "out"
     train(
