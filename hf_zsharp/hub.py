@@ -146,6 +146,37 @@ def push_to_hub(
     return info.commit_url
 
 
+def push_checkpoint(
+    checkpoint: str | Path,
+    repo_id: str,
+    path_in_repo: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload checkpoint",
+    api: HfApi | None = None,
+) -> str:
+    """Upload a Trainer checkpoint folder (weights, optimizer and scheduler states, RNG states, trainer state) to
+    `path_in_repo` in one commit, so that training can resume from the Hub; `training_args.bin` stays local."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ValueError(f"cannot push checkpoint {str(checkpoint)!r}: it is not a directory")
+    api = api if api is not None else HfApi()
+    files = [path for path in checkpoint.rglob("*") if path.is_file()]
+    _refuse_secrets(files, [token, getattr(api, "token", None), get_token()])
+    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=checkpoint,
+        path_in_repo=path_in_repo,
+        ignore_patterns=["training_args.bin"],
+        commit_message=commit_message,
+        token=token,
+        repo_type="model",
+    )
+    return info.commit_url
+
+
 def _refuse_secrets(files: list[Path], secrets: list[object]) -> None:
     """Raise before uploading if a card, settings or metrics file contains one of the Hub tokens in use."""
     tokens = [secret.encode() for secret in secrets if isinstance(secret, str) and secret]

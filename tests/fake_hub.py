@@ -32,12 +32,18 @@ class RecordingApi:
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
 
-    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+    def upload_folder(
+        self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None, **kwargs
+    ):
         """As HfApi.upload_folder: every file under the folder (recursively) that the patterns let through."""
         if self.upload_error is not None:
             raise self.upload_error
-        self.uploaded.update(uploaded_files(folder_path, allow_patterns, ignore_patterns))
-        self.calls.append(("upload_folder", repo_id, kwargs))
+        files = uploaded_files(folder_path, allow_patterns, ignore_patterns)
+        prefix = f"{path_in_repo}/" if path_in_repo else ""
+        self.uploaded.update({prefix + path: content for path, content in files.items()})
+        self.calls.append(
+            ("upload_folder", repo_id, {"path_in_repo": path_in_repo, "files": sorted(files), **kwargs})
+        )
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123")
 
 

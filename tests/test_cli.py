@@ -162,6 +162,46 @@ def test_push_uploads_only_what_the_run_wrote(tmp_path, fake_hub):
     assert (out / "customer_results.json").read_text() == '{"private": true}'
 
 
+@pytest.mark.parametrize("strategy", ["end", "every_save", "checkpoint", "all_checkpoints"])
+def test_hub_strategy_pushes_the_model_card_and_checkpoints_as_trainer_does(tmp_path, fake_hub, strategy):
+    out = tmp_path / "out"
+    steps = [
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+    ]
+    train(
+        "--output_dir", out, *FAST, *SMALL, *steps, "--push_to_hub", "--hub_token", TOKEN, "--hub_strategy", strategy
+    )  # fmt: skip
+    uploads = [call[2] for call in fake_hub.calls if call[0] == "upload_folder"]
+    model_pushes = [u for u in uploads if u["path_in_repo"] is None]
+    checkpoint_pushes = [u["path_in_repo"] for u in uploads if u["path_in_repo"] is not None]
+    # One commit per save (steps 2 and 4) while training, then the final one.
+    assert len(model_pushes) == (1 if strategy == "end" else 3)
+    assert model_pushes[-1]["commit_message"] == "Upload model trained with ZSharp"
+    expected = {"end": [], "every_save": [], "checkpoint": ["last-checkpoint"] * 2}
+    assert checkpoint_pushes == expected.get(strategy, ["checkpoint-2", "checkpoint-4"])
+    for push in model_pushes:  # each carries the model with a current card and curves, never a checkpoint
+        assert {"model.safetensors", "README.md", "training_curves.png"} <= set(push["files"])
+        assert not any("checkpoint" in name for name in push["files"])
+    if checkpoint_pushes:
+        folder = checkpoint_pushes[-1]
+        assert {
+            f"{folder}/optimizer.pt",
+            f"{folder}/trainer_state.json",
+            f"{folder}/model.safetensors",
+        } <= set(fake_hub.uploaded)
+        assert f"{folder}/training_args.bin" not in fake_hub.uploaded
+    assert all(TOKEN.encode() not in content for content in fake_hub.uploaded.values())
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
