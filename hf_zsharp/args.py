@@ -5,6 +5,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from hf_zsharp.models import PAPER_MODELS
@@ -122,6 +123,10 @@ class ZSharpTrainingArguments(TrainingArguments):
                 f"zsharp_percentile, sam_radius and sam_mask only apply to sam='zsharp'; ignored for sam={self.sam!r}.",
                 stacklevel=2,
             )
+        if not self.use_cpu and not torch.accelerator.is_available():
+            # On a machine without an accelerator, Accelerate runs torchrun's processes as one DDP group (gloo)
+            # only when told use_cpu; otherwise each process would train alone into the same output_dir.
+            self.use_cpu = True
         super().__post_init__()
         optim = getattr(self.optim, "value", self.optim)
         if self.sam != "none" and optim not in SUPPORTED_BASE_OPTIMS:

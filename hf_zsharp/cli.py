@@ -23,7 +23,8 @@ def train_main(argv: list[str] | None = None) -> None:
         logger.info("No arguments: training the default recipe (hf-zsharp-train --help lists it).")
     try:
         model_args, data_args, training_args = parse_train_args(argv)
-        run_training(model_args, data_args, training_args)
+        run = run_training(model_args, data_args, training_args)
+        run.trainer.accelerator.end_training()  # under torchrun: leave the process group before exiting
     except Exception as error:  # every failure is one line and a non-zero exit; HF_ZSHARP_DEBUG=1 shows where
         if os.environ.get("HF_ZSHARP_DEBUG") == "1":
             raise
