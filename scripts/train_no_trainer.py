@@ -3,7 +3,8 @@
     python scripts/train_no_trainer.py --model resnet20 --max_steps 200
     torchrun --nproc_per_node 2 scripts/train_no_trainer.py --gradient_accumulation_steps 2 --mixed_precision bf16
 
-The loop is an ordinary Accelerate loop: `accelerate_step(...)` replaces `accelerator.backward(loss)`.
+The loop is an ordinary Accelerate loop: `accelerate_step(...)` replaces `accelerator.backward(loss)`. Under
+torchrun it is DDP: over NCCL on GPUs, over gloo on the CPU (the default without a CUDA GPU; see --cpu).
 """
 
 import argparse
@@ -11,7 +12,7 @@ import json
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -46,6 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    parser.add_argument(
+        "--cpu",
+        action=argparse.BooleanOptionalAction,
+        default=not torch.cuda.is_available(),
+        help="train on the CPU, under torchrun with DDP over gloo (default: when no CUDA GPU is found)",
+    )
+    parser.add_argument(
+        "--no_augmentation",
+        action="store_true",
+        help="train without the random crop and flip (then, with --sync_ascent, N processes under torchrun give "
+        "the weights of 1 process with --gradient_accumulation_steps N)",
+    )
+    parser.add_argument("--output_dir", default=None, help="save the trained model here (default: not saved)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "sam_interval", "log_every"):
         if getattr(args, name) < 1:
@@ -53,10 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def digits_loaders(batch_size: int) -> tuple[DataLoader, DataLoader]:
+def digits_loaders(batch_size: int, augment: bool = True) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training batches (with the paper's random crop and flip if `augment`) and test batches."""
     dataset = load_digits_dataset()
     mean, std = normalization_stats("digits", dataset["train"], "image")
-    dataset = with_image_transforms(dataset, "image", "label", *paper_transforms(mean, std))
+    train_transform, eval_transform = paper_transforms(mean, std)
+    if not augment:
+        train_transform = eval_transform
+    dataset = with_image_transforms(dataset, "image", "label", train_transform, eval_transform)
     train = DataLoader(
         dataset["train"], batch_size=batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True
     )
@@ -65,12 +83,18 @@ def digits_loaders(batch_size: int) -> tuple[DataLoader, DataLoader]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train and evaluate; prints and returns the steps, test accuracy, process count and a replica check."""
     args = parse_args(argv)
+    # Accelerate runs DDP on the CPU only when told `cpu=True`; otherwise each process would train alone.
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # One shuffled order whatever the number of processes: 2 processes see the batches 1 process sees.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
-    train_loader, test_loader = digits_loaders(args.batch_size)
+    train_loader, test_loader = digits_loaders(args.batch_size, augment=not args.no_augmentation)
     model = build_model(args.model, num_labels=10)
     sam_kwargs = {} if args.rho is None else {"rho": args.rho}
     optimizer = create_sam_optimizer(
@@ -101,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     sync_ascent=args.sync_ascent,
                     interval=args.sam_interval,
                 )
-                losses.append(loss.item())
+                losses.append(accelerator.reduce(loss, reduction="mean").item())  # over all processes
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -123,8 +147,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
             correct += (predictions == labels).sum().item()
             total += labels.numel()
-    result = {"steps": step, "eval_accuracy": correct / total}
+    # DDP keeps the replicas identical: check it on a checksum of every process's weights.
+    checksum = sum(p.detach().float().sum() for p in model.parameters()).reshape(1)
+    replicas_in_sync = bool((accelerator.gather(checksum) == checksum).all())
+    result = {
+        "steps": step,
+        "eval_accuracy": correct / total,
+        "num_processes": accelerator.num_processes,
+        "replicas_in_sync": replicas_in_sync,
+    }
     accelerator.print(json.dumps(result))
+    if args.output_dir is not None:
+        accelerator.wait_for_everyone()
+        accelerator.unwrap_model(model).save_pretrained(
+            args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        )
+    accelerator.end_training()  # ends the process group (gloo may abort at exit without it)
     return result
 
 
