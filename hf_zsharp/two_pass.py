@@ -5,8 +5,8 @@ Per optimizer step: every micro-batch runs its first pass (forward + backward) a
 micro-batch where gradients synchronise, the optimizer ascends with the whole accumulated first-pass gradient,
 every kept micro-batch runs again at the perturbed weights (same RNG draws, so the same dropout masks, and
 BatchNorm running statistics frozen), and the weights are restored. The caller then clips and calls
-`optimizer.step()` as usual, which is a plain base step on the second-pass gradients, so clipping, a
-GradScaler (with its skip on overflow) and LR schedulers behave as without SAM.
+`optimizer.step()` as usual, which is a plain base step on the second-pass gradients (skipped if they are not
+finite), so clipping, a GradScaler (with its skip on overflow) and LR schedulers behave as without SAM.
 """
 
 import contextlib
@@ -57,7 +57,8 @@ class TwoPassStep:
 
     `sync_ascent=False` (the SAM paper's m-sharpness under DDP): first passes run under `no_sync`, so each
     replica perturbs with its own gradient; only the second pass is all-reduced. A perturbation skipped for
-    non-finite gradients on any replica is skipped on all of them.
+    non-finite gradients on any replica is skipped on all of them. Non-finite second-pass gradients are
+    all-reduced too, so the optimizer's (or a GradScaler's) skip of the base step agrees on all replicas.
     """
 
     def __init__(
@@ -72,7 +73,8 @@ class TwoPassStep:
         self._pending: list[tuple[Callable[[], torch.Tensor], RngState]] = []
         self._stat_sums = {"perturbation_norm": 0.0, "kept_fraction": 0.0}
         self._perturbed = 0
-        self._skipped = 0
+        self._scaler_skips = 0
+        self._scaler_decides = False  # whether a GradScaler's verdict on the last step is still to be counted
 
     def __call__(self, forward_backward: Callable[[], torch.Tensor], perturb: bool = True) -> torch.Tensor:
         """Run one micro-batch's `forward_backward` (returns the loss); on the synchronising micro-batch of a
@@ -81,12 +83,17 @@ class TwoPassStep:
 
         `perturb` must be the same for all micro-batches of one optimizer step (False: a plain step).
         """
+        self._count_scaler_skip()
         sync = self.accelerator.sync_gradients
         if not perturb:
             if self._pending:
                 raise RuntimeError("perturb changed within one optimizer step (between its micro-batches).")
             if sync:
+                # A skip left by a two-pass step that never reached optimizer.step() (a GradScaler skipped it)
+                # must not skip this plain step.
+                self.optimizer._skip_base_step = False
                 self.optimizer_steps += 1
+                self._scaler_decides = self._scaler_enabled()
             return forward_backward()
         rng = _rng_state(self.accelerator.device)
         with self._first_pass_sync():
@@ -101,15 +108,21 @@ class TwoPassStep:
         return loss
 
     def pop_stats(self) -> dict[str, float]:
-        """Mean ascent statistics of the two-pass steps since the last call, with `sam_` keys for the logs."""
-        if not self._perturbed and not self._skipped:
+        """Mean ascent statistics of the two-pass steps since the last call, with `sam_` keys for the logs.
+
+        `sam_skipped_steps` counts the steps skipped for non-finite gradients in either pass (by the optimizer or
+        a GradScaler); reading the optimizer's device-side count is this call's one host sync.
+        """
+        self._count_scaler_skip()
+        skipped = self.optimizer.pop_skipped_steps() + self._scaler_skips
+        if not self._perturbed and not skipped:
             return {}
         stats = (
             {f"sam_{k}": v / self._perturbed for k, v in self._stat_sums.items()} if self._perturbed else {}
         )
-        stats["sam_skipped_steps"] = float(self._skipped)
+        stats["sam_skipped_steps"] = float(skipped)
         self._stat_sums = dict.fromkeys(self._stat_sums, 0.0)
-        self._perturbed = self._skipped = 0
+        self._perturbed = self._scaler_skips = 0
         return stats
 
     def _first_pass_sync(self) -> contextlib.AbstractContextManager:
@@ -117,20 +130,19 @@ class TwoPassStep:
 
     def _ascend_and_rerun(self) -> None:
         optimizer = self.optimizer
-        scaler = self.accelerator.scaler
-        if isinstance(optimizer, FriendlySAM) and scaler is not None and scaler.is_enabled():
+        if isinstance(optimizer, FriendlySAM) and self._scaler_enabled():
             # Friendly-SAM's gradient EMA mixes steps with different loss scales: give it true gradients.
             # (SAM/ASAM/ZSharp directions are scale-invariant and use the scaled gradients as they are.)
             grads = [
                 p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
             ]
-            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+            torch._foreach_mul_(grads, 1.0 / self.accelerator.scaler.get_scale())
         perturbed = optimizer.first_step()
         if not self._all_replicas(perturbed):
             self._skip_on_this_replica(perturbed)
-            self._skipped += 1
             return
         self._perturbed += 1
+        self._scaler_decides = self._scaler_enabled()
         for key in self._stat_sums:
             self._stat_sums[key] += optimizer.ascent_stats[key]
         after_first_pass = _rng_state(self.accelerator.device)
@@ -145,6 +157,16 @@ class TwoPassStep:
         finally:
             _set_rng_state(after_first_pass, self.accelerator.device)
             optimizer.restore()
+
+    def _scaler_enabled(self) -> bool:
+        scaler = self.accelerator.scaler
+        return scaler is not None and scaler.is_enabled()
+
+    def _count_scaler_skip(self) -> None:
+        """Count the last step if a GradScaler skipped it: the optimizer, never called then, cannot count it."""
+        if self._scaler_decides and self.accelerator.optimizer_step_was_skipped:
+            self._scaler_skips += 1
+        self._scaler_decides = False
 
     def _all_replicas(self, perturbed: bool) -> bool:
         """Whether every replica perturbed; replicas can only disagree when each uses its own gradient."""

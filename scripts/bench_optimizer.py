@@ -1,13 +1,17 @@
 """Benchmark the ascent step (first_step) of hf_zsharp's ZSharp and SAM against the paper's code style.
 
 Speed: median wall time of `first_step` on the parameter sets of timm models (random init, random
-gradients); the restore runs outside the timed region. Memory: on a ~50M-parameter stack of Linear
+gradients); the restore runs outside the timed region. Second step: median wall time of `second_step`
+(restore, non-finite gradient check, AdamW step) of SAM and ZSharp against the AdamW step alone and the
+check alone, with AdamW's foreach and fused implementations; and the host reads (device syncs) each step
+makes per method and base optimizer. Memory: on a ~50M-parameter stack of Linear
 layers, the bytes an optimizer holds between first_step and second_step (tensors reachable from it that
 appeared during first_step) and the process RSS growth around first_step (CPU, one fresh process per
 method) or the CUDA allocator's growth and peak (GPU), each as a ratio to the parameters' bytes.
 
     python scripts/bench_optimizer.py                       # CPU, plus CUDA when available
     python scripts/bench_optimizer.py --models vit_small_patch16_224 --repeats 7 --device cpu
+    python scripts/bench_optimizer.py --models vit_small_patch16_224 --skip-speed --skip-memory  # second step
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from collections.abc import Iterable
 
 import torch
 
-from hf_zsharp import SAM, ZSharp
+from hf_zsharp import SAM, ZSharp, create_sam_optimizer
+from hf_zsharp.optim.sam import non_finite
 
 MODELS = ("resnet18", "vit_small_patch16_224", "vit_base_patch16_224")
 METHODS = ("zsharp", "sam", "naive")
@@ -34,6 +39,15 @@ METHODS = ("zsharp", "sam", "naive")
 # a training loop after its first steps; otherwise fresh page faults land on whichever method runs first.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Base optimizers for the second step, in torch's default implementation (foreach on GPUs, a per-tensor loop on
+# the CPU: the second step's check is read on the host) and the fused one (it skips on the device flag).
+BASES = {
+    "adamw": (torch.optim.AdamW, {}),
+    "adamw-fused": (torch.optim.AdamW, {"fused": True}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+    "sgd-fused": (torch.optim.SGD, {"momentum": 0.9, "fused": True}),
+}
+SECOND_STEP_BASES = ("adamw", "adamw-fused")
 
 
 class NaiveZSharp:
@@ -126,6 +140,75 @@ def time_ascents(optimizers: dict, device: str, repeats: int, warmup: int) -> di
             if i >= warmup:
                 times[name].append(elapsed)
     return times
+
+
+def time_second_steps(
+    params: list[torch.nn.Parameter], base: str, device: str, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of the base optimizer's step alone, of the non-finite check alone, and of SAM's and ZSharp's
+    `second_step` (restore + check + the same base step; their first_step untimed), interleaved by round."""
+    base_cls, kwargs = BASES[base]
+    kwargs = {"lr": 1e-6, **kwargs}
+    optimizers = {
+        "zsharp": ZSharp(params, base_cls, **kwargs),
+        "sam": SAM(params, base_cls, **kwargs),
+        "base": base_cls(params, **kwargs),
+    }
+    grads = [p.grad for p in params]
+    times: dict[str, list[float]] = {name: [] for name in (*optimizers, "check")}
+    for i in range(warmup + repeats):
+        for name, optimizer in optimizers.items():
+            if name != "base":
+                optimizer.first_step()
+            step = optimizer.step if name == "base" else optimizer.second_step
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+        start = time.perf_counter()
+        non_finite(grads)
+        synchronize(device)
+        if i >= warmup:
+            times["check"].append(time.perf_counter() - start)
+    return times
+
+
+def count_host_reads(run) -> list[str]:
+    """The tensor-to-Python reads (a host-device sync each on an accelerator) hf_zsharp's code makes in `run()`."""
+    reads: list[str] = []
+    package = f"{os.sep}hf_zsharp{os.sep}"
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(name: str):
+        def read(self, *args):
+            if package in sys._getframe(1).f_code.co_filename:
+                reads.append(name)
+            return originals[name](self, *args)
+
+        return read
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counted(name))
+        run()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return reads
+
+
+def host_reads_per_step(method: str, base: str) -> tuple[int, int]:
+    """Host reads of `first_step` and of `second_step`, after one warm-up step (fused SGD then has its buffers)."""
+    params = linear_stack_params(2e5, "cpu", torch.float32, width=64)
+    base_cls, kwargs = BASES[base]
+    optimizer = create_sam_optimizer(method, params, base_cls, lr=1e-3, **kwargs)
+    optimizer.first_step()
+    optimizer.second_step()
+    return len(count_host_reads(optimizer.first_step)), len(count_host_reads(optimizer.second_step))
 
 
 def reachable_tensors(root, params: set[int]) -> dict[int, int]:
@@ -259,6 +342,38 @@ def run_speed(models: list[str], devices: list[str], dtype: torch.dtype, repeats
             gc.collect()
 
 
+def run_second_step(
+    models: list[str], devices: list[str], dtype: torch.dtype, repeats: int, warmup: int
+) -> None:
+    print(f"\n## Second step in ms: median (min) of {repeats} after {warmup} warm-up, dtype {dtype}")
+    print(
+        f"{'device':6} {'model':22} {'base':12} {'base step':>12} {'check':>12} {'sam':>12} {'zsharp':>12} "
+        f"{'sam-base':>9} {'zsharp-base':>11}"
+    )
+    for device in devices:
+        for name in models:
+            for base in SECOND_STEP_BASES:
+                params = model_params(name, device, dtype)
+                times = time_second_steps(params, base, device, repeats, warmup)
+                med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+                low = {m: 1e3 * min(t) for m, t in times.items()}
+                cells = " ".join(
+                    f"{f'{med[m]:.1f} ({low[m]:.1f})':>12}" for m in ("base", "check", "sam", "zsharp")
+                )
+                print(
+                    f"{device:6} {name:22} {base:12} {cells} {med['sam'] - med['base']:9.1f} "
+                    f"{med['zsharp'] - med['base']:11.1f}",
+                    flush=True,
+                )
+                del params, times
+                gc.collect()
+    print("\n## Host reads (host-device syncs on an accelerator) per step: first_step + second_step")
+    print(f"{'method':8} " + " ".join(f"{base:>12}" for base in BASES))
+    for method in ("zsharp", "sam", "asam", "fsam"):
+        counts = [host_reads_per_step(method, base) for base in BASES]
+        print(f"{method:8} " + " ".join(f"{f'{a} + {b}':>12}" for a, b in counts), flush=True)
+
+
 def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
     dtype = DTYPES[dtype_name]
     print(
@@ -321,8 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--memory-params", type=float, default=50e6, help="size of the memory-test model")
-    parser.add_argument("--skip-speed", action="store_true", help="only the memory measurement")
-    parser.add_argument("--skip-memory", action="store_true", help="only the speed measurement")
+    parser.add_argument("--skip-speed", action="store_true", help="no ascent-speed measurement")
+    parser.add_argument("--skip-memory", action="store_true", help="no memory measurement")
+    parser.add_argument("--skip-second-step", action="store_true", help="no second-step measurement")
     parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
@@ -344,12 +460,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.memory_params, DTYPES[args.dtype])))
         return
-    if not args.skip_speed and "cpu" in args.device and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    timed = not (args.skip_speed and args.skip_second_step)
+    if timed and "cpu" in args.device and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **STEADY_MALLOC})
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, devices {args.device}")
     if not args.skip_speed:
         run_speed(args.models, args.device, DTYPES[args.dtype], args.repeats, args.warmup)
+    if not args.skip_second_step:
+        run_second_step(args.models, args.device, DTYPES[args.dtype], args.repeats, args.warmup)
     if not args.skip_memory:
         run_memory(args.device, args.dtype, args.memory_params)
 

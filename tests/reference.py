@@ -3,12 +3,15 @@ and the small models (CNN with BatchNorm, MLP, transformers ViT) the optimizer t
 
 Written from /work/shared/reference/ZSHARP_ALGORITHM.md and the official ASAM / F-SAM code, one tensor at
 a time in float64, with no code shared with `hf_zsharp.optim`. Each function returns the perturbation `e`
-(float64) per parameter, in the order of the gradients it was given.
+(float64) per parameter, in the order of the gradients it was given. `count_host_reads` counts the
+device-to-host reads of hf_zsharp's code (each a sync on an accelerator) on the CPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -212,3 +215,23 @@ def model_with_grads(name: str, dtype: torch.dtype = torch.float32, zeros: bool 
             p.grad.masked_fill_(torch.rand(p.shape, generator=gen) < share, 0)
         params[-1].grad = None
     return model
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every tensor-to-Python read made by hf_zsharp's own code: a host-device sync each on a GPU."""
+    reads: list[str] = []
+    package = f"{os.sep}hf_zsharp{os.sep}"
+
+    def counted(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            if package in sys._getframe(1).f_code.co_filename:
+                reads.append(name)
+            return original(self, *args)
+
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    return reads

@@ -1,6 +1,7 @@
 """ZSharpTrainer under DDP: two CPU processes over gloo, launched with torchrun (issue semantics 5)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,8 +26,20 @@ def ranks(tmp_path_factory) -> list[dict]:
     proc = subprocess.run(
         [*cmd, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=out
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, failure_report(proc)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def failure_report(proc: subprocess.CompletedProcess) -> str:
+    """torchrun's exit code, the first stderr lines that matter (warnings dropped), and its summary at the end."""
+    noise = ("Warning", "warnings.warn", "warn(", "*****", "Setting OMP_NUM_THREADS")
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not any(n in line for n in noise)]
+    head, tail = lines[:60], lines[60:][-20:]
+    return "\n".join(
+        [f"torchrun exited with {proc.returncode}; stderr without warnings:", *head]
+        + (["[...]", *tail] if tail else [])
+        + ["stdout tail:", proc.stdout[-2000:]]
+    )
 
 
 def test_synced_ascent_matches_one_process_on_the_global_batch(ranks, tmp_path):
@@ -67,3 +80,18 @@ def test_one_replica_overflowing_skips_the_step_on_all(ranks):
     assert first["calls_per_step"] == second["calls_per_step"] == [2, 1, 2]
     assert first["checksums"][1] == first["checksums"][0]
     assert first["checksums"][2] != first["checksums"][1]
+
+
+def test_non_finite_second_pass_on_one_replica_skips_the_step_on_all(ranks):
+    first, second = (rank["skip_second_pass"] for rank in ranks)
+    # The second pass is all-reduced: rank 1's non-finite gradients reach both ranks, which both skip step 1.
+    assert first["checksums"] == second["checksums"]
+    assert first["calls_per_step"] == second["calls_per_step"] == [2, 2, 2]
+    assert first["checksums"][1] == first["checksums"][0]
+    assert first["checksums"][2] != first["checksums"][1]
+    assert all(math.isfinite(x) for x in first["params"])
+    assert first["skipped_steps"] == second["skipped_steps"] == 1
+
+
+def test_skips_are_counted_on_every_replica(ranks):
+    assert [rank["skip"]["skipped_steps"] for rank in ranks] == [1, 1]

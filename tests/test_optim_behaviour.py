@@ -10,7 +10,7 @@ import math
 import pytest
 import reference as ref
 import torch
-from reference import cnn, loss_of, mlp, model_with_grads
+from reference import cnn, count_host_reads, loss_of, mlp, model_with_grads
 from torch import nn
 
 from hf_zsharp import SAM, ZSharp, create_sam_optimizer, frozen_batchnorm_stats
@@ -36,6 +36,29 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_bit_identical(model: nn.Module, saved: list[torch.Tensor]) -> None:
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(model.parameters(), saved, strict=True))
+
+
+def two_pass(model: nn.Module, optimizer: SAM, seed: int) -> None:
+    """One manual two-pass step on batch `seed`."""
+    optimizer.zero_grad()
+    loss_of(model, seed).backward()
+    optimizer.first_step(zero_grad=True)
+    loss_of(model, seed).backward()
+    optimizer.second_step(zero_grad=True)
+
+
+# Base optimizers by how `second_step` checks the gradients: on the host, or on the device (torch's fused ones).
+BASES = {
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-3, "foreach": True}),
+    "sgd-fused": (torch.optim.SGD, {"momentum": 0.9, "fused": True}),
+    "adamw-fused": (torch.optim.AdamW, {"lr": 1e-3, "fused": True}),
+}
+
+
+def build_on(method: str, model: nn.Module, base: str) -> SAM:
+    base_cls, kwargs = BASES[base]
+    return build(method, model, base_cls, **kwargs)
 
 
 def test_factory_builds_each_method() -> None:
@@ -72,6 +95,81 @@ def test_non_finite_gradients_skip_the_step(method: str, poison: str) -> None:
     loss_of(model).backward()
     assert optimizer.first_step() is True
     assert optimizer.skipped_perturbation is False
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_second_pass_skips_the_base_step(method: str, base: str, poison: str) -> None:
+    model = model_with_grads("cnn")
+    optimizer = build_on(method, model, base)
+    two_pass(model, optimizer, 0)  # the base optimizer has state (and fused SGD its momentum buffers)
+    saved, base_state = snapshot(model), copy.deepcopy(optimizer.base_optimizer.state_dict())
+    optimizer.zero_grad()
+    loss_of(model, 1).backward()
+    assert optimizer.first_step(zero_grad=True) is True
+    loss_of(model, 1).backward()
+    model[0].weight.grad.view(-1)[3] = float(poison)
+    optimizer.second_step(zero_grad=True)
+    assert_bit_identical(model, saved)
+    after = optimizer.base_optimizer.state_dict()["state"]
+    for key, state in base_state["state"].items():
+        assert all(torch.equal(bits(v), bits(after[key][k])) for k, v in state.items())
+    assert optimizer.pop_skipped_steps() == 1 and optimizer.pop_skipped_steps() == 0
+    two_pass(model, optimizer, 2)  # the next step proceeds
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), saved, strict=True))
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("method", ["zsharp", "sam"])
+def test_a_first_step_skipped_in_the_second_pass_leaves_no_trace(method: str, base: str) -> None:
+    """Closure step with a non-finite second pass, then a normal step: as if only the normal step ran
+    (the base optimizer starts fresh: no NaN, nor an uninitialised fused-SGD momentum buffer, kept)."""
+    torch.manual_seed(0)
+    model = cnn()
+    twin = copy.deepcopy(model)
+    optimizer, twin_optimizer = build_on(method, model, base), build_on(method, twin, base)
+    calls = []
+
+    def poisoned() -> torch.Tensor:
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = loss_of(model, 0) * (math.inf if len(calls) == 2 else 1.0)
+        loss.backward()
+        return loss
+
+    optimizer.step(poisoned)
+    assert len(calls) == 2
+    two_pass(model, optimizer, 1)
+    two_pass(twin, twin_optimizer, 1)
+    assert_bit_identical(model, snapshot(twin))
+    assert optimizer.pop_skipped_steps() == 1
+
+
+@pytest.mark.parametrize(
+    ("base", "second_step_reads"), [("sgd", 1), ("adamw", 1), ("sgd-fused", 0), ("adamw-fused", 0)]
+)
+@pytest.mark.parametrize("method", METHODS)
+def test_host_reads_per_step(method: str, base: str, second_step_reads: int, monkeypatch) -> None:
+    """One host read in first_step; second_step's check rides on the device with a fused base optimizer."""
+    model = model_with_grads("cnn")
+    optimizer = build_on(method, model, base)
+    two_pass(
+        model, optimizer, 0
+    )  # fused SGD reads its first check on the host, before it has momentum buffers
+    optimizer.zero_grad()
+    loss_of(model, 1).backward()
+    reads = count_host_reads(monkeypatch)
+    optimizer.first_step(zero_grad=True)
+    assert reads == ["tolist"]
+    loss_of(model, 1).backward()
+    reads.clear()
+    optimizer.second_step()
+    assert len(reads) == second_step_reads
+    reads.clear()
+    assert optimizer.pop_skipped_steps() == 0
+    assert reads == ["tolist"]  # the skip count, read once when logged
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -177,6 +275,33 @@ def test_state_dict_round_trip_keeps_base_momentum_and_hyperparameters() -> None
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), clone.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("saved_on", ["cpu", "cpu:0"])
+def test_random_mask_resumes_bit_identically(saved_on: str) -> None:
+    """The random mask's generator state travels in the state dict: a reloaded optimizer draws the same masks.
+
+    "cpu:0" stands for a state saved on another index of the device type in use (DDP rank 0's cuda:0 loaded
+    on rank 1's cuda:1), which is used as well.
+    """
+    torch.manual_seed(0)
+    model = mlp()
+    kwargs = {"mask": "random", "seed": 3, "lr": 0.1, "momentum": 0.9}
+    optimizer = ZSharp(model.parameters(), torch.optim.SGD, **kwargs)
+    two_pass(model, optimizer, 0)
+    state = optimizer.state_dict()
+    if saved_on != "cpu":
+        state["mask_generators"] = {saved_on: state["mask_generators"].pop("cpu")}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    clone = copy.deepcopy(model)
+    restored = ZSharp(clone.parameters(), torch.optim.SGD, **kwargs)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    for seed in (1, 2):
+        two_pass(model, optimizer, seed)
+        two_pass(clone, restored, seed)
+    assert_bit_identical(clone, snapshot(model))
+
+
 def test_scheduler_on_wrapper_reaches_base_optimizer() -> None:
     model = mlp()
     optimizer = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1)
@@ -235,6 +360,84 @@ def test_bad_arguments_raise_value_error_naming_them() -> None:
             ZSharp(params, base, lr=0.1)
     with pytest.raises(ValueError, match="rho"):
         SAM(params, torch.optim.SGD, rho=0, lr=0.1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_parameters_move_nothing(method: str) -> None:
+    model = model_with_grads("mlp")
+    empty = nn.Parameter(torch.zeros(0, 5))
+    empty.grad = torch.zeros(0, 5)
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    params = [*model.named_parameters(), ("empty.weight", empty)]
+    optimizer = create_sam_optimizer(method, params, torch.optim.SGD, lr=0.1)
+    assert optimizer.first_step() is True
+    assert build(method, twin).first_step() is True
+    assert_bit_identical(model, snapshot(twin))  # the same perturbation as without the empty tensor
+    optimizer.second_step()
+    assert empty.shape == (0, 5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fp16_all_zero_gradients_move_nothing_and_do_not_get_stuck(method: str) -> None:
+    torch.manual_seed(0)
+    model = mlp().half()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    saved = snapshot(model)
+    optimizer = build(method, model)
+    for _ in range(2):
+        assert optimizer.first_step() is True
+        assert_bit_identical(model, saved)
+        optimizer.second_step()
+        assert_bit_identical(model, saved)
+
+
+@pytest.mark.parametrize("method", ["zsharp", "sam"])
+def test_fp16_tiny_gradients_match_reference(method: str) -> None:
+    """A few subnormal fp16 gradient entries (~6e-8): rho / ||g|| is beyond fp16's range, rho * g / ||g|| not.
+
+    Weights are zeroed so that w + e = round(e) shows e; tolerance as in test_optim_reference's fp16 test.
+    """
+    model = mlp().half()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+            p.grad = torch.zeros_like(p)
+            p.grad.view(-1)[::97] = torch.randn(p.grad.view(-1)[::97].shape, generator=gen) * 5e-8
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert 0.05 / float(ref.global_norm(grads)) > torch.finfo(torch.float16).max
+    expected = ref.zsharp_ascent(grads) if method == "zsharp" else ref.sam_ascent(grads)
+    assert build(method, model).first_step() is True
+    info = torch.finfo(torch.float16)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.double(), e, rtol=2 * info.eps, atol=info.tiny * info.eps)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_error_in_first_step_restores_the_weights_and_saves_nothing(method: str, monkeypatch) -> None:
+    model = model_with_grads("cnn")
+    optimizer = build(method, model)
+    saved = snapshot(model)
+    apply, applied = optimizer._apply, []
+
+    def fail_at_the_third_move(move) -> None:
+        if len(applied) == 2:
+            raise RuntimeError("injected")
+        applied.append(move)
+        apply(move)
+
+    monkeypatch.setattr(optimizer, "_apply", fail_at_the_third_move)
+    with pytest.raises(RuntimeError, match="injected"):
+        optimizer.first_step()
+    assert len(applied) == 2
+    assert_bit_identical(model, saved)
+    monkeypatch.undo()
+    assert optimizer.first_step() is True  # not stuck in "first_step() called twice"
+    optimizer.restore()
+    assert_bit_identical(model, saved)
 
 
 def test_frozen_batchnorm_stats() -> None:

@@ -3,14 +3,18 @@
 import copy
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from tiny_training import TinyData, TinyNet, decay_groups, flat
+from reference import count_host_reads
+from tiny_training import TinyData, TinyNet, decay_groups, flat, tiny_args
 
+from hf_zsharp import two_pass
 from hf_zsharp.optim import ZSharp
+from hf_zsharp.trainer import ZSharpTrainer
 from hf_zsharp.two_pass import TwoPassStep, accelerate_step, unwrap_sam_optimizer
 
 
@@ -24,18 +28,19 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def make_optimizer(model):
-    return ZSharp(decay_groups(model, 0.0), torch.optim.AdamW, lr=1e-2)
+def make_optimizer(model, fused=False):
+    return ZSharp(decay_groups(model, 0.0), torch.optim.AdamW, lr=1e-2, fused=fused)
 
 
-def accelerate_loop(model, steps, batch_size=8, accumulation=1, interval=1, scaler=None):
-    """An ordinary Accelerate loop with accelerate_step; returns per-step (forward calls, skipped)."""
+def accelerate_loop(model, steps, batch_size=8, accumulation=1, interval=1, scaler=None, fused=False):
+    """An ordinary Accelerate loop with accelerate_step. Returns per step `record` (forward calls, whether
+    Accelerate skipped it) and `params` (after it), and the logged `stats` of the whole loop."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     if scaler is not None:
         accelerator.scaler = scaler
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, fused)
     model, optimizer = accelerator.prepare(model, optimizer)
-    record, calls = [], model.calls
+    record, params, calls = [], [], model.calls
     for batch in TinyData().batches(batch_size)[: steps * accumulation]:
         with accelerator.accumulate(model):
             loss = accelerate_step(
@@ -46,8 +51,10 @@ def accelerate_loop(model, steps, batch_size=8, accumulation=1, interval=1, scal
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             record.append((model.calls - calls, optimizer.step_was_skipped))
+            params.append(flat(model))
             calls = model.calls
-    return record
+    stats = two_pass._STEPS[optimizer].pop_stats()
+    return SimpleNamespace(record=record, params=params, stats=stats)
 
 
 def test_matches_a_plain_zsharp_loop():
@@ -68,13 +75,13 @@ def test_matches_a_plain_zsharp_loop():
 def test_gradient_accumulation_equals_the_larger_batch():
     big, small = TinyNet(), TinyNet()
     accelerate_loop(big, steps=3, batch_size=8)
-    record = accelerate_loop(small, steps=3, batch_size=4, accumulation=2)
+    record = accelerate_loop(small, steps=3, batch_size=4, accumulation=2).record
     assert [calls for calls, _ in record] == [4, 4, 4]
     torch.testing.assert_close(flat(small), flat(big), rtol=0, atol=1e-6)
 
 
 def test_interval_alternates_two_pass_and_plain_steps():
-    record = accelerate_loop(TinyNet(), steps=5, interval=2)
+    record = accelerate_loop(TinyNet(), steps=5, interval=2).record
     assert [calls for calls, _ in record] == [2, 1, 2, 1, 2]
 
 
@@ -82,9 +89,51 @@ def test_grad_scaler_skips_a_step_with_non_finite_first_pass():
     model = TinyNet()
     model.poison = {3}
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    record = accelerate_loop(model, steps=3, scaler=scaler)
-    assert record == [(2, False), (1, True), (2, False)]
+    loop = accelerate_loop(model, steps=3, scaler=scaler)
+    assert loop.record == [(2, False), (1, True), (2, False)]
     assert scaler.get_scale() == 2.0**9
+    assert loop.stats["sam_skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_non_finite_second_pass_skips_the_step_and_is_counted(fused):
+    model = TinyNet()
+    model.poison = {4}  # the second pass of step 1
+    loop = accelerate_loop(model, steps=3, fused=fused)
+    assert [calls for calls, _ in loop.record] == [2, 2, 2]
+    assert torch.equal(loop.params[1], loop.params[0])
+    assert torch.isfinite(loop.params[2]).all() and not torch.equal(loop.params[2], loop.params[1])
+    assert loop.stats["sam_skipped_steps"] == 1
+
+
+def test_grad_scaler_skip_of_a_non_finite_second_pass_is_counted_once():
+    model = TinyNet()
+    model.poison = {4}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    loop = accelerate_loop(model, steps=3, scaler=scaler)
+    assert loop.record == [(2, False), (2, True), (2, False)]
+    assert torch.equal(loop.params[1], loop.params[0])
+    assert scaler.get_scale() == 2.0**9
+    assert loop.stats["sam_skipped_steps"] == 1
+
+
+def test_grad_scaler_skip_of_a_first_pass_does_not_skip_the_next_plain_step():
+    model = TinyNet()
+    model.poison = {1}  # step 0 (two-pass) overflows; step 1 is a plain step (interval 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    loop = accelerate_loop(model, steps=2, interval=2, scaler=scaler)
+    assert loop.record == [(1, True), (1, False)]
+    assert torch.equal(loop.params[0], flat(TinyNet()))
+    assert not torch.equal(loop.params[1], loop.params[0])
+    assert loop.stats["sam_skipped_steps"] == 1
+
+
+@pytest.mark.parametrize(("fused", "per_step"), [(True, 1), (False, 2)], ids=["fused", "foreach"])
+def test_host_reads_per_two_pass_step(fused, per_step, monkeypatch):
+    """One host read per step (the ascent's); the second pass's check adds one unless the base is fused."""
+    reads = count_host_reads(monkeypatch)
+    accelerate_loop(TinyNet(), steps=3, fused=fused)
+    assert len(reads) == 3 * per_step + 1  # + reading the skip count once, for the logs
 
 
 def test_an_error_in_the_second_pass_leaves_the_weights_and_rng_restored():
@@ -185,3 +234,18 @@ def test_the_no_trainer_script_trains_on_digits():
     assert result["steps"] == 2 and 0.0 <= result["eval_accuracy"] <= 1.0
     with pytest.raises(SystemExit):
         script.parse_args(["--sam", "adam"])
+
+
+def test_trainer_resumes_the_random_mask_identically(tmp_path):
+    """mask="random" draws from the optimizer's own generator: its state is checkpointed and resumed."""
+    run = {"sam_mask": "random", "max_steps": 6, "save_strategy": "steps", "save_steps": 3}
+    straight = TinyNet()
+    ZSharpTrainer(
+        model=straight, args=tiny_args(str(tmp_path / "out"), **run), train_dataset=TinyData()
+    ).train()
+    resumed = TinyNet()
+    trainer = ZSharpTrainer(
+        model=resumed, args=tiny_args(str(tmp_path / "out"), **run), train_dataset=TinyData()
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    torch.testing.assert_close(flat(resumed), flat(straight), rtol=0, atol=0)

@@ -33,7 +33,9 @@ class TinyNet(nn.Module):
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        layers: list[nn.Module] = [nn.Linear(IN_FEATURES, hidden)]
+        # No bias before BatchNorm: BatchNorm cancels it, so its gradient would be pure rounding noise, which
+        # Adam (dividing a gradient by its own size) turns into lr-sized, CPU-dependent updates.
+        layers: list[nn.Module] = [nn.Linear(IN_FEATURES, hidden, bias=not batchnorm)]
         if batchnorm:
             layers.append(nn.BatchNorm1d(hidden))
         if dropout:  # before the ReLU (equivalent), so that the zeros it leaves are exactly its mask
@@ -81,6 +83,7 @@ def tiny_args(output_dir: str, **overrides) -> ZSharpTrainingArguments:
         "per_device_train_batch_size": 8,
         "max_steps": 4,
         "learning_rate": 1e-2,
+        "optim": "adamw_torch_fused",  # the Trainer's CPU default, pinned: reference loops build the same base
         "max_grad_norm": 0.0,
         "use_cpu": True,
         "report_to": [],
@@ -160,6 +163,7 @@ def _run_ddp_case(out: Path, name: str, model: TinyNet, **overrides) -> dict:
     record["flags"] = flags
     record["params"] = flat(model).tolist()
     record["rank"] = rank
+    record["skipped_steps"] = sum(log.get("sam_skipped_steps", 0) for log in trainer.state.log_history)
     return record
 
 
@@ -182,12 +186,20 @@ def main(out_dir: str) -> None:
             out, "local", TinyNet(), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3
         ),
     }
-    # Rank 1 alone gets non-finite gradients in the first pass of step 1 (its forward call 3).
-    poisoned = TinyNet()
-    if rank == 1:
-        poisoned.poison = {3}
-    results["skip"] = _run_ddp_case(out, "skip", poisoned, per_device_train_batch_size=4, max_steps=3)
+    # Rank 1 alone gets non-finite gradients in the first pass of step 1 (its forward call 3), then in the
+    # second pass of step 1 (call 4), which DDP all-reduces into both ranks' gradients.
+    for name, call in (("skip", 3), ("skip_second_pass", 4)):
+        poisoned = TinyNet()
+        if rank == 1:
+            poisoned.poison = {call}
+        results[name] = _run_ddp_case(
+            out, name, poisoned, per_device_train_batch_size=4, max_steps=3, logging_steps=3
+        )
     (out / f"rank{rank}.json").write_text(json.dumps(results))
+    # Leave together and close the process group: gloo's threads otherwise may abort the exit
+    # ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

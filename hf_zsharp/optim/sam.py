@@ -7,6 +7,10 @@ One step of sharpness-aware minimization is two forward/backward passes:
 
 The variants differ only in the perturbation e, computed by `_moves`; everything else (saving and
 restoring the moved entries, skipping on non-finite gradients, state dicts) lives in `SAM`.
+
+Host-device syncs: `first_step` makes exactly one (`fetch`). `second_step` checks the gradients on the device;
+a torch fused base optimizer (`fused=True`) skips on that device flag with no sync, any other base optimizer
+needs one more transfer to decide.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class Move:
 
 
 def fetch(*tensors: Tensor) -> list[list[float]]:
-    """Copy several small tensors to the host in one transfer: the step's only host-device sync."""
+    """Copy several small tensors to the host in one transfer: every host-device sync of a step goes here."""
     device = tensors[0].device
     flat = torch.cat([t.detach().reshape(-1).float().to(device) for t in tensors]).tolist()
     out, start = [], 0
@@ -47,6 +51,12 @@ def fetch(*tensors: Tensor) -> list[list[float]]:
         out.append(flat[start : start + t.numel()])
         start += t.numel()
     return out
+
+
+def non_finite(grads: list[Tensor]) -> Tensor:
+    """Float32 device flag: 1.0 if a gradient holds inf/NaN (or its norm overflows float32); no host sync."""
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    return norms.isfinite().all().logical_not().float()
 
 
 def check_argument(ok: bool, name: str, message: str) -> None:
@@ -89,6 +99,8 @@ class SAM(Optimizer):
         self.ascent_stats: dict[str, float] = {}
         self._saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self._groups: dict[int, dict[str, Any]] = {}
+        self._skipped = 0  # steps first_step skipped (known on the host)
+        self._skipped_on_device: Tensor | None = None  # steps second_step skipped (a device count)
 
     def _extra_defaults(self) -> dict[str, Any]:
         """Hyperparameters a variant adds to every parameter group."""
@@ -96,16 +108,26 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
-        """Move the weights to w + e. Returns False, leaving them untouched, if the gradients are not finite."""
+        """Move the weights to w + e. Returns False, leaving them untouched, if the gradients are not finite.
+
+        Atomic: if anything raises, the entries already moved are restored and nothing stays saved.
+        """
         if self._saved:
             raise RuntimeError("first_step() called twice: call restore() or second_step() in between")
         self._groups = {id(p): group for group in self.param_groups for p in group["params"]}
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p in params if p.numel()]  # empty tensors move nothing
         moves = self._moves(params) if params else []
         self.skipped_perturbation = self._skip_base_step = moves is None
-        if moves is not None:
-            for move in moves:
-                self._apply(move)
+        if moves is None:
+            self._skipped += 1
+        else:
+            try:
+                for move in moves:
+                    self._apply(move)
+            except BaseException:
+                self.restore()
+                raise
             self.ascent_stats = _stats(moves)
         if zero_grad:
             self.zero_grad()
@@ -123,22 +145,50 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w, then step the base optimizer with the gradients taken at w + e.
+        """Restore w, then step the base optimizer with the gradients taken at w + e, if they are finite.
 
         The base step is skipped when this step's `first_step` found non-finite gradients
-        (`skipped_perturbation` stays readable); later steps are not affected.
+        (`skipped_perturbation` stays readable) or when the gradients now are not finite; later steps are not
+        affected. The second check is a device flag: a torch fused base optimizer skips on it without a host
+        sync (the `found_inf` protocol GradScaler uses); any other base optimizer reads it (one transfer).
         """
         self.restore()
         if not self._skip_base_step:
-            self.base_optimizer.step()
+            self._base_step_if_finite()
         self._skip_base_step = False
         if zero_grad:
             self.zero_grad()
 
+    def _base_step_if_finite(self) -> None:
+        """Step the base optimizer unless a gradient is not finite, counting skips on the device."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            self.base_optimizer.step()
+            return
+        found_inf = non_finite(grads)
+        count = self._skipped_on_device
+        self._skipped_on_device = found_inf if count is None else count + found_inf
+        base = self.base_optimizer
+        if _skips_on_device(base):
+            base.found_inf = found_inf
+            try:
+                base.step()
+            finally:
+                del base.found_inf
+        elif not fetch(found_inf)[0][0]:
+            base.step()
+
+    def pop_skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (either pass) since the last call; reads the device count."""
+        on_device, self._skipped_on_device = self._skipped_on_device, None
+        skipped, self._skipped = self._skipped, 0
+        return skipped + (0 if on_device is None else int(fetch(on_device)[0][0]))
+
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """With `closure` (zero grads, forward, backward, return loss): the full two-pass step.
 
-        Without: finish the current step (see `second_step`); a plain base step if nothing is perturbed.
+        Without: finish the current step (see `second_step`); a plain base step if nothing is perturbed (also
+        skipped if the gradients are not finite).
         """
         if closure is None:
             self.second_step()
@@ -199,7 +249,10 @@ class SAM(Optimizer):
         param = move.param
         if move.index is None:
             self._saved.append((param, None, param.clone()))
-            param.add_(move.values.to(param.dtype), alpha=move.alpha)
+            if abs(move.alpha) <= torch.finfo(param.dtype).max:
+                param.add_(move.values.to(param.dtype), alpha=move.alpha)
+            else:  # e.g. fp16 with gradients near zero: alpha = rho / ||g|| overflows, rho * g / ||g|| does not
+                param.add_(move.values * move.alpha)
         else:
             flat = param.view(-1)
             self._saved.append((param, move.index, flat.index_select(0, move.index)))
@@ -212,6 +265,24 @@ def _stats(moves: list[Move]) -> dict[str, float]:
     numel = sum(m.param.numel() for m in moves)
     kept = sum(m.param.numel() if m.kept is None else m.kept for m in moves)
     return {"perturbation_norm": norm, "kept_fraction": kept / max(numel, 1)}
+
+
+_FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def _skips_on_device(optimizer: Optimizer) -> bool:
+    """Whether `optimizer.step()` honours a `found_inf` flag: torch's fused Adam(W), SGD and Adagrad.
+
+    Not fused SGD before its momentum buffers exist: skipping its first step leaves them uninitialised.
+    """
+    if not (isinstance(optimizer, _FUSED) and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        return False
+    return not isinstance(optimizer, torch.optim.SGD) or all(
+        group["momentum"] == 0 or "momentum_buffer" in optimizer.state.get(p, {})
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    )
 
 
 def _position(params: list[Tensor], param: Tensor) -> int:
@@ -287,17 +358,20 @@ class FriendlySAM(SAM):
 
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
         grads = [p.grad for p in params]
-        (grad_norms,) = fetch(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
-        if not all(map(math.isfinite, grad_norms)):
+        momenta = [self.state[p].get("momentum") for p in params]
+        directions = [
+            g if m is None else g - self._group(p)["sigma"] * m for p, g, m in zip(params, grads, momenta)
+        ]
+        grad_norms, norms = fetch(
+            torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)),
+            torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32)),
+        )
+        if not all(map(math.isfinite, grad_norms)):  # the momentum must not take in non-finite gradients
             return None
-        directions = []
-        for p, g in zip(params, grads):
-            state, group = self.state[p], self._group(p)
-            if "momentum" not in state:
-                state["momentum"] = g.clone()
-                directions.append(g)
-                continue
-            directions.append(g - group["sigma"] * state["momentum"])
-            state["momentum"].mul_(group["lmbda"]).add_(g, alpha=1 - group["lmbda"])
-        (norms,) = fetch(torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32)))
+        for p, g, m in zip(params, grads, momenta):
+            if m is None:
+                self.state[p]["momentum"] = g.clone()
+            else:
+                lmbda = self._group(p)["lmbda"]
+                m.mul_(lmbda).add_(g, alpha=1 - lmbda)
         return self._global_moves(params, directions, norms)

@@ -25,7 +25,7 @@ def quantile_rank(n: int, q: float) -> tuple[int, float]:
     torch.quantile rounds `q` to the input's precision (float32 here) and forms the rank `q * (n - 1)` in
     float64; matching that keeps the mask identical to the paper's code near the threshold.
     """
-    rank = float(torch.tensor(q, dtype=torch.float32)) * (n - 1)
+    rank = float(np.float32(q)) * (n - 1)
     low = math.floor(rank)
     return low, rank - low
 

@@ -41,7 +41,8 @@ class ZSharp(SAM):
             normalisation: the whole perturbation has norm rho). Optimizer-wide.
         mask: "zscore" (the method), or the controls "magnitude" (largest |g|) and "random" (uniform
             random entries), both keeping the same share of entries. Optimizer-wide.
-        seed: seed of the private generator used by `mask="random"`.
+        seed: seed of the private generator used by `mask="random"` (one per device; its state is in
+            `state_dict()`, so a resumed run draws the same masks).
     """
 
     def __init__(
@@ -124,6 +125,29 @@ class ZSharp(SAM):
             "norm": torch.stack(torch._foreach_norm(values)),
             "kept": torch.stack([keep.sum() for _, keep in selected]),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state plus the random mask's generator states, by device."""
+        state = super().state_dict()
+        if self._generators:
+            state["mask_generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the state and the generators; a generator saved for another index of the only device type
+        in use (DDP rank 0's cuda:0, loaded on rank 1's cuda:1) is used there: all ranks draw alike."""
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("mask_generators", {})
+        super().load_state_dict(state_dict)
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        self._generators = {}
+        for name, generator_state in generators.items():
+            device = torch.device(name)
+            same_type = [d for d in devices if d.type == device.type]
+            if device not in devices and len(same_type) == 1:
+                device = same_type[0]
+            if device in devices:
+                self._generator(device).set_state(generator_state.cpu())
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
