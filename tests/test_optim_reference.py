@@ -94,6 +94,20 @@ def test_zsharp_low_precision_matches_reference(name: str, dtype: torch.dtype) -
         torch.testing.assert_close(p.double(), e, rtol=2 * info.eps, atol=info.tiny * info.eps)
 
 
+@pytest.mark.parametrize("optimizer_cls", [ZSharp, SAM])
+def test_float64_parameters_match_reference(optimizer_cls: type) -> None:
+    """float64 models: norms are taken in float64 (a float32 norm would be a narrowing torch refuses)."""
+    model = model_with_grads("mlp", dtype=torch.float64)
+    params, grads = grads_of(model)
+    expected = ref.zsharp_ascent(grads) if optimizer_cls is ZSharp else ref.sam_ascent(grads)
+    before = [p.detach().clone() for p in params]
+    optimizer = optimizer_cls(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert optimizer.first_step() is True
+    assert_moved_by(list(params), before, expected)
+    optimizer.second_step()
+    assert all(p.dtype == torch.float64 for p in params)
+
+
 @pytest.mark.parametrize("zeros", [False, True], ids=["dense", "zeros"])
 @pytest.mark.parametrize("name", ["cnn", "vit"])
 def test_global_radius_matches_reference(name: str, zeros: bool) -> None:

@@ -53,10 +53,15 @@ def fetch(*tensors: Tensor) -> list[list[float]]:
     return out
 
 
+def norms(tensors: list[Tensor]) -> list[Tensor]:
+    """The L2 norm of each tensor, never in half precision: float32, or float64 when a tensor is float64."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch._foreach_norm(tensors, 2, dtype=dtype)
+
+
 def non_finite(grads: list[Tensor]) -> Tensor:
     """Float32 device flag: 1.0 if a gradient holds inf/NaN (or its norm overflows float32); no host sync."""
-    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    return norms.isfinite().all().logical_not().float()
+    return torch.stack(norms(grads)).float().isfinite().all().logical_not().float()
 
 
 def check_argument(ok: bool, name: str, message: str) -> None:
@@ -224,18 +229,20 @@ class SAM(Optimizer):
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
         """SAM's perturbation for `params` (all with gradients), or None if the gradients are not finite."""
         grads = [p.grad for p in params]
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        (host_norms,) = fetch(torch.stack(norms))
+        (host_norms,) = fetch(torch.stack(norms(grads)))
         return self._global_moves(params, grads, host_norms)
 
     def _global_moves(
-        self, params: list[Tensor], directions: list[Tensor], norms: list[float]
+        self, params: list[Tensor], directions: list[Tensor], direction_norms: list[float]
     ) -> list[Move] | None:
         """e = rho * d / ||d|| with one norm over all tensors; None when that norm is not finite."""
-        total = math.sqrt(sum(n * n for n in norms))
+        total = math.sqrt(sum(n * n for n in direction_norms))
         if not math.isfinite(total):
             return None
-        return [Move(p, d, self._rho(p) / (total + EPS), n) for p, d, n in zip(params, directions, norms)]
+        return [
+            Move(p, d, self._rho(p) / (total + EPS), n)
+            for p, d, n in zip(params, directions, direction_norms)
+        ]
 
     def _rho(self, param: Tensor) -> float:
         return self._group(param)["rho"]
@@ -317,8 +324,8 @@ class ASAM(SAM):
         scales = [self._scale(p) for p in params]
         scaled = [p.grad if t is None else p.grad * t for p, t in zip(params, scales)]
         directions = [g if t is None else g * t for g, t in zip(scaled, scales)]
-        scaled_norms = torch._foreach_norm(scaled, 2, dtype=torch.float32)
-        direction_norms = torch._foreach_norm(directions, 2, dtype=torch.float32)
+        scaled_norms = norms(scaled)
+        direction_norms = norms(directions)
         host_scaled, host_dirs = fetch(torch.stack(scaled_norms), torch.stack(direction_norms))
         total = math.sqrt(sum(n * n for n in host_scaled))
         if not math.isfinite(total):
@@ -362,10 +369,7 @@ class FriendlySAM(SAM):
         directions = [
             g if m is None else g - self._group(p)["sigma"] * m for p, g, m in zip(params, grads, momenta)
         ]
-        grad_norms, norms = fetch(
-            torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)),
-            torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32)),
-        )
+        grad_norms, direction_norms = fetch(torch.stack(norms(grads)), torch.stack(norms(directions)))
         if not all(map(math.isfinite, grad_norms)):  # the momentum must not take in non-finite gradients
             return None
         for p, g, m in zip(params, grads, momenta):
@@ -374,4 +378,4 @@ class FriendlySAM(SAM):
             else:
                 lmbda = self._group(p)["lmbda"]
                 m.mul_(lmbda).add_(g, alpha=1 - lmbda)
-        return self._global_moves(params, directions, norms)
+        return self._global_moves(params, directions, direction_norms)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .sam import EPS, SAM, Move, check_argument, fetch
+from .sam import EPS, SAM, Move, check_argument, fetch, norms
 from .selection import top_share
 
 RADII = ("tensor", "global")
@@ -76,7 +76,7 @@ class ZSharp(SAM):
             batches = [self._select(group) for group in groups]
         else:
             batches = _map_threads(self._select, groups)
-        grad_norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32)
+        grad_norms = norms([p.grad for p in params])
         host = fetch(torch.stack(grad_norms), *(b["norm"] for b in batches), *(b["kept"] for b in batches))
         norm_of = dict(zip(map(id, params), host[0]))
         total = math.sqrt(sum(n * n for n in host[0]))
