@@ -116,7 +116,11 @@ _PANELS = (
     (
         "Sharpness-aware ascent",
         "mean per training log",
-        {"Perturbation norm": "sam_perturbation_norm", "Kept fraction": "sam_kept_fraction"},
+        {
+            "Perturbation norm": "sam_perturbation_norm",
+            "Kept fraction": "sam_kept_fraction",
+            "Loss increase L(w+e) - L(w)": "sam_loss_increase",
+        },
     ),
 )
 

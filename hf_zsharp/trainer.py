@@ -93,7 +93,9 @@ class ZSharpTrainer(Trainer):
             or two_pass.model is not model
             or two_pass.optimizer is not unwrap_sam_optimizer(self.optimizer)
         ):
-            self._two_pass = TwoPassStep(self.accelerator, model, self.optimizer, self.args.sam_sync_ascent)
+            self._two_pass = TwoPassStep(
+                self.accelerator, model, self.optimizer, self.args.sam_sync_ascent, loss_shares=True
+            )
         return self._two_pass(first_pass, perturb=self.state.global_step % self.args.sam_interval == 0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

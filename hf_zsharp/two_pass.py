@@ -59,19 +59,32 @@ class TwoPassStep:
     replica perturbs with its own gradient; only the second pass is all-reduced. A perturbation skipped for
     non-finite gradients on any replica is skipped on all of them. Non-finite second-pass gradients are
     all-reduced too, so the optimizer's (or a GradScaler's) skip of the base step agrees on all replicas.
+
+    The logged `sam_loss_increase` is L(w + e) - L(w) of the step's batch, from the losses both passes compute
+    anyway. `loss_shares=True` says that `forward_backward` returns each micro-batch's share of the step's
+    loss (as `Trainer.training_step` does), which add up; otherwise the micro-batches' losses are averaged.
     """
 
     def __init__(
-        self, accelerator: Accelerator, model: nn.Module, optimizer: Optimizer, sync_ascent: bool = False
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: Optimizer,
+        sync_ascent: bool = False,
+        loss_shares: bool = False,
     ) -> None:
         check_supported(accelerator)
         self.accelerator = accelerator
         self.model = model
         self.optimizer = unwrap_sam_optimizer(optimizer)
         self.sync_ascent = sync_ascent
+        self.loss_shares = loss_shares
         self.optimizer_steps = 0
-        self._pending: list[tuple[Callable[[], torch.Tensor], RngState]] = []
+        self._pending: list[tuple[Callable[[], torch.Tensor], RngState, torch.Tensor]] = []
         self._stat_sums = {"perturbation_norm": 0.0, "kept_fraction": 0.0}
+        self._increases = torch.zeros(
+            2
+        )  # sum of the finite loss increases, their count (float32: MPS has no float64)
         self._perturbed = 0
         self._scaler_skips = 0
         self._scaler_decides = False  # whether a GradScaler's verdict on the last step is still to be counted
@@ -98,7 +111,7 @@ class TwoPassStep:
         rng = _rng_state(self.accelerator.device)
         with self._first_pass_sync():
             loss = forward_backward()
-        self._pending.append((forward_backward, rng))
+        self._pending.append((forward_backward, rng, loss))
         if sync:
             try:
                 self._ascend_and_rerun()
@@ -120,7 +133,11 @@ class TwoPassStep:
         stats = (
             {f"sam_{k}": v / self._perturbed for k, v in self._stat_sums.items()} if self._perturbed else {}
         )
+        total, count = self._increases.tolist()
+        if count:
+            stats["sam_loss_increase"] = total / count
         stats["sam_skipped_steps"] = float(skipped)
+        self._increases = torch.zeros_like(self._increases)
         self._stat_sums = dict.fromkeys(self._stat_sums, 0.0)
         self._perturbed = self._scaler_skips = 0
         return stats
@@ -149,14 +166,22 @@ class TwoPassStep:
         try:
             self.model.zero_grad(set_to_none=True)
             last = len(self._pending) - 1
+            increase = torch.zeros((), device=self.accelerator.device)
             with frozen_batchnorm_stats(self.model):
-                for i, (forward_backward, rng) in enumerate(self._pending):
+                for i, (forward_backward, rng, first_loss) in enumerate(self._pending):
                     _set_rng_state(rng, self.accelerator.device)
                     with self.accelerator.no_sync(self.model) if i < last else contextlib.nullcontext():
-                        forward_backward()
+                        increase += forward_backward().float() - first_loss.float()
+            self._add_increase(increase if self.loss_shares else increase / len(self._pending))
         finally:
             _set_rng_state(after_first_pass, self.accelerator.device)
             optimizer.restore()
+
+    def _add_increase(self, increase: torch.Tensor) -> None:
+        """Accumulate a step's loss increase on the device (no host sync); non-finite ones are left out."""
+        finite = increase.isfinite()
+        update = torch.stack([torch.where(finite, increase, 0.0), finite.float()])
+        self._increases = self._increases.to(update.device) + update
 
     def _scaler_enabled(self) -> bool:
         scaler = self.accelerator.scaler

@@ -514,3 +514,37 @@ def test_ascent_statistics_are_averaged_into_the_logs(tmp_path):
         assert log["sam_perturbation_norm"] == pytest.approx(sum(s["perturbation_norm"] for s in pair) / 2)
         assert log["sam_kept_fraction"] == pytest.approx(sum(s["kept_fraction"] for s in pair) / 2)
         assert 0 < log["sam_kept_fraction"] < 0.5 and log["sam_skipped_steps"] == 0
+
+
+def loss_increases_of_a_plain_loop(steps: int) -> list[float]:
+    """L(w + e) - L(w) of each step's batch (8 examples), measured around the optimizer's own steps."""
+    model = TinyNet()
+    opt = ZSharp(decay_groups(model, 0.0), torch.optim.AdamW, lr=1e-2, fused=True)
+    schedule = get_linear_schedule_with_warmup(opt, 0, steps)
+    increases = []
+    for batch in TinyData().batches(8)[:steps]:
+        before = model(**batch)["loss"]
+        before.backward()
+        opt.first_step(zero_grad=True)
+        after = model(**batch)["loss"]
+        after.backward()
+        opt.second_step(zero_grad=True)
+        schedule.step()
+        increases.append(float(after) - float(before))
+    return increases
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_ascent_loss_increase_is_logged(tmp_path, accumulation):
+    expected = loss_increases_of_a_plain_loop(4)
+    assert all(increase > 0 for increase in expected)  # the ascent does raise the loss
+    trainer = train(
+        tmp_path,
+        logging_steps=2,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
+    logs = [log["sam_loss_increase"] for log in trainer.state.log_history if "loss" in log]
+    # Means of two steps; each a difference of two float32 losses near 1 (a few ulps), halves averaged when
+    # accumulating: a few times 1e-7 at most.
+    torch.testing.assert_close(logs, [sum(expected[:2]) / 2, sum(expected[2:]) / 2], rtol=0, atol=1e-6)

@@ -133,7 +133,7 @@ def test_host_reads_per_two_pass_step(fused, per_step, monkeypatch):
     """One host read per step (the ascent's); the second pass's check adds one unless the base is fused."""
     reads = count_host_reads(monkeypatch)
     accelerate_loop(TinyNet(), steps=3, fused=fused)
-    assert len(reads) == 3 * per_step + 1  # + reading the skip count once, for the logs
+    assert len(reads) == 3 * per_step + 2  # + reading the skip count and the loss increase once, for the logs
 
 
 def test_an_error_in_the_second_pass_leaves_the_weights_and_rng_restored():
@@ -249,3 +249,11 @@ def test_trainer_resumes_the_random_mask_identically(tmp_path):
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
     torch.testing.assert_close(flat(resumed), flat(straight), rtol=0, atol=0)
+
+
+def test_the_loss_increase_is_the_batch_mean_with_or_without_accumulation():
+    whole = accelerate_loop(TinyNet(), steps=3, batch_size=8).stats["sam_loss_increase"]
+    halves = accelerate_loop(TinyNet(), steps=3, batch_size=4, accumulation=2).stats["sam_loss_increase"]
+    assert whole > 0
+    # Equal halves: their mean loss is the whole batch's, up to a few float32 ulps of losses near 1.
+    assert halves == pytest.approx(whole, abs=1e-6)
