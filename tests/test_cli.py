@@ -83,6 +83,7 @@ def test_sharpness_aware_statistics_reach_tensorboard(tmp_path):
         "train/sam_perturbation_norm",
         "train/sam_kept_fraction",
         "train/sam_skipped_steps",
+        "train/sam_loss_increase",
     } <= set(tags)
 
 
