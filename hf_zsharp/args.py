@@ -1,20 +1,25 @@
 """The arguments of training with hf_zsharp: the model and data to use (`ModelArguments`, `DataArguments`, read by
 `hf-zsharp-train`) and `ZSharpTrainingArguments`, `TrainingArguments` plus the options of `ZSharpTrainer`."""
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainingArguments
 
 from hf_zsharp.models import PAPER_MODELS
+from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp
+from hf_zsharp.two_pass import check_interval, unsupported_error
 
-SAM_METHODS = ("zsharp", "sam", "asam", "fsam", "none")
+SAM_METHODS = (*METHODS, "none")
 # `TrainingArguments.optim` values whose optimizer is a plain torch optimizer stepping on `.grad`, which the
 # two-pass wrapper can drive. The others step inside backward (LOMO), keep two sets of weights (schedule-free),
 # quantise their state (bitsandbytes, torchao) or need a special device (XLA, NPU).
 SUPPORTED_BASE_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
+_ZSHARP = inspect.signature(ZSharp).parameters
 
 
 @dataclass
@@ -24,36 +29,42 @@ class ZSharpTrainingArguments(TrainingArguments):
     sam: str = field(
         default="zsharp",
         metadata={
-            "help": "Sharpness-aware method wrapped around the `optim` base optimizer: 'zsharp' (Z-score filtered "
-            "ascent), 'sam', 'asam' (adaptive), 'fsam' (Friendly-SAM) or 'none' (plain base optimizer, one pass).",
+            "help": "Sharpness-aware method wrapped around the `optim` base optimizer: "
+            + "; ".join(f"'{name}': {info.title}" for name, info in METHODS.items())
+            + "; or 'none' (the base optimizer alone, one pass).",
             "choices": list(SAM_METHODS),
         },
     )
     sam_rho: float | None = field(
         default=None,
-        metadata={"help": "Ascent radius rho. Default: the method's own (0.05; 0.5 for asam)."},
+        metadata={
+            "help": "Ascent radius rho. Default: the method's own ("
+            + ", ".join(f"{name} {info.default_rho}" for name, info in METHODS.items())
+            + ")."
+        },
     )
     zsharp_percentile: float = field(
-        default=0.95,
+        default=_ZSHARP["percentile"].default,
         metadata={
             "help": "ZSharp only: entries of each filtered gradient tensor with |z-score| above this quantile are "
             "kept for the ascent (0.95 keeps about one entry in twenty)."
         },
     )
     sam_radius: str = field(
-        default="tensor",
+        default=_ZSHARP["radius"].default,
         metadata={
             "help": "ZSharp only: normalise the filtered ascent per tensor ('tensor', the paper's code) or over "
             "all tensors at once ('global').",
-            "choices": ["tensor", "global"],
+            "choices": list(RADII),
         },
     )
     sam_mask: str = field(
-        default="zscore",
+        default=_ZSHARP["mask"].default,
         metadata={
-            "help": "ZSharp only: which gradient entries to keep: 'zscore' (the method), or the ablation controls "
-            "'magnitude' (largest |g|) and 'random', at the same sparsity.",
-            "choices": ["zscore", "magnitude", "random"],
+            "help": "ZSharp only: which gradient entries to keep: 'zscore' (the method), the ablation controls "
+            "'magnitude' (largest |g|) and 'random' at the same sparsity, or 'none' (every entry: SAM normalised "
+            "per tensor).",
+            "choices": list(MASKS),
         },
     )
     sam_interval: int = field(
@@ -84,19 +95,10 @@ class ZSharpTrainingArguments(TrainingArguments):
         # Checked before TrainingArguments' own set-up, which would already initialise DeepSpeed/FSDP.
         if self.sam not in SAM_METHODS:
             raise ValueError(f"sam must be one of {', '.join(SAM_METHODS)}; got {self.sam!r}.")
-        if self.sam != "none":
-            if self.deepspeed:
-                raise ValueError(
-                    "ZSharpTrainer does not support DeepSpeed: its engine steps inside backward, so the two "
-                    "passes would step twice. Use DDP (torchrun / accelerate launch without a DeepSpeed config) "
-                    "or sam='none'."
-                )
-            if self.fsdp:
-                raise ValueError(
-                    "ZSharpTrainer does not support FSDP yet: the ascent's per-tensor statistics would be "
-                    "computed on shards. Use DDP (torchrun / accelerate launch without an FSDP config) or "
-                    "sam='none'."
-                )
+        if self.sam != "none" and self.deepspeed:
+            raise unsupported_error(DistributedType.DEEPSPEED)
+        if self.sam != "none" and self.fsdp:
+            raise unsupported_error(DistributedType.FSDP)
         if self.sam_rho is not None and not (math.isfinite(self.sam_rho) and self.sam_rho > 0):
             raise ValueError(
                 f"sam_rho must be a positive number (or None for the method default); got {self.sam_rho}."
@@ -106,21 +108,21 @@ class ZSharpTrainingArguments(TrainingArguments):
                 f"zsharp_percentile must lie in [0, 1) (0 disables the filter: plain SAM); got "
                 f"{self.zsharp_percentile}."
             )
-        if self.sam_radius not in ("tensor", "global"):
-            raise ValueError(f"sam_radius must be 'tensor' or 'global'; got {self.sam_radius!r}.")
-        if self.sam_mask not in ("zscore", "magnitude", "random"):
-            raise ValueError(f"sam_mask must be 'zscore', 'magnitude' or 'random'; got {self.sam_mask!r}.")
-        if (
-            isinstance(self.sam_interval, bool)
-            or not isinstance(self.sam_interval, int)
-            or self.sam_interval < 1
-        ):
-            raise ValueError(f"sam_interval must be an integer >= 1; got {self.sam_interval!r}.")
-        if self.sam not in ("zsharp", "none") and (
-            self.zsharp_percentile != 0.95 or self.sam_radius != "tensor" or self.sam_mask != "zscore"
-        ):
+        if self.sam_radius not in RADII:
+            raise ValueError(f"sam_radius must be one of {', '.join(RADII)}; got {self.sam_radius!r}.")
+        if self.sam_mask not in MASKS:
+            raise ValueError(f"sam_mask must be one of {', '.join(MASKS)}; got {self.sam_mask!r}.")
+        check_interval(self.sam_interval, "sam_interval")
+        ignored = [
+            field_name
+            for option, field_name in METHODS["zsharp"].options.items()
+            if self.sam not in ("zsharp", "none")
+            and field_name != "seed"
+            and getattr(self, field_name) != _ZSHARP[option].default
+        ]
+        if ignored:
             warnings.warn(
-                f"zsharp_percentile, sam_radius and sam_mask only apply to sam='zsharp'; ignored for sam={self.sam!r}.",
+                f"{', '.join(ignored)} only apply to sam='zsharp'; ignored for sam={self.sam!r}.",
                 stacklevel=2,
             )
         if not self.use_cpu and not torch.accelerator.is_available():
@@ -134,6 +136,13 @@ class ZSharpTrainingArguments(TrainingArguments):
                 f"optim={optim!r} cannot be the base of a two-pass sharpness-aware optimizer; use one of "
                 f"{', '.join(SUPPORTED_BASE_OPTIMS)} (or sam='none')."
             )
+
+    def sam_kwargs(self) -> dict[str, object]:
+        """The keyword arguments of the `sam` method's constructor: rho (if set) and the options it reads."""
+        kwargs: dict[str, object] = {} if self.sam_rho is None else {"rho": self.sam_rho}
+        if self.sam in METHODS:
+            kwargs.update({option: getattr(self, name) for option, name in METHODS[self.sam].options.items()})
+        return kwargs
 
 
 @dataclass

@@ -18,16 +18,15 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hf_zsharp.optim import METHODS
+
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
 ZSHARP_ARGS_NAME = "zsharp_args.json"
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 
 METHOD_TITLES = {
-    "zsharp": "ZSharp (SAM with Z-score gradient filtering, Yun 2025)",
-    "sam": "SAM (sharpness-aware minimization, Foret et al. 2021)",
-    "asam": "ASAM (adaptive SAM, Kwon et al. 2021)",
-    "fsam": "Friendly-SAM (Li et al. 2024)",
+    **{name: info.title for name, info in METHODS.items()},
     "none": "the base optimizer alone (no sharpness-aware step)",
 }
 TAGS = ("zsharp", "sharpness-aware-minimization", "image-classification")
@@ -36,15 +35,16 @@ FRAMEWORKS = ("torch", "transformers", "accelerate", "datasets", "hf_zsharp")
 _SECRET_KEY = re.compile(r"(token|secret|password)$", re.IGNORECASE)
 _HF_TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{30,}$")
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-# settings key -> row label, in table order; ZSharp-only and SAM-only rows are left out for other methods.
-_ZSHARP_ONLY = ("zsharp_percentile", "sam_radius", "sam_mask")
-_SAM_ONLY = ("sam_rho", "sam_interval", *_ZSHARP_ONLY)
-_ROWS = {
+# settings key -> row label, in table order: the sharpness-aware rows a method reads (every method reads rho and
+# the interval, each its own options; "none" reads none), then the rows of every run.
+_METHOD_ROWS = {
     "sam_rho": "rho (ascent radius)",
     "zsharp_percentile": "Z-score percentile Q_p",
     "sam_radius": "Radius normalisation",
     "sam_mask": "Mask",
     "sam_interval": "Perturbation interval (steps)",
+}
+_RUN_ROWS = {
     "optim": "Base optimizer",
     "learning_rate": "Learning rate",
     "weight_decay": "Weight decay",
@@ -333,9 +333,10 @@ def _format(value: Any) -> str:
 
 def _settings_rows(settings: Mapping[str, Any], method: str) -> list[tuple[str, str]]:
     rows = [("Method", f"`{method}`: {METHOD_TITLES[method]}")]
-    skipped = _SAM_ONLY if method == "none" else () if method == "zsharp" else _ZSHARP_ONLY
-    for key, label in _ROWS.items():
-        if key not in skipped and settings.get(key) is not None:
+    read = {"sam_rho", "sam_interval", *METHODS[method].options.values()} if method in METHODS else set()
+    labels = {key: label for key, label in _METHOD_ROWS.items() if key in read} | _RUN_ROWS
+    for key, label in labels.items():
+        if settings.get(key) is not None:
             value = _format(settings[key])
             if key == "lr_scheduler_type":
                 value += _warmup(settings)

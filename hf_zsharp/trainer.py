@@ -63,19 +63,10 @@ class ZSharpTrainer(Trainer):
             self.args.sam,
             [group for group in groups if group["params"]],
             base_cls,
-            **self._sam_kwargs(),
+            **self.args.sam_kwargs(),
             **base_kwargs,
         )
         return self.optimizer
-
-    def _sam_kwargs(self) -> dict[str, Any]:
-        args = self.args
-        kwargs: dict[str, Any] = {} if args.sam_rho is None else {"rho": args.sam_rho}
-        if args.sam == "zsharp":
-            kwargs.update(
-                percentile=args.zsharp_percentile, radius=args.sam_radius, mask=args.sam_mask, seed=args.seed
-            )
-        return kwargs
 
     def training_step(
         self,

@@ -26,18 +26,32 @@ from hf_zsharp.optim import SAM, FriendlySAM, frozen_batchnorm_stats
 RngState = tuple[torch.Tensor, torch.Tensor | None]
 
 
+# Set-ups where the two-pass step would be wrong, and why.
+UNSUPPORTED = {
+    DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward: two passes would step twice)",
+    DistributedType.FSDP: "FSDP (the ascent's per-tensor statistics would be computed on shards)",
+    DistributedType.MEGATRON_LM: "Megatron-LM (its engine owns the backward and the step)",
+}
+
+
+def unsupported_error(kind: DistributedType) -> ValueError:
+    """The error for a set-up in UNSUPPORTED, with what to use instead."""
+    return ValueError(
+        f"The two-pass sharpness-aware step does not support {UNSUPPORTED[kind]}. Use DDP instead (torchrun, or "
+        "accelerate launch with a multi-GPU/multi-CPU config), or sam='none'."
+    )
+
+
 def check_supported(accelerator: Accelerator) -> None:
-    """Refuse set-ups where the two-pass step would be wrong: DeepSpeed steps inside backward, FSDP shards tensors."""
-    unsupported = {
-        DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward: two passes would step twice)",
-        DistributedType.FSDP: "FSDP (the ascent's per-tensor statistics would be computed on shards)",
-        DistributedType.MEGATRON_LM: "Megatron-LM (its engine owns the backward and the step)",
-    }
-    if accelerator.distributed_type in unsupported:
-        raise ValueError(
-            f"The two-pass sharpness-aware step does not support {unsupported[accelerator.distributed_type]}. "
-            "Use DDP instead (torchrun, or accelerate launch with a multi-GPU/multi-CPU config), or sam='none'."
-        )
+    """Refuse an Accelerator whose distributed set-up is in UNSUPPORTED."""
+    if accelerator.distributed_type in UNSUPPORTED:
+        raise unsupported_error(accelerator.distributed_type)
+
+
+def check_interval(interval: object, name: str = "interval") -> None:
+    """The two-pass step every `interval` optimizer steps: an integer >= 1."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {interval!r}.")
 
 
 def unwrap_sam_optimizer(optimizer: Optimizer) -> SAM:
@@ -233,8 +247,7 @@ def accelerate_step(
     `scheduler.step()`, `optimizer.zero_grad()` as usual. `interval=k` takes the two-pass step every k optimizer
     steps (plain steps in between). Returns the first-pass loss, detached.
     """
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1; got {interval!r}.")
+    check_interval(interval)
     step = _STEPS.get(optimizer)
     if step is None or step.model is not model or step.sync_ascent != sync_ascent:
         step = _STEPS[optimizer] = TwoPassStep(accelerator, model, optimizer, sync_ascent=sync_ascent)

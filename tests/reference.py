@@ -80,7 +80,11 @@ def zsharp_ascent(
     if percentile == 0:
         return sam_ascent(grads, rho)
     total = global_norm(grads)
-    rule = {"zscore": zscore_mask, "magnitude": magnitude_mask}[mask]
+    rule = {
+        "zscore": zscore_mask,
+        "magnitude": magnitude_mask,
+        "none": lambda g, q: torch.ones_like(g, dtype=torch.bool),
+    }[mask]
     directions, filtered = [], []
     for grad in grads:
         g = grad.detach().to(torch.float64)

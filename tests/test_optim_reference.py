@@ -147,6 +147,22 @@ def test_magnitude_mask_matches_reference() -> None:
             assert g[moved].abs().min() >= g[~moved].abs().max()
 
 
+@pytest.mark.parametrize("radius", ["tensor", "global"])
+@pytest.mark.parametrize("zeros", [False, True], ids=["dense", "zeros"])
+def test_no_mask_is_sam_normalised_per_tensor(radius: str, zeros: bool) -> None:
+    """mask="none": every filtered tensor moves by rho along its gradient (its global-radius form is SAM)."""
+    model = model_with_grads("cnn", zeros=zeros)
+    params, grads = grads_of(model)
+    expected = ref.zsharp_ascent(grads, mask="none", radius=radius)
+    before = [p.detach().clone() for p in params]
+    optimizer = ZSharp(model.parameters(), torch.optim.SGD, mask="none", radius=radius, lr=0.1)
+    assert optimizer.first_step() is True
+    assert_moved_by(list(params), before, expected)
+    assert optimizer.ascent_stats["kept_fraction"] == 1.0
+    total = torch.stack([e.norm() for e in expected]).norm()
+    assert optimizer.ascent_stats["perturbation_norm"] == pytest.approx(float(total), rel=1e-5)
+
+
 def test_random_mask_same_sparsity_and_seeded() -> None:
     model = model_with_grads("vit")
     params, grads = grads_of(model)

@@ -1,8 +1,9 @@
-"""The SAM optimizer family: ZSharp and the paper's baselines, behind one factory."""
+"""The SAM optimizer family: ZSharp and the paper's baselines, one registry of what each method is, one factory."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,19 +11,49 @@ from torch.optim import Optimizer
 
 from .batchnorm import frozen_batchnorm_stats
 from .sam import ASAM, SAM, FriendlySAM
-from .zsharp import ZSharp
+from .zsharp import MASKS, RADII, ZSharp
 
 __all__ = [
     "ASAM",
+    "MASKS",
+    "METHODS",
+    "RADII",
     "SAM",
     "FriendlySAM",
+    "MethodInfo",
     "ZSharp",
-    "METHODS",
     "create_sam_optimizer",
     "frozen_batchnorm_stats",
 ]
 
-METHODS: dict[str, type[SAM]] = {"zsharp": ZSharp, "sam": SAM, "asam": ASAM, "fsam": FriendlySAM}
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One sharpness-aware method: its class, its title for model cards, and the options it reads.
+
+    `options` maps the method's constructor arguments (beyond `rho`) to the `ZSharpTrainingArguments` fields
+    that set them.
+    """
+
+    cls: type[SAM]
+    title: str
+    options: dict[str, str]
+
+    @property
+    def default_rho(self) -> float:
+        return self.cls.default_rho
+
+
+METHODS: dict[str, MethodInfo] = {
+    "zsharp": MethodInfo(
+        ZSharp,
+        "ZSharp (SAM with Z-score gradient filtering, Yun 2025)",
+        {"percentile": "zsharp_percentile", "radius": "sam_radius", "mask": "sam_mask", "seed": "seed"},
+    ),
+    "sam": MethodInfo(SAM, "SAM (sharpness-aware minimization, Foret et al. 2021)", {}),
+    "asam": MethodInfo(ASAM, "ASAM (adaptive SAM, Kwon et al. 2021)", {}),
+    "fsam": MethodInfo(FriendlySAM, "Friendly-SAM (Li et al. 2024)", {}),
+}
 
 
 def create_sam_optimizer(
@@ -34,4 +65,4 @@ def create_sam_optimizer(
     """Build `METHODS[method]` around `base_optimizer`; `kwargs` go to the method, then the base optimizer."""
     if method not in METHODS:
         raise ValueError(f"method: unknown SAM method {method!r}; choose one of {sorted(METHODS)}")
-    return METHODS[method](params, base_optimizer, **kwargs)
+    return METHODS[method].cls(params, base_optimizer, **kwargs)

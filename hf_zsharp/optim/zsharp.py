@@ -25,7 +25,7 @@ from .sam import EPS, SAM, Move, check_argument, fetch, norms
 from .selection import top_share
 
 RADII = ("tensor", "global")
-MASKS = ("zscore", "magnitude", "random")
+MASKS = ("zscore", "magnitude", "random", "none")
 
 
 class ZSharp(SAM):
@@ -40,7 +40,8 @@ class ZSharp(SAM):
         radius: "tensor" (the paper's code: each filtered tensor moves by rho) or "global" (one
             normalisation: the whole perturbation has norm rho). Optimizer-wide.
         mask: "zscore" (the method), or the controls "magnitude" (largest |g|) and "random" (uniform
-            random entries), both keeping the same share of entries. Optimizer-wide.
+            random entries), both keeping the same share of entries, and "none" (every entry: SAM normalised
+            per tensor, ZSharp's radius without its filter). Optimizer-wide.
         seed: seed of the private generator used by `mask="random"` (one per device; its state is in
             `state_dict()`, so a resumed run draws the same masks).
     """
@@ -69,8 +70,10 @@ class ZSharp(SAM):
 
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
         filtered = [p for p in params if p.ndim > 1 and self._group(p)["percentile"] > 0]
-        if not filtered:
+        if not filtered or (self.defaults["mask"] == "none" and self.defaults["radius"] == "global"):
             return super()._moves(params)
+        if self.defaults["mask"] == "none":
+            return self._layerwise_moves(params, filtered)
         groups = _same_shape(filtered, self._group)
         if self.defaults["mask"] == "random":  # one generator: draw in a fixed order
             batches = [self._select(group) for group in groups]
@@ -103,6 +106,18 @@ class ZSharp(SAM):
         ]
         moves += [Move(p, p.grad, self._rho(p) / (dense_norm + EPS), norm_of[id(p)]) for p in sam_direction]
         return moves
+
+    def _layerwise_moves(self, params: list[Tensor], filtered: list[Tensor]) -> list[Move] | None:
+        """mask="none": each filtered tensor moves by rho along its whole gradient; the others as in SAM."""
+        (host,) = fetch(torch.stack(norms([p.grad for p in params])))
+        total = math.sqrt(sum(n * n for n in host))
+        if not math.isfinite(total):
+            return None
+        layerwise = {id(p) for p in filtered}
+        return [
+            Move(p, p.grad, self._rho(p) / ((n if id(p) in layerwise and n > 0 else total) + EPS), n)
+            for p, n in zip(params, host)
+        ]
 
     def _select(self, params: list[Tensor]) -> dict[str, Any]:
         """Filter the gradients of same-shape tensors at once: kept values, their positions, norms, counts."""
