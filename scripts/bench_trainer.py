@@ -4,7 +4,7 @@ Each (model, configuration) trains in a fresh process, `--rounds` times interlea
 `ZSharpTrainer` with sam=sam, sam=zsharp, and sam=zsharp with sam_interval=5. Throughput is the median samples/s of several timed windows
 of optimizer steps after a warm-up; peak memory is the growth of the peak RSS (CPU) or the peak of
 `torch.cuda.max_memory_allocated` (GPU) from just before the model is built. The ratios are checked against
-the targets of issue 3.
+the targets in `TARGETS`.
 
     python scripts/bench_trainer.py                        # CPU fp32, plus CUDA bf16 when available
     python scripts/bench_trainer.py --models resnet20 --devices cpu --threads 1 --rounds 3

@@ -1,7 +1,7 @@
 """Plain, independent references of the ascent steps (ZSharp, SAM, ASAM, Friendly-SAM) for the tests,
 and the small models (CNN with BatchNorm, MLP, transformers ViT) the optimizer tests run them on.
 
-Written from /work/shared/reference/ZSHARP_ALGORITHM.md and the official ASAM / F-SAM code, one tensor at
+Written from the paper's code (arXiv 2505.02369) and the official ASAM / F-SAM code, one tensor at
 a time in float64, with no code shared with `hf_zsharp.optim`. Each function returns the perturbation `e`
 (float64) per parameter, in the order of the gradients it was given. `count_host_reads` counts the
 device-to-host reads of hf_zsharp's code (each a sync on an accelerator) on the CPU.

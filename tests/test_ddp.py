@@ -1,4 +1,4 @@
-"""ZSharpTrainer under DDP: two CPU processes over gloo, launched with torchrun (issue semantics 5)."""
+"""ZSharpTrainer under DDP: two CPU processes over gloo, launched with torchrun."""
 
 import json
 import math

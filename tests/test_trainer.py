@@ -1,4 +1,4 @@
-"""ZSharpTrainingArguments and ZSharpTrainer on the CPU: the semantics of issue 3 (1-4, 6-9; DDP is test_ddp.py)."""
+"""ZSharpTrainingArguments and ZSharpTrainer on the CPU (DDP: test_ddp.py)."""
 
 import copy
 import math
@@ -268,7 +268,7 @@ def test_args_must_be_zsharp_arguments(tmp_path):
         ZSharpTrainer(model=TinyNet(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
 
 
-# --- semantics ----------------------------------------------------------------------------------------------
+# --- the two-pass step ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -292,7 +292,7 @@ def test_the_tiny_training_is_insensitive_to_rounding(net, run):
     torch.testing.assert_close(reversed_, straight, rtol=0, atol=2 * ULP)
 
 
-def test_1_matches_a_plain_zsharp_loop(tmp_path):
+def test_matches_a_plain_zsharp_loop(tmp_path):
     model = TinyNet()
     expected = reference_zsharp(copy.deepcopy(model), steps=5, weight_decay=0.1)
     train(tmp_path, model, max_steps=5, weight_decay=0.1)
@@ -301,7 +301,7 @@ def test_1_matches_a_plain_zsharp_loop(tmp_path):
     assert not torch.equal(flat(model), flat(TinyNet()))
 
 
-def test_2_gradient_accumulation_equals_the_larger_batch(tmp_path):
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     big, small = TinyNet(), TinyNet()
     train(tmp_path / "big", big, per_device_train_batch_size=8)
     trainer, recorder = recorded_train(
@@ -313,7 +313,7 @@ def test_2_gradient_accumulation_equals_the_larger_batch(tmp_path):
     torch.testing.assert_close(flat(small), flat(big), rtol=0, atol=ROUNDING)
 
 
-def test_3_weights_are_restored_before_clipping_and_the_step(tmp_path):
+def test_weights_are_restored_before_clipping_and_the_step(tmp_path):
     model = TinyNet()
     expected = reference_zsharp(copy.deepcopy(model), steps=4, clip=0.05)
     trainer, recorder = recorded_train(tmp_path, model, max_grad_norm=0.05)
@@ -324,7 +324,7 @@ def test_3_weights_are_restored_before_clipping_and_the_step(tmp_path):
     assert (expected - reference_zsharp(TinyNet(), steps=4)).abs().max() > 100 * ROUNDING
 
 
-def test_3_non_finite_first_pass_skips_the_step(tmp_path):
+def test_non_finite_first_pass_skips_the_step(tmp_path):
     model = TinyNet()
     model.poison = {5}  # the first pass of step 2 (steps 0 and 1 used calls 1-4)
     trainer, recorder = recorded_train(tmp_path, model, logging_steps=4)
@@ -336,7 +336,7 @@ def test_3_non_finite_first_pass_skips_the_step(tmp_path):
     assert trainer.state.log_history[0]["sam_skipped_steps"] == 1
 
 
-def test_3_a_skip_does_not_skip_the_next_plain_step(tmp_path):
+def test_a_skip_does_not_skip_the_next_plain_step(tmp_path):
     model = TinyNet()
     model.poison = {1}  # step 0 (two-pass) is skipped; step 1 is a plain step (sam_interval=2)
     trainer, recorder = recorded_train(tmp_path, model, sam_interval=2, max_steps=2)
@@ -349,7 +349,7 @@ def scaler(**kwargs):
     return torch.amp.GradScaler("cpu", **{"init_scale": 2.0**10, "growth_interval": 1000, **kwargs})
 
 
-def test_3_grad_scaler_overflow_in_the_second_pass_skips_like_stock(tmp_path):
+def test_grad_scaler_overflow_in_the_second_pass_skips_like_stock(tmp_path):
     model = TinyNet()
     model.poison = {6}  # the second pass of step 2
     grad_scaler = scaler()
@@ -364,7 +364,7 @@ def test_3_grad_scaler_overflow_in_the_second_pass_skips_like_stock(tmp_path):
     assert torch.isfinite(flat(model)).all()
 
 
-def test_3_grad_scaler_overflow_in_the_first_pass_skips_the_second(tmp_path):
+def test_grad_scaler_overflow_in_the_first_pass_skips_the_second(tmp_path):
     model = TinyNet()
     model.poison = {3}  # the first pass of step 1
     grad_scaler = scaler()
@@ -377,7 +377,7 @@ def test_3_grad_scaler_overflow_in_the_first_pass_skips_the_second(tmp_path):
     assert grad_scaler.get_scale() == 2.0**9
 
 
-def test_4_fp16_unscales_once_per_step_and_trains(tmp_path):
+def test_fp16_unscales_once_per_step_and_trains(tmp_path):
     grad_scaler = scaler()
     calls = []
     unscale = grad_scaler.unscale_
@@ -394,7 +394,7 @@ def test_4_fp16_unscales_once_per_step_and_trains(tmp_path):
 
 
 @pytest.mark.parametrize("sam", ["zsharp", "fsam"])
-def test_4_the_ascent_is_unchanged_by_loss_scaling(tmp_path, sam):
+def test_the_ascent_is_unchanged_by_loss_scaling(tmp_path, sam):
     # fp32 arithmetic with a GradScaler whose scale doubles every step: scaled gradients are exact multiples.
     reference, scaled = TinyNet(), TinyNet()
     train(tmp_path / "ref", reference, sam=sam, max_steps=5)
@@ -406,7 +406,7 @@ def test_4_the_ascent_is_unchanged_by_loss_scaling(tmp_path, sam):
     assert torch.equal(flat(scaled), flat(reference))
 
 
-def test_4_bf16_autocast_on_cpu(tmp_path):
+def test_bf16_autocast_on_cpu(tmp_path):
     model = TinyNet()
     expected = reference_zsharp(copy.deepcopy(model), steps=4, autocast=torch.bfloat16)
     forward_dtypes = []
@@ -418,7 +418,7 @@ def test_4_bf16_autocast_on_cpu(tmp_path):
     assert torch.equal(flat(model), expected)
 
 
-def test_6_batchnorm_statistics_come_from_the_first_pass_only(tmp_path):
+def test_batchnorm_statistics_come_from_the_first_pass_only(tmp_path):
     model = TinyNet(batchnorm=True)
     reference = copy.deepcopy(model)
     train(tmp_path, model, max_steps=3)
@@ -449,7 +449,7 @@ def dropout_masks(tmp_path, **overrides):
     return masks
 
 
-def test_6_dropout_draws_the_same_mask_in_both_passes(tmp_path):
+def test_dropout_draws_the_same_mask_in_both_passes(tmp_path):
     masks = dropout_masks(tmp_path / "zsharp")
     assert len(masks) == 6
     for first, second in zip(masks[0::2], masks[1::2]):
@@ -462,7 +462,7 @@ def test_6_dropout_draws_the_same_mask_in_both_passes(tmp_path):
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_7_sam_interval_takes_one_two_pass_step_every_k(tmp_path, accumulation):
+def test_sam_interval_takes_one_two_pass_step_every_k(tmp_path, accumulation):
     batch = 8 // accumulation
     trainer, recorder = recorded_train(
         tmp_path,
@@ -475,7 +475,7 @@ def test_7_sam_interval_takes_one_two_pass_step_every_k(tmp_path, accumulation):
     assert recorder.calls == [two_pass, plain, plain, two_pass, plain, plain, two_pass]
 
 
-def test_8_resume_from_a_checkpoint_continues_identically(tmp_path):
+def test_resume_from_a_checkpoint_continues_identically(tmp_path):
     for sam in ("zsharp", "fsam"):
         run = {
             "sam": sam,
