@@ -268,7 +268,7 @@ def test_args_must_be_zsharp_arguments(tmp_path):
         ZSharpTrainer(model=TinyNet(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
 
 
-# --- the two-pass step ----------------------------------------------------------------------------------------------
+# --- the two-pass step -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
