@@ -1,9 +1,9 @@
-"""Image-classification data for training: load (Hub, local folders, embedded digits), check, transform lazily.
+"""Image-classification data for training: load (Hub, local folders, embedded digits), check, decode, transform.
 
-`load_image_dataset` returns a `DatasetDict` with "train" and "eval" splits holding only the image column
-(undecoded, `datasets.Image(decode=False)`) and the label column (`ClassLabel`). Images are decoded,
-converted to RGB and augmented on access by the transforms set with `with_image_transforms`, so DataLoader
-workers do the work and nothing is materialised.
+`load_image_dataset` returns a `DatasetDict` with "train" and "eval" splits holding two columns: "image"
+(undecoded, `datasets.Image(decode=False)`) and "labels" (a `ClassLabel`, whose names are the classes). The
+per-image transforms here are the streaming path (`with_image_transforms`: decoded and augmented on access, in
+DataLoader workers) and the reference that `hf_zsharp.image_data`'s cached, batched path reproduces.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torchvision.transforms import v2
 logger = logging.getLogger(__name__)
 
 DIGITS = "digits"
+IMAGE, LABELS = "image", "labels"  # the columns of a loaded dataset
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
 IMAGE_COLUMN_NAMES = ("img", "image")
 LABEL_COLUMN_NAMES = ("label", "fine_label", "labels", "coarse_label")
@@ -63,13 +65,14 @@ def load_image_dataset(
     seed: int = 42,
     verify_images: bool = True,
     num_proc: int | None = None,
-) -> tuple[DatasetDict, str, str, list[str]]:
-    """Load an image-classification dataset as ("train", "eval") splits; returns it with its columns and labels.
+) -> DatasetDict:
+    """Load an image-classification dataset as "train" and "eval" splits with the columns "image" and "labels".
 
     `dataset_name` is a Hub id, a local directory (imagefolder layout, data files such as parquet, or a
-    `save_to_disk` folder) or "digits" (scikit-learn's handwritten digits, embedded). The evaluation split is
-    `eval_split`, else a `train_val_split` fraction of the training split, else the first of test /
-    validation / valid / val. With `verify_images`, images that cannot be decoded are dropped and counted.
+    `save_to_disk` folder) or "digits" (scikit-learn's handwritten digits, embedded). The image and label columns
+    are detected unless named, and renamed; the class names are those of the "labels" `ClassLabel`. The
+    evaluation split is `eval_split`, else a `train_val_split` fraction of the training split, else the first of
+    test / validation / valid / val. With `verify_images`, images that cannot be decoded are dropped and counted.
     """
     if eval_split is not None and train_val_split is not None:
         raise DataError(
@@ -112,16 +115,19 @@ def load_image_dataset(
             )
     dataset = DatasetDict({name: raw[name].select_columns([image_column, label_column]) for name in kept})
     dataset = _as_image_column(dataset, image_column, dataset_name)
-    dataset, labels = _as_class_labels(dataset, label_column, dataset_name)
+    dataset = _as_class_labels(dataset, label_column, dataset_name)
+    dataset = dataset.rename_columns(
+        {old: new for old, new in ((image_column, IMAGE), (label_column, LABELS)) if old != new}
+    )
 
     if eval_split is None:
-        dataset = _hold_out(dataset[train_split], train_val_split, label_column, seed)
+        dataset = _hold_out(dataset[train_split], train_val_split, seed)
     else:
         dataset = DatasetDict({"train": dataset[train_split], "eval": dataset[eval_split]})
     if verify_images:
         dataset = DatasetDict(
             {
-                split: drop_undecodable_images(ds, image_column, split=split, num_proc=num_proc)
+                split: drop_undecodable_images(ds, split=split, num_proc=num_proc)
                 for split, ds in dataset.items()
             }
         )
@@ -130,11 +136,11 @@ def load_image_dataset(
         dataset_name,
         len(dataset["train"]),
         len(dataset["eval"]),
-        len(labels),
+        dataset["train"].features[LABELS].num_classes,
         image_column,
         label_column,
     )
-    return dataset, image_column, label_column, labels
+    return dataset
 
 
 def load_digits_dataset() -> DatasetDict:
@@ -289,9 +295,7 @@ def _as_image_column(dataset: DatasetDict, image_column: str, dataset_name: str)
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
-def _as_class_labels(
-    dataset: DatasetDict, label_column: str, dataset_name: str
-) -> tuple[DatasetDict, list[str]]:
+def _as_class_labels(dataset: DatasetDict, label_column: str, dataset_name: str) -> DatasetDict:
     """Make the label column one `ClassLabel` shared by every split, and refuse labels outside its range.
 
     Strings are encoded with one mapping (the sorted union over the splits), integers 0..n-1 are named
@@ -306,11 +310,11 @@ def _as_class_labels(
             _check_label_range(dataset[split], label_column, feature.num_classes, dataset_name, split)
             if list(feature.names) != names:
                 dataset[split] = _renumber_labels(dataset[split], label_column, feature.names, names)
-        return dataset, names
+        return dataset
     dtypes = {getattr(feature, "dtype", None) for feature in features}
     if dtypes <= {"string", "large_string"}:
         names = sorted({str(v) for split in dataset.values() for v in split.unique(label_column)})
-        return dataset.cast_column(label_column, ClassLabel(names=names)), names
+        return dataset.cast_column(label_column, ClassLabel(names=names))
     if not all(dtype is not None and re.fullmatch(r"u?int\d+", dtype) for dtype in dtypes):
         raise DataError(
             f"Column {label_column!r} of {dataset_name!r} holds {features[0]}, not class labels; name the label "
@@ -322,8 +326,7 @@ def _as_class_labels(
             f"Column {label_column!r} of {dataset_name!r} has negative labels (unlabelled examples?); "
             "choose another evaluation split with --eval_split or --train_val_split."
         )
-    labels = [str(i) for i in range(max(values) + 1)]
-    return dataset.cast_column(label_column, ClassLabel(names=labels)), labels
+    return dataset.cast_column(label_column, ClassLabel(names=[str(i) for i in range(max(values) + 1)]))
 
 
 def _renumber_labels(split: Dataset, label_column: str, old: Sequence[str], new: list[str]) -> Dataset:
@@ -356,26 +359,27 @@ def _check_label_range(
         )
 
 
-def _hold_out(train: Dataset, fraction: float, label_column: str, seed: int) -> DatasetDict:
+def _hold_out(train: Dataset, fraction: float, seed: int) -> DatasetDict:
     """Split `fraction` of the training split off for evaluation, stratified by label when every class allows.
 
-    The split is made here rather than with `Dataset.train_test_split`, which writes index files next to
-    datasets loaded with `load_from_disk` (in the user's folder).
+    `Dataset.train_test_split` splits an in-memory table of the row numbers and labels, whose rows are then
+    selected in memory: on a dataset read from files, `keep_in_memory=True` fails (huggingface/datasets#5699),
+    and without it the index files would be written next to the data (e.g. into a `save_to_disk` folder).
     """
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(train))
-    labels = np.asarray(train[label_column])
+    rows = Dataset.from_dict(
+        {"row": np.arange(len(train)), LABELS: train[LABELS][:]},
+        features=Features({"row": datasets.Value("int64"), LABELS: train.features[LABELS]}),
+    )
     try:
-        train_idx, eval_idx = train_test_split(
-            indices, test_size=fraction, random_state=seed, stratify=labels
+        split = rows.train_test_split(
+            test_size=fraction, seed=seed, stratify_by_column=LABELS, keep_in_memory=True
         )
-    except ValueError:  # a class with a single example cannot be stratified
-        train_idx, eval_idx = train_test_split(indices, test_size=fraction, random_state=seed)
+    except ValueError:  # a class with a single example, or fewer held-out examples than classes
+        split = rows.train_test_split(test_size=fraction, seed=seed, keep_in_memory=True)
     return DatasetDict(
         {
-            "train": train.select(np.sort(train_idx), keep_in_memory=True),
-            "eval": train.select(np.sort(eval_idx), keep_in_memory=True),
+            name: train.select(np.sort(split[part]["row"][:]), keep_in_memory=True)
+            for name, part in (("train", "train"), ("eval", "test"))
         }
     )
 
@@ -400,9 +404,9 @@ def decode_image(value: dict[str, Any] | PIL.Image.Image, index: int | None = No
         raise DataError(f"Could not decode image {_image_name(value, index)}: {err}") from err
 
 
-def _decodable(batch: dict[str, list], image_column: str) -> dict[str, list[bool]]:
+def _decodable(batch: dict[str, list]) -> dict[str, list[bool]]:
     ok = []
-    for value in batch[image_column]:
+    for value in batch[IMAGE]:
         try:
             decode_image(value)
             ok.append(True)
@@ -412,17 +416,16 @@ def _decodable(batch: dict[str, list], image_column: str) -> dict[str, list[bool
 
 
 def drop_undecodable_images(
-    dataset: Dataset, image_column: str, *, split: str = "train", num_proc: int | None = None
+    dataset: Dataset, *, split: str = "train", num_proc: int | None = None
 ) -> Dataset:
     """Decode every image once and drop those that fail, logging how many were skipped and their names.
 
     Everything it computes stays in memory: no cache files are written next to the user's data.
     """
-    checked = dataset.select_columns([image_column]).map(
+    checked = dataset.select_columns([IMAGE]).map(
         _decodable,
-        fn_kwargs={"image_column": image_column},
         batched=True,
-        remove_columns=[image_column],
+        remove_columns=[IMAGE],
         num_proc=num_proc,
         keep_in_memory=True,
         desc=f"Checking that the {split} images decode",
@@ -433,7 +436,7 @@ def drop_undecodable_images(
     bad = np.flatnonzero(~ok)
     if len(bad) == len(dataset):
         raise DataError(f"None of the {len(dataset)} images of the {split} split can be decoded.")
-    names = [_image_name(dataset[int(i)][image_column], int(i)) for i in bad[:10]]
+    names = [_image_name(dataset[int(i)][IMAGE], int(i)) for i in bad[:10]]
     logger.warning(
         "Skipped %d of %d %s images that could not be decoded: %s%s",
         len(bad),
@@ -495,17 +498,27 @@ def timm_transforms(data_config: dict[str, Any]) -> tuple[Transform, Transform]:
     )
 
 
-def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
-    """Transforms matching a pretrained model's image processor: RandomResizedCrop + flip / resize + center crop.
+@dataclass(frozen=True)
+class ProcessorRecipe:
+    """What a pretrained model's image processor asks for: the crop (height, width), the evaluation resize
+    (shortest edge, or (height, width)) before the center crop, and the normalisation (None: scale only)."""
 
-    transformers' timm wrapper processor (it carries a timm `data_config`) gets timm's transforms instead.
-    """
-    if hasattr(image_processor, "data_config"):
-        return timm_transforms(image_processor.data_config)
+    crop: tuple[int, int]
+    resize: int | tuple[int, int]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    def eval_geometry(self) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+        """Resize then center crop: the deterministic part of the evaluation transform."""
+        return v2.Compose([v2.Resize(self.resize), v2.CenterCrop(self.crop)])
+
+
+def processor_recipe(image_processor: Any) -> ProcessorRecipe:
+    """The sizes and normalisation of a transformers image processor (crop_pct and crop_size included)."""
     size = image_processor.size
     shortest_edge = size.get("shortest_edge")
     if shortest_edge:
-        crop: int | tuple[int, int] = shortest_edge
+        crop = (shortest_edge, shortest_edge)
         crop_pct = getattr(image_processor, "crop_pct", None)
         resize: int | tuple[int, int] = int(shortest_edge / crop_pct) if crop_pct else shortest_edge
     else:
@@ -516,18 +529,26 @@ def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
     normalize = getattr(image_processor, "do_normalize", True)
     mean = getattr(image_processor, "image_mean", None) if normalize else None
     std = getattr(image_processor, "image_std", None) if normalize else None
-    train = v2.Compose(
-        [v2.RandomResizedCrop(crop), v2.RandomHorizontalFlip(), *_to_normalized_tensor(mean, std)]
+    return ProcessorRecipe(
+        crop, resize, None if mean is None else tuple(mean), None if std is None else tuple(std)
     )
-    evaluation = v2.Compose([v2.Resize(resize), v2.CenterCrop(crop), *_to_normalized_tensor(mean, std)])
-    return train, evaluation
+
+
+def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
+    """Transforms matching a pretrained model's image processor: RandomResizedCrop + flip / resize + center crop.
+
+    transformers' timm wrapper processor (it carries a timm `data_config`) gets timm's transforms instead.
+    """
+    if hasattr(image_processor, "data_config"):
+        return timm_transforms(image_processor.data_config)
+    recipe = processor_recipe(image_processor)
+    to_tensor = _to_normalized_tensor(recipe.mean, recipe.std)
+    train = v2.Compose([v2.RandomResizedCrop(recipe.crop), v2.RandomHorizontalFlip(), *to_tensor])
+    return train, v2.Compose([recipe.eval_geometry(), *to_tensor])
 
 
 def normalization_stats(
-    dataset_name: str,
-    train_dataset: Dataset | None = None,
-    image_column: str | None = None,
-    max_images: int = 5000,
+    dataset_name: str, train_dataset: Dataset | None = None, max_images: int = 5000
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std for `dataset_name`: known values for CIFAR-10/100 and Tiny-ImageNet, else computed.
 
@@ -536,19 +557,19 @@ def normalization_stats(
     key = re.sub(r"[^a-z0-9]", "", Path(dataset_name.rstrip("/")).name.lower())
     if key in NORMALIZATION_STATS:
         return NORMALIZATION_STATS[key]
-    if train_dataset is None or image_column is None:
+    if train_dataset is None:
         raise ValueError(
             f"No known normalisation statistics for {dataset_name!r}; pass the training split to compute them."
         )
     rng = np.random.default_rng(0)
     count = min(max_images, len(train_dataset))
     indices = np.sort(rng.choice(len(train_dataset), size=count, replace=False))
-    sample = train_dataset.with_format(None).select_columns([image_column]).select(indices)
+    sample = train_dataset.with_format(None).select_columns([IMAGE]).select(indices)
     total = np.zeros(3)
     total_sq = np.zeros(3)
     pixels = 0
     for batch in sample.iter(batch_size=256):
-        for value in batch[image_column]:
+        for value in batch[IMAGE]:
             array = np.asarray(decode_image(value), dtype=np.float64).reshape(-1, 3) / 255.0
             total += array.sum(axis=0)
             total_sq += np.square(array).sum(axis=0)
@@ -562,37 +583,26 @@ def normalization_stats(
 class ImageClassificationTransform:
     """Batch transform for `Dataset.set_transform`: decode to RGB, apply `transform`; yields pixel_values, labels."""
 
-    def __init__(self, transform: Transform, image_column: str, label_column: str):
+    def __init__(self, transform: Transform):
         self.transform = transform
-        self.image_column = image_column
-        self.label_column = label_column
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixel_values = [self.transform(decode_image(value)) for value in batch[self.image_column]]
-        return {"pixel_values": pixel_values, "labels": batch[self.label_column]}
+        pixel_values = [self.transform(decode_image(value)) for value in batch["pixel_values"]]
+        return {"pixel_values": pixel_values, "labels": batch[LABELS]}
 
 
 def with_image_transforms(
-    dataset: DatasetDict,
-    image_column: str,
-    label_column: str,
-    train_transform: Transform,
-    eval_transform: Transform,
+    dataset: DatasetDict, train_transform: Transform, eval_transform: Transform
 ) -> DatasetDict:
     """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split.
 
-    The columns are renamed to the model's argument names (pixel_values, labels), so that `Trainer`'s
-    `remove_unused_columns` keeps them; they still hold the stored images until the transform runs.
+    The image column is renamed to the model's argument name (pixel_values), so that `Trainer`'s
+    `remove_unused_columns` keeps it; it still holds the stored images until the transform runs.
     """
-    renames = {
-        old: new for old, new in ((image_column, "pixel_values"), (label_column, "labels")) if old != new
-    }
     return DatasetDict(
         {
-            split: ds.rename_columns(renames).with_transform(
-                ImageClassificationTransform(
-                    train_transform if split == "train" else eval_transform, "pixel_values", "labels"
-                )
+            split: ds.rename_column(IMAGE, "pixel_values").with_transform(
+                ImageClassificationTransform(train_transform if split == "train" else eval_transform)
             )
             for split, ds in dataset.items()
         }
@@ -600,7 +610,10 @@ def with_image_transforms(
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack transformed examples into a batch: {"pixel_values": (B, C, H, W), "labels": (B,)}."""
+    """Stack examples into a batch {"pixel_values": (B, C, H, W), "labels": (B,)}; a batch that a dataset
+    gathered whole (`hf_zsharp.image_data.CachedImages`, one item holding every example) passes as it is."""
+    if len(examples) == 1 and torch.is_tensor(labels := examples[0]["labels"]) and labels.ndim == 1:
+        return {"pixel_values": examples[0]["pixel_values"], "labels": labels}
     return {
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),

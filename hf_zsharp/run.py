@@ -36,15 +36,9 @@ from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import cards, hub
 from hf_zsharp.args import DataArguments, ModelArguments, ZSharpTrainingArguments
-from hf_zsharp.data import (
-    DIGITS,
-    collate_fn,
-    load_image_dataset,
-    normalization_stats,
-    paper_transforms,
-    processor_transforms,
-    with_image_transforms,
-)
+from hf_zsharp.augment import augment_inputs
+from hf_zsharp.data import DIGITS, LABELS, load_image_dataset, normalization_stats
+from hf_zsharp.image_data import paper_image_data, processor_image_data
 from hf_zsharp.metrics import compute_metrics
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.trainer import ZSharpTrainer
@@ -299,7 +293,7 @@ def run_training(
     if push:
         hub.check_push_prerequisites(repo_id, training_args.hub_token)
     with training_args.main_process_first(desc="loading the dataset"):
-        dataset, image_column, label_column, labels = load_image_dataset(
+        dataset = load_image_dataset(
             data_args.dataset_name,
             dataset_config=data_args.dataset_config_name,
             image_column=data_args.image_column_name,
@@ -317,21 +311,22 @@ def run_training(
         key = re.sub(r"[^a-z0-9]", "", Path(data_args.dataset_name.rstrip("/")).name.lower())
         model_args.image_size = DEFAULT_IMAGE_SIZES.get(key, 32)
     set_seed(training_args.seed)  # the model's initialisation depends on it
-    model, processor, base_model = load_model(model_args, labels)
+    model, processor, base_model = load_model(model_args, dataset["train"].features[LABELS].names)
     if processor is None:
-        mean, std = normalization_stats(data_args.dataset_name, dataset["train"], image_column)
-        train_transform, eval_transform = paper_transforms(mean, std, model_args.image_size)
+        mean, std = normalization_stats(data_args.dataset_name, dataset["train"])
+        data = paper_image_data(dataset, mean, std, model_args.image_size)
         processor = paper_image_processor(model_args.image_size, mean, std)
     else:
-        train_transform, eval_transform = processor_transforms(processor)
-    dataset = with_image_transforms(dataset, image_column, label_column, train_transform, eval_transform)
+        data = processor_image_data(dataset, processor)
+    if data.augment is not None:  # cached splits: crop, flip and normalise each batch on the device
+        augment_inputs(model, data.augment)
 
     trainer = ZSharpTrainer(
         model=model,
         args=training_args,
-        train_dataset=dataset["train"],
-        eval_dataset=dataset["eval"],
-        data_collator=collate_fn,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
         compute_metrics=compute_metrics,
         processing_class=processor,
         callbacks=callbacks,

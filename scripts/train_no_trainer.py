@@ -16,13 +16,9 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from hf_zsharp.data import (
-    collate_fn,
-    load_digits_dataset,
-    normalization_stats,
-    paper_transforms,
-    with_image_transforms,
-)
+from hf_zsharp.augment import BatchAugment, augment_inputs
+from hf_zsharp.data import DIGITS, load_image_dataset, normalization_stats
+from hf_zsharp.image_data import paper_image_data
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.optim import METHODS, create_sam_optimizer
 from hf_zsharp.two_pass import accelerate_step
@@ -67,19 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def digits_loaders(batch_size: int, augment: bool = True) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training batches (with the paper's random crop and flip if `augment`) and test batches."""
-    dataset = load_digits_dataset()
-    mean, std = normalization_stats("digits", dataset["train"], "image")
-    train_transform, eval_transform = paper_transforms(mean, std)
-    if not augment:
-        train_transform = eval_transform
-    dataset = with_image_transforms(dataset, "image", "label", train_transform, eval_transform)
+def digits_loaders(batch_size: int, augment: bool = True) -> tuple[DataLoader, DataLoader, BatchAugment]:
+    """Shuffled training batches and test batches of the decoded digits (uint8), and the batch augmentation to
+    run inside the model: the paper's random crop and flip if `augment`, then normalisation."""
+    dataset = load_image_dataset(DIGITS)
+    mean, std = normalization_stats(DIGITS, dataset["train"])
+    data = paper_image_data(dataset, mean, std)
     train = DataLoader(
-        dataset["train"], batch_size=batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True
+        data.train, batch_size=batch_size, shuffle=True, collate_fn=data.collator, drop_last=True
     )
-    test = DataLoader(dataset["test"], batch_size=256, collate_fn=collate_fn)
-    return train, test
+    test = DataLoader(data.eval, batch_size=256, collate_fn=data.collator)
+    return train, test, data.augment if augment else BatchAugment(mean, std, crop=None)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -94,8 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
-    train_loader, test_loader = digits_loaders(args.batch_size, augment=not args.no_augmentation)
+    train_loader, test_loader, augment = digits_loaders(args.batch_size, augment=not args.no_augmentation)
     model = build_model(args.model, num_labels=10)
+    # Each batch is cropped, flipped and normalised on the device, inside the forward: both passes alike.
+    augment_inputs(model, augment)
     sam_kwargs = {} if args.rho is None else {"rho": args.rho}
     optimizer = create_sam_optimizer(
         args.sam,

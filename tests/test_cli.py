@@ -274,7 +274,8 @@ def assert_pipeline_reproduces_the_evaluation(out, dataset_name, count):
 
     results = json.loads((out / "all_results.json").read_text())
     classifier = pipeline("image-classification", model=str(out), trust_remote_code=True)
-    dataset, image_column, label_column, _ = load_image_dataset(str(dataset_name))
+    dataset = load_image_dataset(str(dataset_name))
+    image_column, label_column = "image", "labels"
     evaluation = dataset["eval"].select(range(count))
     images = [decode_image(value) for value in evaluation[image_column]]
     processor = classifier.image_processor

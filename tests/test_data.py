@@ -45,12 +45,14 @@ def load(tmp_path):
     return _load
 
 
-def _pixel_batch(dataset, image_column, label_column, size=32):
+def _pixel_batch(dataset, size=32):
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    transformed = with_image_transforms(
-        dataset, image_column, label_column, *paper_transforms(mean, std, size)
-    )
+    transformed = with_image_transforms(dataset, *paper_transforms(mean, std, size))
     return collate_fn([transformed["eval"][i] for i in range(len(transformed["eval"]))])
+
+
+def _labels(dataset):
+    return dataset["train"].features["labels"].names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,53 +81,49 @@ def test_generated_parquet_has_hub_schema(request, tmp_path, fixture, pattern, f
 
 
 def test_cifar10_layout(load, cifar10_dir):
-    dataset, image_column, label_column, labels = load(cifar10_dir)
-    assert (image_column, label_column) == ("img", "label")
-    assert labels == CIFAR10_LABELS
+    dataset = load(cifar10_dir)  # columns img, label
+    assert _labels(dataset) == CIFAR10_LABELS
     assert {split: len(ds) for split, ds in dataset.items()} == {"train": 40, "eval": 20}
-    assert dataset["train"].column_names == ["img", "label"]
-    batch = _pixel_batch(dataset, image_column, label_column)
+    assert dataset["train"].column_names == ["image", "labels"]
+    assert dataset["eval"].features == dataset["train"].features
+    batch = _pixel_batch(dataset)
     assert batch["pixel_values"].shape == (20, 3, 32, 32)
     assert batch["labels"].dtype == torch.long
 
 
 def test_cifar100_prefers_fine_label_and_accepts_override(load, cifar100_dir):
-    dataset, image_column, label_column, labels = load(cifar100_dir)
-    assert (image_column, label_column) == ("img", "fine_label")
-    assert labels == CIFAR100_FINE_LABELS
-    assert dataset["eval"].column_names == ["img", "fine_label"]
-
-    _, _, label_column, labels = load(cifar100_dir, label_column="coarse_label")
-    assert label_column == "coarse_label"
-    assert labels == CIFAR100_COARSE_LABELS
+    dataset = load(cifar100_dir)
+    assert _labels(dataset) == CIFAR100_FINE_LABELS
+    assert dataset["eval"].column_names == ["image", "labels"]
+    assert _labels(load(cifar100_dir, label_column="coarse_label")) == CIFAR100_COARSE_LABELS
 
 
 def test_tiny_imagenet_valid_split_and_greyscale_become_rgb(load, tiny_imagenet_dir):
-    dataset, image_column, label_column, labels = load(tiny_imagenet_dir)
-    assert (image_column, label_column, len(labels)) == ("image", "label", 200)
+    dataset = load(tiny_imagenet_dir)
+    assert len(_labels(dataset)) == 200
     assert len(dataset["eval"]) == 20  # the "valid" split
-    modes = {PIL.Image.open(io.BytesIO(v["bytes"])).mode for v in dataset["eval"][image_column]}
+    modes = {PIL.Image.open(io.BytesIO(v["bytes"])).mode for v in dataset["eval"]["image"]}
     assert modes == {"L", "RGB"}
-    batch = _pixel_batch(dataset, image_column, label_column, size=64)
+    batch = _pixel_batch(dataset, size=64)
     assert batch["pixel_values"].shape == (20, 3, 64, 64)
 
 
 def test_overrides_of_columns_and_splits(load, cifar10_dir):
-    dataset, *_ = load(
+    dataset = load(
         cifar10_dir, image_column="img", label_column="label", train_split="test", eval_split="train"
     )
     assert (len(dataset["train"]), len(dataset["eval"])) == (20, 40)
-    dataset, *_ = load(cifar10_dir, train_val_split=0.25, seed=3)
+    dataset = load(cifar10_dir, train_val_split=0.25, seed=3)
     assert (len(dataset["train"]), len(dataset["eval"])) == (30, 10)
     # stratified: every class keeps examples on both sides
-    assert len(set(dataset["eval"]["label"])) == 10
+    assert len(set(dataset["eval"]["labels"])) == 10
 
 
 def test_imagefolder(load, imagefolder_dir):
-    dataset, image_column, label_column, labels = load(imagefolder_dir)
-    assert labels == ["cat", "dog", "fish"]
+    dataset = load(imagefolder_dir)
+    assert _labels(dataset) == ["cat", "dog", "fish"]
     assert (len(dataset["train"]), len(dataset["eval"])) == (12, 6)
-    batch = _pixel_batch(dataset, image_column, label_column)  # RGBA and greyscale files included
+    batch = _pixel_batch(dataset)  # RGBA and greyscale files included
     assert batch["pixel_values"].shape == (6, 3, 32, 32)
 
 
@@ -133,14 +131,14 @@ def test_saved_to_disk_needs_a_split_fraction(load, saved_to_disk_dir):
     files_before = sorted(saved_to_disk_dir.rglob("*"))
     with pytest.raises(DataError, match="no evaluation split.*--train_val_split"):
         load(saved_to_disk_dir)
-    dataset, _, _, labels = load(saved_to_disk_dir, train_val_split=0.2)
-    assert (len(dataset["train"]), len(dataset["eval"]), labels) == (32, 8, CIFAR10_LABELS)
+    dataset = load(saved_to_disk_dir, train_val_split=0.2)
+    assert (len(dataset["train"]), len(dataset["eval"]), _labels(dataset)) == (32, 8, CIFAR10_LABELS)
     assert sorted(saved_to_disk_dir.rglob("*")) == files_before  # no cache files left in the user's folder
 
 
 def test_saved_single_dataset_is_the_train_split(load, tmp_path):
     cifar10_split(20).save_to_disk(str(tmp_path / "single"))
-    dataset, *_ = load(tmp_path / "single", train_val_split=0.5)
+    dataset = load(tmp_path / "single", train_val_split=0.5)
     assert (len(dataset["train"]), len(dataset["eval"])) == (10, 10)
 
 
@@ -149,14 +147,13 @@ def test_plain_integer_and_string_labels(load, tmp_path):
         {"image": [PIL.Image.new("RGB", (8, 8))] * 6, "target": [0, 2, 1, 2, 0, 1]}
     )
     datasets.DatasetDict({"train": ints, "test": ints}).save_to_disk(str(tmp_path / "ints"))
-    _, _, label_column, labels = load(tmp_path / "ints", label_column="target")
-    assert (label_column, labels) == ("target", ["0", "1", "2"])
+    assert _labels(load(tmp_path / "ints", label_column="target")) == ["0", "1", "2"]
 
     strings = ints.map(lambda ex: {"label": ["cat", "dog", "eel"][ex["target"]]}).remove_columns("target")
     datasets.DatasetDict({"train": strings, "test": strings}).save_to_disk(str(tmp_path / "strings"))
-    dataset, _, label_column, labels = load(tmp_path / "strings")
-    assert (label_column, labels) == ("label", ["cat", "dog", "eel"])
-    assert isinstance(dataset["eval"].features["label"], datasets.ClassLabel)
+    dataset = load(tmp_path / "strings")
+    assert _labels(dataset) == ["cat", "dog", "eel"]
+    assert isinstance(dataset["eval"].features["labels"], datasets.ClassLabel)
 
 
 def _saved(path, splits, names=None):
@@ -176,20 +173,30 @@ def _saved(path, splits, names=None):
 
 def test_string_labels_are_encoded_with_one_mapping_for_every_split(load, tmp_path):
     root = _saved(tmp_path / "s", {"train": ["dog", "cat", "fox"], "test": ["cat", "fox", "fox"]})
-    dataset, _, label_column, labels = load(root)
-    assert labels == ["cat", "dog", "fox"]
-    assert dataset["eval"][label_column] == [0, 2, 2]  # 'fox' is class 2 in both splits
-    assert dataset["eval"].features[label_column] == dataset["train"].features[label_column]
+    dataset = load(root)
+    assert _labels(dataset) == ["cat", "dog", "fox"]
+    assert dataset["eval"]["labels"][:] == [0, 2, 2]  # 'fox' is class 2 in both splits
+    assert dataset["eval"].features["labels"] == dataset["train"].features["labels"]
 
 
 def test_class_label_splits_with_different_names_are_aligned_by_name(load, tmp_path):
     names = {"train": ["cat", "dog", "fox"], "test": ["cat", "fox", "owl"]}
     root = _saved(tmp_path / "c", {"train": [0, 1, 2], "test": [0, 1, 2]}, names)
     files_before = sorted(root.rglob("*"))
-    dataset, _, label_column, labels = load(root)
-    assert labels == ["cat", "dog", "fox", "owl"]
-    assert (dataset["train"][label_column], dataset["eval"][label_column]) == ([0, 1, 2], [0, 2, 3])
+    dataset = load(root)
+    assert _labels(dataset) == ["cat", "dog", "fox", "owl"]
+    assert (dataset["train"]["labels"][:], dataset["eval"]["labels"][:]) == ([0, 1, 2], [0, 2, 3])
     assert sorted(root.rglob("*")) == files_before  # no cache files written into the user's folder
+
+
+def test_a_class_with_a_single_example_is_held_out_unstratified_in_memory(load, tmp_path):
+    labels = [0, 0, 0, 1, 1, 1, 2, 0, 1, 1]  # class "c" has a single example: no stratified split exists
+    root = _saved(tmp_path / "single", {"train": labels}, ["a", "b", "c"])
+    files_before = sorted(root.rglob("*"))
+    dataset = load(root, train_val_split=0.3, seed=1)
+    assert (len(dataset["train"]), len(dataset["eval"])) == (7, 3)
+    assert sorted(dataset["train"]["labels"][:] + dataset["eval"]["labels"][:]) == sorted(labels)
+    assert sorted(root.rglob("*")) == files_before  # no index files in the user's folder
 
 
 @pytest.mark.parametrize("bad", [7, -1])
@@ -206,20 +213,20 @@ def test_an_empty_saved_split_is_a_clear_error(load, tmp_path):
 
 
 def test_digits_is_embedded_and_deterministic(load):
-    dataset, image_column, label_column, labels = load("digits")
-    assert labels == [str(d) for d in range(10)]
+    dataset = load("digits")
+    assert _labels(dataset) == [str(d) for d in range(10)]
     assert (len(dataset["train"]), len(dataset["eval"])) == (1437, 360)
-    assert np.bincount(dataset["eval"][label_column]).min() >= 35  # stratified: ~36 per class
+    assert np.bincount(dataset["eval"]["labels"][:]).min() >= 35  # stratified: ~36 per class
     from sklearn.datasets import load_digits
 
-    first = PIL.Image.open(io.BytesIO(dataset["train"][0][image_column]["bytes"]))
+    first = PIL.Image.open(io.BytesIO(dataset["train"][0]["image"]["bytes"]))
     assert (first.size, first.mode) == ((32, 32), "RGB")
     # The split is fixed: the evaluation images are the same whatever the seed.
-    again, *_ = load("digits", seed=123)
-    assert again["eval"][:50][image_column] == dataset["eval"][:50][image_column]
-    counts = np.bincount(dataset["train"][label_column]) + np.bincount(dataset["eval"][label_column])
+    again = load("digits", seed=123)
+    assert again["eval"][:50]["image"] == dataset["eval"][:50]["image"]
+    counts = np.bincount(dataset["train"]["labels"][:]) + np.bincount(dataset["eval"]["labels"][:])
     assert counts.tolist() == np.bincount(load_digits().target).tolist()
-    mean, std = normalization_stats("digits", dataset["train"], image_column)
+    mean, std = normalization_stats("digits", dataset["train"])
     assert len(mean) == 3 and 0.1 < mean[0] < 0.5 and 0.1 < std[0] < 0.5
 
 
@@ -271,12 +278,10 @@ def test_undecodable_images_are_skipped_and_counted(load, tmp_path, caplog):
     splits = {"train": cifar10_split(12, corrupt=3), "test": cifar10_split(6, seed=1)}
     root = write_hub_layout(tmp_path / "cifar10", "plain_text", "plain_text", splits)
     with caplog.at_level(logging.WARNING, logger="hf_zsharp.data"):
-        dataset, image_column, label_column, _ = load(root)
+        dataset = load(root)
     assert len(dataset["train"]) == 9
     assert "Skipped 3 of 12 train images" in caplog.text and "corrupt_0.png" in caplog.text
-    transformed = with_image_transforms(
-        dataset, image_column, label_column, *paper_transforms((0.5,) * 3, (0.5,) * 3)
-    )
+    transformed = with_image_transforms(dataset, *paper_transforms((0.5,) * 3, (0.5,) * 3))
     assert len([transformed["train"][i] for i in range(9)]) == 9
 
 
@@ -295,10 +300,8 @@ def test_unverified_bad_image_stops_with_its_file_name(load, tmp_path, imagefold
     root = tmp_path / "folder"
     shutil.copytree(imagefolder_dir, root)
     (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG truncated")
-    dataset, image_column, label_column, _ = load(root, verify_images=False)
-    transformed = with_image_transforms(
-        dataset, image_column, label_column, *paper_transforms((0.5,) * 3, (0.5,) * 3)
-    )
+    dataset = load(root, verify_images=False)
+    transformed = with_image_transforms(dataset, *paper_transforms((0.5,) * 3, (0.5,) * 3))
     with pytest.raises(DataError, match="Could not decode image broken.png"):
         [transformed["train"][i] for i in range(len(transformed["train"]))]
 
@@ -345,16 +348,15 @@ def test_normalization_stats_known_and_computed():
     assert normalization_stats("zh-plus/tiny-imagenet") == NORMALIZATION_STATS["tinyimagenet"]
     halves = [PIL.Image.new("RGB", (4, 4), (0, 51, 255)), PIL.Image.new("RGB", (4, 4), (255, 51, 255))]
     dataset = datasets.Dataset.from_dict({"image": halves}).cast_column("image", datasets.Image(decode=False))
-    mean, std = normalization_stats("my-data", dataset, "image")
+    mean, std = normalization_stats("my-data", dataset)
     assert mean == (0.5, 0.2, 1.0) and std == (0.5, 1.0, 1.0)  # constant channels: std 1
     with pytest.raises(ValueError, match="No known normalisation statistics"):
         normalization_stats("my-data")
 
 
 def test_dataloader_with_workers(load, cifar10_dir):
-    dataset, image_column, label_column, _ = load(cifar10_dir)
-    mean, std = normalization_stats(str(cifar10_dir))
-    transformed = with_image_transforms(dataset, image_column, label_column, *paper_transforms(mean, std))
+    dataset = load(cifar10_dir)
+    transformed = with_image_transforms(dataset, *paper_transforms(*normalization_stats(str(cifar10_dir))))
     loader = DataLoader(transformed["train"], batch_size=16, collate_fn=collate_fn, num_workers=2)
     shapes = [tuple(batch["pixel_values"].shape) for batch in loader]
     assert shapes == [(16, 3, 32, 32), (16, 3, 32, 32), (8, 3, 32, 32)]
@@ -367,10 +369,8 @@ def test_trainer_consumes_transformed_dataset_with_default_arguments(load, cifar
     from hf_zsharp.metrics import compute_metrics
     from hf_zsharp.models import build_model
 
-    dataset, image_column, label_column, labels = load(cifar10_dir)
-    transformed = with_image_transforms(
-        dataset, image_column, label_column, *paper_transforms(*normalization_stats(str(cifar10_dir)))
-    )
+    dataset = load(cifar10_dir)
+    transformed = with_image_transforms(dataset, *paper_transforms(*normalization_stats(str(cifar10_dir))))
     args = TrainingArguments(
         str(tmp_path / "out"),
         per_device_train_batch_size=20,
@@ -380,7 +380,7 @@ def test_trainer_consumes_transformed_dataset_with_default_arguments(load, cifar
         use_cpu=True,
     )
     trainer = Trainer(
-        model=build_model("resnet20", len(labels)),
+        model=build_model("resnet20", len(_labels(dataset))),
         args=args,
         train_dataset=transformed["train"],
         eval_dataset=transformed["eval"],

@@ -1,0 +1,191 @@
+"""The image data a Trainer trains on: splits decoded once into uint8 tensors and augmented per batch on the
+device, or, for splits too large to cache (or of mixed image sizes), streamed through per-image transforms.
+
+A cached split holds every image decoded (and resized to what the model takes) as one uint8 tensor in memory:
+a batch is one gather, and `hf_zsharp.augment.BatchAugment`, run inside the model's forward by
+`augment_inputs`, crops, flips and normalises it on the device. A streamed split decodes and transforms each
+image in the DataLoader workers (`hf_zsharp.data.with_image_transforms`) and yields float batches, which
+the augmentation leaves alone; the two kinds of split can be mixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from datasets import Dataset, DatasetDict
+
+from hf_zsharp.augment import BatchAugment
+from hf_zsharp.data import (
+    IMAGE,
+    LABELS,
+    ResizeTo,
+    collate_fn,
+    decode_image,
+    paper_transforms,
+    processor_recipe,
+    processor_transforms,
+    with_image_transforms,
+)
+
+logger = logging.getLogger(__name__)
+
+Geometry = Callable[[PIL.Image.Image], PIL.Image.Image]
+CHUNK = 256  # images decoded per task of the decoding threads
+
+
+@dataclass
+class ImageData:
+    """What `Trainer` takes for images: the two splits and the collator, and the augmentation to run inside the
+    model (`augment_inputs`) on the uint8 batches of cached splits; None when both splits stream."""
+
+    train: torch.utils.data.Dataset
+    eval: torch.utils.data.Dataset
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    augment: BatchAugment | None
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """Decoded images (N, H, W, C) uint8 and their labels; yields `pixel_values` (C, H, W) and `labels`.
+
+    `__getitems__` gathers a DataLoader batch with one indexing operation and hands it to the collator as a
+    single item (`hf_zsharp.data.collate_fn` passes it through).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int]) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[index].permute(2, 0, 1), "labels": self.labels[index]}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [{"pixel_values": self.images[index].permute(0, 3, 1, 2), "labels": self.labels[index]}]
+
+
+def cache_budget() -> int:
+    """Bytes of decoded images one process may cache: a quarter of the machine's memory, shared by its
+    processes (LOCAL_WORLD_SIZE under torchrun)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        memory = 8 * 2**30
+    return memory // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def decode_split(split: Dataset, geometry: Geometry | None, budget: int) -> torch.Tensor | None:
+    """Every image of `split` decoded to RGB, passed through `geometry`, as one (N, H, W, 3) uint8 tensor.
+
+    None when the images come out in different sizes or would take more than `budget` bytes. The decoding runs
+    on as many threads as the process has cores (PIL releases the GIL while it decodes and resizes).
+    """
+    images = split.with_format(None).select_columns([IMAGE])
+
+    def pixels(value: Any) -> np.ndarray:
+        image = decode_image(value)
+        return np.asarray(image if geometry is None else geometry(image))
+
+    first = pixels(images[0][IMAGE])
+    if len(split) * first.nbytes > budget:
+        return None
+    cache = torch.empty((len(split), *first.shape), dtype=torch.uint8)
+    arrays = cache.numpy()  # a view: NumPy copies PIL's read-only arrays in without a warning
+    mixed = threading.Event()  # an image of another size: the other threads stop too
+
+    def decode_chunk(start: int) -> None:
+        for offset, value in enumerate(images[start : start + CHUNK][IMAGE]):
+            array = pixels(value)
+            if mixed.is_set() or array.shape != first.shape:
+                mixed.set()
+                return
+            arrays[start + offset] = array
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(decode_chunk, range(0, len(split), CHUNK)))  # list(): re-raises a decoding error
+    return None if mixed.is_set() else cache
+
+
+def _image_data(
+    dataset: DatasetDict,
+    geometries: dict[str, Geometry | None],
+    transforms: tuple[Callable, Callable],
+    augment: BatchAugment,
+    budget: int | None,
+) -> ImageData:
+    """Cache each split that fits (in order, from one budget); stream the others through `transforms`."""
+    remaining = cache_budget() if budget is None else budget
+    splits: dict[str, torch.utils.data.Dataset] = {}
+    for name, geometry in geometries.items():
+        images = decode_split(dataset[name], geometry, remaining)
+        if images is None:
+            logger.info(
+                "The %s split streams (too large for the %d MB left to cache, or images of several sizes): each "
+                "image is decoded when read, best in DataLoader workers (--dataloader_num_workers).",
+                name,
+                remaining // 2**20,
+            )
+            continue
+        remaining -= images.nbytes
+        splits[name] = CachedImages(images, dataset[name][LABELS][:])
+        logger.info(
+            "Decoded the %s split once: %s uint8, %d MB.", name, tuple(images.shape), images.nbytes // 2**20
+        )
+    streamed = with_image_transforms(dataset, *transforms)
+    splits = {name: splits.get(name, streamed[name]) for name in ("train", "eval")}
+    cached = any(isinstance(split, CachedImages) for split in splits.values())
+    return ImageData(splits["train"], splits["eval"], collate_fn, augment if cached else None)
+
+
+def paper_image_data(
+    dataset: DatasetDict,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int = 32,
+    padding: int = 4,
+    *,
+    budget: int | None = None,
+) -> ImageData:
+    """The paper's recipe (`paper_transforms`): images resized to `image_size` once; RandomCrop(padding) + flip
+    and normalisation per batch. `budget`: bytes the caches may take (default: `cache_budget()`)."""
+    resize = ResizeTo(image_size)
+    return _image_data(
+        dataset,
+        {"train": resize, "eval": resize},
+        paper_transforms(mean, std, image_size, padding),
+        BatchAugment(mean, std, "pad", padding),
+        budget,
+    )
+
+
+def processor_image_data(
+    dataset: DatasetDict, image_processor: Any, *, budget: int | None = None
+) -> ImageData:
+    """A pretrained model's preprocessing (`processor_transforms`): training images cached as decoded (when they
+    share one size) for RandomResizedCrop + flip per batch; evaluation images resized and center-cropped once.
+
+    timm processors stream through timm's own transforms.
+    """
+    if hasattr(image_processor, "data_config"):
+        streamed = with_image_transforms(dataset, *processor_transforms(image_processor))
+        return ImageData(streamed["train"], streamed["eval"], collate_fn, None)
+    recipe = processor_recipe(image_processor)
+    return _image_data(
+        dataset,
+        {"train": None, "eval": recipe.eval_geometry()},
+        processor_transforms(image_processor),
+        BatchAugment(recipe.mean, recipe.std, recipe.crop),
+        budget,
+    )
