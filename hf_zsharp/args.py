@@ -79,7 +79,7 @@ class ZSharpTrainingArguments(TrainingArguments):
         metadata={
             "help": "Multi-process (DDP) only: all-reduce the first-pass gradient before the ascent, so training "
             "matches one process on the global batch. Default: each replica perturbs with its own gradient and "
-            "the first pass skips the all-reduce, as in the SAM paper."
+            "the first pass skips the all-reduce, as in the SAM paper. Under FSDP2 the ascent is always synced."
         },
     )
 
@@ -97,8 +97,6 @@ class ZSharpTrainingArguments(TrainingArguments):
             raise ValueError(f"sam must be one of {', '.join(SAM_METHODS)}; got {self.sam!r}.")
         if self.sam != "none" and self.deepspeed:
             raise unsupported_error(DistributedType.DEEPSPEED)
-        if self.sam != "none" and self.fsdp:
-            raise unsupported_error(DistributedType.FSDP)
         if self.sam_rho is not None and not (math.isfinite(self.sam_rho) and self.sam_rho > 0):
             raise ValueError(
                 f"sam_rho must be a positive number (or None for the method default); got {self.sam_rho}."
@@ -130,6 +128,8 @@ class ZSharpTrainingArguments(TrainingArguments):
             # only when told use_cpu; otherwise each process would train alone into the same output_dir.
             self.use_cpu = True
         super().__post_init__()
+        if self.sam != "none" and self.fsdp and (self.fsdp_plugin_args or {}).get("fsdp_version") != 2:
+            raise unsupported_error(DistributedType.FSDP)  # FSDP1 (or XLA's FSDP); FSDP2 is supported
         optim = getattr(self.optim, "value", self.optim)
         if self.sam != "none" and optim not in SUPPORTED_BASE_OPTIMS:
             raise ValueError(

@@ -5,7 +5,9 @@ method), `training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (a
 mixed precision, the LR scheduler, checkpoints and callbacks are `Trainer`'s own.
 """
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,6 +34,8 @@ class ZSharpTrainer(Trainer):
                 f"{type(args).__name__}."
             )
         super().__init__(model=model, args=args, **kwargs)
+        if self.is_fsdp_enabled:
+            _answer_no_input_embeddings(self.model)
         self._two_pass: TwoPassStep | None = None
         if args.sam != "none":
             check_supported(self.accelerator)
@@ -89,8 +93,47 @@ class ZSharpTrainer(Trainer):
             )
         return self._two_pass(first_pass, perturb=self.state.global_step % self.args.sam_interval == 0)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save`; under FSDP2, as the model's own class (see `_own_class`)."""
+        with _own_class(self.model) if self.is_fsdp_enabled else contextlib.nullcontext():
+            super()._save(output_dir, state_dict)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the ascent statistics (means since the last training log) to the training logs."""
         if self._two_pass is not None and "loss" in logs:
             logs.update(self._two_pass.pop_stats())
         super().log(logs, start_time)
+
+
+def _answer_no_input_embeddings(model: nn.Module) -> None:
+    """Let a model without input embeddings (the paper's ResNets and VGGs) say so with None.
+
+    Accelerate's FSDP2 preparation asks every model for them, and Transformers raises NotImplementedError for a
+    model that has none.
+    """
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        model.get_input_embeddings = lambda: None
+    except AttributeError:  # not a Transformers model: Accelerate does not ask
+        pass
+
+
+@contextlib.contextmanager
+def _own_class(model: nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2 model has its own class back.
+
+    FSDP2 swaps in a subclass defined in torch (FSDP<Model>), which `save_pretrained` would record as the code of
+    a custom model (a config `auto_map` that does not load) and copy torch's sources for.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapper = type(model)
+    if not issubclass(wrapper, FSDPModule):
+        yield
+        return
+    model.__class__ = next(cls for cls in wrapper.__bases__ if not issubclass(cls, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = wrapper

@@ -7,6 +7,9 @@ every kept micro-batch runs again at the perturbed weights (same RNG draws, so t
 BatchNorm running statistics frozen), and the weights are restored. The caller then clips and calls
 `optimizer.step()` as usual, which is a plain base step on the second-pass gradients (skipped if they are not
 finite), so clipping, a GradScaler (with its skip on overflow) and LR schedulers behave as without SAM.
+
+Under FSDP2 the optimizer computes the ascent's statistics over the whole (sharded) tensors and moves each rank's
+shards; the step here always ascends with the synced gradient (a rank holds only a shard of it).
 """
 
 import contextlib
@@ -22,6 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from hf_zsharp.optim import SAM, FriendlySAM, frozen_batchnorm_stats
+from hf_zsharp.optim.sharded import is_sharded
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -29,7 +33,7 @@ RngState = tuple[torch.Tensor, torch.Tensor | None]
 # Set-ups where the two-pass step would be wrong, and why.
 UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward: two passes would step twice)",
-    DistributedType.FSDP: "FSDP (the ascent's per-tensor statistics would be computed on shards)",
+    DistributedType.FSDP: "FSDP1 (its flat parameters hide the tensors whose statistics the ascent needs)",
     DistributedType.MEGATRON_LM: "Megatron-LM (its engine owns the backward and the step)",
 }
 
@@ -37,15 +41,17 @@ UNSUPPORTED = {
 def unsupported_error(kind: DistributedType) -> ValueError:
     """The error for a set-up in UNSUPPORTED, with what to use instead."""
     return ValueError(
-        f"The two-pass sharpness-aware step does not support {UNSUPPORTED[kind]}. Use DDP instead (torchrun, or "
+        f"The two-pass sharpness-aware step does not support {UNSUPPORTED[kind]}. Use FSDP2 to shard the model "
+        "(fsdp=True with fsdp_config={'version': 2}, or fsdp_version: 2 in an Accelerate config), DDP (torchrun, or "
         "accelerate launch with a multi-GPU/multi-CPU config), or sam='none'."
     )
 
 
 def check_supported(accelerator: Accelerator) -> None:
-    """Refuse an Accelerator whose distributed set-up is in UNSUPPORTED."""
-    if accelerator.distributed_type in UNSUPPORTED:
-        raise unsupported_error(accelerator.distributed_type)
+    """Refuse an Accelerator whose distributed set-up is in UNSUPPORTED; FSDP2 is supported."""
+    kind = accelerator.distributed_type
+    if kind in UNSUPPORTED and not (kind == DistributedType.FSDP and getattr(accelerator, "is_fsdp2", False)):
+        raise unsupported_error(kind)
 
 
 def check_interval(interval: object, name: str = "interval") -> None:
@@ -70,7 +76,9 @@ class TwoPassStep:
     """Runs micro-batches under the two-pass rule and keeps the ascent statistics for logging.
 
     `sync_ascent=False` (the SAM paper's m-sharpness under DDP): first passes run under `no_sync`, so each
-    replica perturbs with its own gradient; only the second pass is all-reduced. A perturbation skipped for
+    replica perturbs with its own gradient; only the second pass is all-reduced. Under FSDP2 (sharded parameters)
+    the ascent is always synced: a rank holds only a shard of any gradient, and FSDP2 keeps an unsynced one
+    unsharded, out of the optimizer's reach. A perturbation skipped for
     non-finite gradients on any replica is skipped on all of them. Non-finite second-pass gradients are
     all-reduced too, so the optimizer's (or a GradScaler's) skip of the base step agrees on all replicas.
 
@@ -91,7 +99,8 @@ class TwoPassStep:
         self.accelerator = accelerator
         self.model = model
         self.optimizer = unwrap_sam_optimizer(optimizer)
-        self.sync_ascent = sync_ascent
+        self.sharded = getattr(accelerator, "is_fsdp2", False) or any(map(is_sharded, model.parameters()))
+        self.sync_ascent = sync_ascent or self.sharded
         self.loss_shares = loss_shares
         self.optimizer_steps = 0
         self._pending: list[tuple[Callable[[], torch.Tensor], RngState, torch.Tensor]] = []
@@ -168,6 +177,8 @@ class TwoPassStep:
                 p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
             ]
             torch._foreach_mul_(grads, 1.0 / self.accelerator.scaler.get_scale())
+        if self.sharded:
+            _reshard(self.model)
         perturbed = optimizer.first_step()
         if not self._all_replicas(perturbed):
             self._skip_on_this_replica(perturbed)
@@ -259,6 +270,19 @@ def _backward(accelerator: Accelerator, compute_loss: Callable[[], torch.Tensor]
     loss = compute_loss()
     accelerator.backward(loss)
     return loss.detach()
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters, so that the next forward gathers the perturbed shards.
+
+    A module that keeps them after backward (`set_reshard_after_backward(False)`) would otherwise run the second
+    pass at the unperturbed weights.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _rng_state(device: torch.device) -> RngState:

@@ -170,16 +170,19 @@ def test_zsharp_only_options_warn_with_other_methods():
         ZSharpTrainingArguments(output_dir="o", use_cpu=True, sam="sam", zsharp_percentile=0.9)
 
 
-def test_deepspeed_and_fsdp_are_refused_at_start_up():
-    # Semantics 9: a clear error naming them and pointing to DDP, before anything is built.
-    with pytest.raises(ValueError, match="does not support DeepSpeed.*Use DDP"):
+def test_deepspeed_and_fsdp1_are_refused_at_start_up():
+    # Semantics 9: a clear error naming them and pointing to FSDP2 and DDP, before training starts.
+    with pytest.raises(ValueError, match="does not support DeepSpeed.*Use FSDP2.*DDP"):
         ZSharpTrainingArguments(output_dir="o", deepspeed="ds_config.json")
-    with pytest.raises(ValueError, match="does not support FSDP.*Use DDP"):
-        ZSharpTrainingArguments(output_dir="o", fsdp="full_shard")
+    with pytest.raises(ValueError, match="does not support FSDP1.*Use FSDP2.*DDP"):
+        ZSharpTrainingArguments(output_dir="o", fsdp=True, fsdp_config={"version": 1})
+    # FSDP2 (Transformers' default FSDP version) is accepted.
+    assert ZSharpTrainingArguments(output_dir="o", fsdp=True, fsdp_config={"version": 2}).fsdp
     # Configured through Accelerate instead of the arguments: refused by the trainer (and accelerate_step).
-    for kind, name in [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")]:
-        with pytest.raises(ValueError, match=f"does not support {name}.*Use DDP"):
-            check_supported(SimpleNamespace(distributed_type=kind))
+    for kind, name in [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP1")]:
+        with pytest.raises(ValueError, match=f"does not support {name}.*Use FSDP2.*DDP"):
+            check_supported(SimpleNamespace(distributed_type=kind, is_fsdp2=False))
+    check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
 
 
 def test_trainer_refuses_deepspeed_configured_by_accelerate(tmp_path, monkeypatch):
@@ -188,7 +191,7 @@ def test_trainer_refuses_deepspeed_configured_by_accelerate(tmp_path, monkeypatc
         property(lambda self: DistributedType.DEEPSPEED),
         raising=True,
     )
-    with pytest.raises(ValueError, match="does not support DeepSpeed.*Use DDP"):
+    with pytest.raises(ValueError, match="does not support DeepSpeed.*Use FSDP2.*DDP"):
         ZSharpTrainer(model=TinyNet(), args=tiny_args(str(tmp_path)), train_dataset=TinyData())
 
 
@@ -497,7 +500,7 @@ def test_resume_from_a_checkpoint_continues_identically(tmp_path):
         torch.testing.assert_close(flat(resumed), flat(straight), rtol=0, atol=0)
         # The checkpoint held the base optimizer's state (Adam moments) too.
         state = torch.load(tmp_path / sam / "out" / "checkpoint-3" / "optimizer.pt", weights_only=True)
-        assert state["base_optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
+        assert state["state"][0]["exp_avg"].abs().sum() > 0
 
 
 def test_ascent_statistics_are_averaged_into_the_logs(tmp_path):

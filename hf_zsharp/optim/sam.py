@@ -8,7 +8,11 @@ One step of sharpness-aware minimization is two forward/backward passes:
 The variants differ only in the perturbation e, computed by `_moves`; everything else (saving and
 restoring the moved entries, skipping on non-finite gradients, state dicts) lives in `SAM`.
 
-Host-device syncs: `first_step` makes exactly one (`fetch`). `second_step` checks the gradients on the device;
+Under FSDP2 the parameters and gradients are DTensor shards: every statistic of the ascent is the whole tensor's,
+reduced across ranks in one collective per step (three for ZSharp, see `sharded`), and each rank moves and
+restores only its own shard.
+
+Host-device syncs: on one process (or DDP), `first_step` makes exactly one (`fetch`). `second_step` checks the gradients on the device;
 a torch fused base optimizer (`fused=True`) skips on that device flag with no sync, any other base optimizer
 needs one more transfer to decide.
 """
@@ -23,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from .sharded import local, process_group, whole_norms
 
 EPS = 1e-12
 
@@ -98,12 +104,16 @@ class SAM(Optimizer):
         super().__init__(params, {"rho": rho, **self._extra_defaults(), **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
+        # One state too: `state_dict()` is then a plain torch one holding the base's state (what torch's
+        # distributed checkpoint helpers, used for FSDP2, read), and `state` is empty only before the first step.
+        self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self.skipped_perturbation = False
         self._skip_base_step = False
         self.ascent_stats: dict[str, float] = {}
         self._saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self._groups: dict[int, dict[str, Any]] = {}
+        self._process_group = None  # FSDP2's, when the parameters are sharded (set by each first_step)
         self._skipped = 0  # steps first_step skipped (known on the host)
         self._skipped_on_device: Tensor | None = None  # steps second_step skipped (a device count)
 
@@ -122,6 +132,7 @@ class SAM(Optimizer):
         self._groups = {id(p): group for group in self.param_groups for p in group["params"]}
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         params = [p for p in params if p.numel()]  # empty tensors move nothing
+        self._process_group = process_group(params)
         moves = self._moves(params) if params else []
         self.skipped_perturbation = self._skip_base_step = moves is None
         if moves is None:
@@ -166,11 +177,14 @@ class SAM(Optimizer):
 
     def _base_step_if_finite(self) -> None:
         """Step the base optimizer unless a gradient is not finite, counting skips on the device."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
             self.base_optimizer.step()
             return
-        found_inf = non_finite(grads)
+        found_inf = non_finite([local(p.grad) for p in params])
+        group = process_group(params)
+        if group is not None:  # FSDP2: each rank checks its shards; all skip if one finds a non-finite entry
+            torch.distributed.all_reduce(found_inf, torch.distributed.ReduceOp.MAX, group=group)
         count = self._skipped_on_device
         self._skipped_on_device = found_inf if count is None else count + found_inf
         base = self.base_optimizer
@@ -207,30 +221,28 @@ class SAM(Optimizer):
         self.second_step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapper's state and param groups, plus the base optimizer's state (e.g. Adam moments)."""
-        state = super().state_dict()
-        state["base_optimizer"] = self.base_optimizer.state_dict()
-        return state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load both states and keep one set of param-group dicts shared with the base optimizer.
+        """Load the state (the base optimizer's, e.g. Adam moments) and param groups, shared with the base again.
 
-        `Optimizer.load_state_dict` replaces the group dicts (Accelerate's `prepare` calls it); relinking
-        keeps an LR scheduler on this wrapper reaching the base optimizer.
+        `Optimizer.load_state_dict` replaces the state and the group dicts (Accelerate's `prepare` calls it);
+        relinking keeps an LR scheduler on this wrapper reaching the base optimizer.
         """
-        state_dict = dict(state_dict)
-        base_state = state_dict.pop("base_optimizer", None)
         super().load_state_dict(state_dict)
-        if base_state is not None:
-            self.base_optimizer.load_state_dict(base_state)
+        self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
 
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
         """SAM's perturbation for `params` (all with gradients), or None if the gradients are not finite."""
-        grads = [p.grad for p in params]
-        (host_norms,) = fetch(torch.stack(norms(grads)))
+        grads = [local(p.grad) for p in params]
+        (host_norms,) = self._norms(params, grads)
         return self._global_moves(params, grads, host_norms)
+
+    def _norms(self, params: list[Tensor], *tensor_lists: list[Tensor]) -> list[list[float]]:
+        """Per list of `params`' (local) tensors, their norms on the host: one `fetch`. Under FSDP2 the whole
+        tensors' norms, in one collective; NaN everywhere if a rank found a non-finite one (all ranks skip)."""
+        if self._process_group is None:
+            return fetch(*(torch.stack(norms(tensors)) for tensors in tensor_lists))
+        return fetch(*whole_norms(self._process_group, params, tensor_lists))
 
     def _global_moves(
         self, params: list[Tensor], directions: list[Tensor], direction_norms: list[float]
@@ -252,8 +264,8 @@ class SAM(Optimizer):
         return self._groups[id(param)]
 
     def _apply(self, move: Move) -> None:
-        """Save what `move` overwrites, then add the perturbation."""
-        param = move.param
+        """Save what `move` overwrites (of this rank's shard, under FSDP2), then add the perturbation."""
+        param = local(move.param)
         if move.index is None:
             self._saved.append((param, None, param.clone()))
             if abs(move.alpha) <= torch.finfo(param.dtype).max:
@@ -322,11 +334,10 @@ class ASAM(SAM):
 
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
         scales = [self._scale(p) for p in params]
-        scaled = [p.grad if t is None else p.grad * t for p, t in zip(params, scales)]
+        grads = [local(p.grad) for p in params]
+        scaled = [g if t is None else g * t for g, t in zip(grads, scales)]
         directions = [g if t is None else g * t for g, t in zip(scaled, scales)]
-        scaled_norms = norms(scaled)
-        direction_norms = norms(directions)
-        host_scaled, host_dirs = fetch(torch.stack(scaled_norms), torch.stack(direction_norms))
+        host_scaled, host_dirs = self._norms(params, scaled, directions)
         total = math.sqrt(sum(n * n for n in host_scaled))
         if not math.isfinite(total):
             return None
@@ -338,7 +349,7 @@ class ASAM(SAM):
         names = group.get("param_names")
         if names is not None and "weight" not in names[_position(group["params"], param)]:
             return None
-        return param.abs() + group["eta"]
+        return local(param).abs() + group["eta"]
 
 
 class FriendlySAM(SAM):
@@ -359,22 +370,56 @@ class FriendlySAM(SAM):
         check_argument(0 <= lmbda < 1, "lmbda", f"must be in [0, 1), got {lmbda}")
         self._friendly = {"sigma": sigma, "lmbda": lmbda}
         super().__init__(params, base_optimizer, rho, **base_kwargs)
+        # Apart from `state`: a torch optimizer initialises a parameter's state only while it is empty.
+        self.momentum: dict[Tensor, Tensor] = {}
 
     def _extra_defaults(self) -> dict[str, Any]:
         return dict(self._friendly)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state with each parameter's gradient EMA as "sam_momentum"; before a parameter's first ascent, zeros
+        and "sam_momentum_started" 0 (a loader's template then holds every entry, as torch's distributed
+        checkpoint needs: it loads only the entries a template has)."""
+        state = super().state_dict()
+        for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            momentum = self.momentum.get(p)
+            entry = state["state"].setdefault(index, {})
+            entry["sam_momentum"] = torch.zeros_like(p) if momentum is None else momentum
+            entry["sam_momentum_started"] = torch.tensor(float(momentum is not None))
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the state, taking the gradient EMAs out of it (keys: parameter indices, or names from torch's
+        distributed checkpoint helpers)."""
+        saved = [key for group in state_dict["param_groups"] for key in group["params"]]
+        param_of = dict(zip(saved, (p for group in self.param_groups for p in group["params"])))
+        state = {key: dict(entry) for key, entry in state_dict["state"].items()}
+        momenta = {
+            key: (entry.pop("sam_momentum", None), entry.pop("sam_momentum_started", 0))
+            for key, entry in state.items()
+        }
+        # No empty entries for the parameters that had only an EMA: a torch optimizer's state lists stepped ones.
+        super().load_state_dict(
+            {**state_dict, "state": {key: entry for key, entry in state.items() if entry}}
+        )
+        self.momentum = {
+            param_of[key]: momentum.to(param_of[key])
+            for key, (momentum, started) in momenta.items()
+            if momentum is not None and float(started)
+        }
+
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
-        grads = [p.grad for p in params]
-        momenta = [self.state[p].get("momentum") for p in params]
+        grads = [local(p.grad) for p in params]
+        momenta = [local(self.momentum.get(p)) for p in params]
         directions = [
             g if m is None else g - self._group(p)["sigma"] * m for p, g, m in zip(params, grads, momenta)
         ]
-        grad_norms, direction_norms = fetch(torch.stack(norms(grads)), torch.stack(norms(directions)))
+        grad_norms, direction_norms = self._norms(params, grads, directions)
         if not all(map(math.isfinite, grad_norms)):  # the momentum must not take in non-finite gradients
             return None
         for p, g, m in zip(params, grads, momenta):
             if m is None:
-                self.state[p]["momentum"] = g.clone()
+                self.momentum[p] = p.grad.clone()  # a DTensor under FSDP2: saved sharded
             else:
                 lmbda = self._group(p)["lmbda"]
                 m.mul_(lmbda).add_(g, alpha=1 - lmbda)

@@ -23,6 +23,16 @@ from torch.optim import Optimizer
 
 from .sam import EPS, SAM, Move, check_argument, fetch, norms
 from .selection import top_share
+from .sharded import (
+    exact_top_share,
+    global_sums,
+    is_sharded,
+    local,
+    norms_from,
+    slice_of,
+    squares_to_reduce,
+    sums_of_squares,
+)
 
 RADII = ("tensor", "global")
 MASKS = ("zscore", "magnitude", "random", "none")
@@ -74,13 +84,14 @@ class ZSharp(SAM):
             return super()._moves(params)
         if self.defaults["mask"] == "none":
             return self._layerwise_moves(params, filtered)
-        groups = _same_shape(filtered, self._group)
-        if self.defaults["mask"] == "random":  # one generator: draw in a fixed order
-            batches = [self._select(group) for group in groups]
+        if self._process_group is None:
+            grad_norms, batches = torch.stack(norms([p.grad for p in params])), self._select_all(filtered)
         else:
-            batches = _map_threads(self._select, groups)
-        grad_norms = norms([p.grad for p in params])
-        host = fetch(torch.stack(grad_norms), *(b["norm"] for b in batches), *(b["kept"] for b in batches))
+            selected = self._select_sharded(params, filtered)
+            if selected is None:
+                return None
+            grad_norms, batches = selected
+        host = fetch(grad_norms, *(b["norm"] for b in batches), *(b["kept"] for b in batches))
         norm_of = dict(zip(map(id, params), host[0]))
         total = math.sqrt(sum(n * n for n in host[0]))
         if not math.isfinite(total):
@@ -104,20 +115,93 @@ class ZSharp(SAM):
             _sparse_move(p, values, index, self._rho(p) / (divisor + EPS), n, count)
             for (p, values, index, n, count), divisor in zip(kept, per_tensor)
         ]
-        moves += [Move(p, p.grad, self._rho(p) / (dense_norm + EPS), norm_of[id(p)]) for p in sam_direction]
+        moves += [
+            Move(p, local(p.grad), self._rho(p) / (dense_norm + EPS), norm_of[id(p)]) for p in sam_direction
+        ]
         return moves
 
     def _layerwise_moves(self, params: list[Tensor], filtered: list[Tensor]) -> list[Move] | None:
         """mask="none": each filtered tensor moves by rho along its whole gradient; the others as in SAM."""
-        (host,) = fetch(torch.stack(norms([p.grad for p in params])))
+        grads = [local(p.grad) for p in params]
+        (host,) = self._norms(params, grads)
         total = math.sqrt(sum(n * n for n in host))
         if not math.isfinite(total):
             return None
         layerwise = {id(p) for p in filtered}
         return [
-            Move(p, p.grad, self._rho(p) / ((n if id(p) in layerwise and n > 0 else total) + EPS), n)
-            for p, n in zip(params, host)
+            Move(p, g, self._rho(p) / ((n if id(p) in layerwise and n > 0 else total) + EPS), n)
+            for p, g, n in zip(params, grads, host)
         ]
+
+    def _select_all(self, filtered: list[Tensor]) -> list[dict[str, Any]]:
+        """`_select` over the filtered tensors, batched by shape (the random mask draws in a fixed order)."""
+        groups = _same_shape(filtered, self._group)
+        if self.defaults["mask"] == "random":  # one generator: draw in a fixed order
+            return [self._select(group) for group in groups]
+        return _map_threads(self._select, groups)
+
+    def _select_sharded(self, params: list[Tensor], filtered: list[Tensor]) -> tuple[Tensor, list] | None:
+        """FSDP2: the gradient norms and `_select`'s batches, each statistic the whole tensor's (see `sharded`).
+
+        Plain (replicated) tensors are selected as on one process. The random mask draws every tensor whole, as
+        one process would (one collective for the norms); the others find the exact threshold in three.
+        Returns None, on every rank alike, when a gradient is not finite.
+        """
+        group = self._process_group
+        squares = sums_of_squares([local(p.grad) for p in params])
+        to_reduce = squares_to_reduce(params, squares)
+        buckets = _same_shape(filtered, self._group)
+        if self.defaults["mask"] == "random":  # the draw needs no statistic: one collective for every sum
+            batches = [self._select_slices(b) if is_sharded(b[0]) else self._select(b) for b in buckets]
+            drawn = [b for b in batches if "sumsq" in b]
+            reduced = global_sums(group, torch.cat([to_reduce, *(b.pop("sumsq") for b in drawn)]))
+            kept = reduced[to_reduce.numel() :].split([len(b["params"]) for b in drawn])
+            for b, sumsq in zip(drawn, kept):
+                b["norm"] = sumsq.sqrt()
+            return norms_from(params, squares, reduced[: to_reduce.numel()]), batches
+        sharded = [p for b in buckets if is_sharded(b[0]) for p in b]
+        slices = [slice_of(p, group) for p in sharded]
+        percentiles = [self._group(p)["percentile"] for p in sharded]
+        reduced, kept = exact_top_share(
+            group, slices, percentiles, self.defaults["mask"] == "zscore", to_reduce
+        )
+        if kept is None:
+            return None
+        batches = [self._select(b) for b in buckets if not is_sharded(b[0])]
+        batches += [
+            {
+                "params": [p],
+                "values": [k.values],
+                "index": [k.index],
+                "norm": k.sumsq.sqrt()[None],
+                "kept": k.count[None],
+            }
+            for p, k in zip(sharded, kept)
+        ]
+        return norms_from(params, squares, reduced), batches
+
+    def _select_slices(self, params: list[Tensor]) -> dict[str, Any]:
+        """Random mask on sharded tensors: the whole tensors' draw and selection, as one process makes them, then
+        this rank's entries; "sumsq" holds their sums of squares here, to be reduced into the "norm"."""
+        slices = [slice_of(p, self._process_group) for p in params]
+        shape = (len(params), slices[0].numel)
+        draw = torch.rand(
+            shape, generator=self._generator(slices[0].grad.device), device=slices[0].grad.device
+        )
+        selected = top_share(draw, self._group(params[0])["percentile"])
+        indices, values = [], []
+        for piece, (index, keep) in zip(slices, selected):
+            start, end = piece.ranges[piece.rank]
+            mine = index[keep & (index >= start) & (index < end)] - start
+            indices.append(mine)
+            values.append(piece.grad.index_select(0, mine).float())
+        return {
+            "params": params,
+            "values": values,
+            "index": indices,
+            "sumsq": torch.stack([v.double().square().sum() for v in values]),
+            "kept": torch.stack([keep.sum() for _, keep in selected]),
+        }
 
     def _select(self, params: list[Tensor]) -> dict[str, Any]:
         """Filter the gradients of same-shape tensors at once: kept values, their positions, norms, counts."""
@@ -178,7 +262,11 @@ def _same_shape(params: list[Tensor], group_of: Any) -> list[list[Tensor]]:
     """
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
-        key = id(p) if p.device.type == "cpu" else (p.shape, p.grad.dtype, p.device, id(group_of(p)))
+        key = (
+            id(p)
+            if p.device.type == "cpu"
+            else (p.shape, p.grad.dtype, p.device, id(group_of(p)), is_sharded(p))
+        )
         buckets[key].append(p)
     return list(buckets.values())
 
@@ -199,10 +287,12 @@ def _map_threads(function: Any, items: list) -> list:
 def _sparse_move(param: Tensor, values: Tensor, index: Tensor, alpha: float, norm: float, kept: int) -> Move:
     """A move of the entries at `index`, saved as int32 positions (half the memory of int64).
 
-    Non-contiguous tensors (e.g. channels_last) cannot be indexed flat: they get a dense move instead.
+    Non-contiguous tensors (e.g. channels_last) cannot be indexed flat: they get a dense move instead. Under FSDP2
+    `index` and `values` are this rank's shard's.
     """
-    if not param.is_contiguous():
-        dense = torch.zeros(param.numel(), dtype=values.dtype, device=values.device)
-        return Move(param, dense.index_put_((index,), values).view(param.shape), alpha, norm, kept=kept)
-    small = param.numel() < 2**31
+    shard = local(param)
+    if not shard.is_contiguous():
+        dense = torch.zeros(shard.numel(), dtype=values.dtype, device=values.device)
+        return Move(param, dense.index_put_((index,), values).view(shard.shape), alpha, norm, kept=kept)
+    small = shard.numel() < 2**31
     return Move(param, values, alpha, norm, index.to(torch.int32) if small else index, kept)
