@@ -178,12 +178,18 @@ def augment_inputs(model: nn.Module, augment: BatchAugment) -> RemovableHandle:
         with torch.autocast(images.device.type, enabled=False):  # float32 images under --bf16 / --fp16 too
             return augment(images)
 
+    def augmented(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        # In the parameters' dtype: float32 normally (autocast casts later), bf16 under FSDP2's mixed precision,
+        # whose own input cast may already have run.
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+        return transform(images, module.training).to(dtype)
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args and torch.is_tensor(args[0]) and args[0].dtype == torch.uint8:
-            return (transform(args[0], module.training), *args[1:]), kwargs
+            return (augmented(module, args[0]), *args[1:]), kwargs
         images = kwargs.get("pixel_values")
         if images is None or images.dtype != torch.uint8:
             return None
-        return args, {**kwargs, "pixel_values": transform(images, module.training)}
+        return args, {**kwargs, "pixel_values": augmented(module, images)}
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)

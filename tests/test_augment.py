@@ -198,3 +198,14 @@ def test_augment_inputs_runs_on_uint8_pixel_values_only_in_the_models_mode():
     model.eval()
     model(pixel_values=images)
     assert torch.equal(model.seen[6], augment.eval()(images))  # the second hook only
+
+
+def test_augmented_batches_come_in_the_dtype_of_the_parameters():
+    """bf16 parameters (FSDP2's mixed precision unshards them so) get a bf16 batch: the float32 result, rounded."""
+    model, augment = Recorder(), BatchAugment((0.5,) * 3, (0.25,) * 3)
+    model.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+    augment_inputs(model, augment)
+    images = _images(4, 32, 32)
+    model.eval()
+    model(pixel_values=images)
+    assert torch.equal(model.seen[0], augment.eval()(images).to(torch.bfloat16))

@@ -298,16 +298,14 @@ def test_accelerate_step_under_fsdp2_matches_one_process(trainer_ranks):
 def test_the_cli_trains_under_accelerate_launch_with_the_sample_fsdp2_config(tmp_path):
     """`accelerate launch --config_file examples/accelerate_fsdp2.yaml` (2 CPU processes) running hf-zsharp-train
     on the paper's ResNet-20: it trains, leaves the process group, and saves a model that records its own code (not
-    FSDP2's wrapper class, which lives in torch) and loads. (fp32 here: the sample's bf16 fails on the paper
-    models' cached augmentation, whose forward pre-hook returns float32 inputs after FSDP2 cast them to bf16.)"""
+    FSDP2's wrapper class, which lives in torch) and loads. With the sample's bf16: the cached augmentation hands
+    the model its batch in the parameters' dtype."""
     from transformers import AutoModelForImageClassification
 
     out = tmp_path / "cli"
     out.mkdir()
     accelerate = [Path(sys.executable).with_name("accelerate"), "launch", "--config_file", CONFIG]
-    run_worker(
-        WORKER, 2, out, "cli", [*map(str, accelerate), "--num_processes", "2", "--mixed_precision", "no"]
-    )
+    run_worker(WORKER, 2, out, "cli", [*map(str, accelerate), "--num_processes", "2"])
     run = out / "run"
     config = json.loads((run / "config.json").read_text())
     assert (
