@@ -34,8 +34,6 @@ class ZSharpTrainer(Trainer):
                 f"{type(args).__name__}."
             )
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_fsdp_enabled:
-            _answer_no_input_embeddings(self.model)
         self._two_pass: TwoPassStep | None = None
         if args.sam != "none":
             check_supported(self.accelerator)
@@ -103,20 +101,6 @@ class ZSharpTrainer(Trainer):
         if self._two_pass is not None and "loss" in logs:
             logs.update(self._two_pass.pop_stats())
         super().log(logs, start_time)
-
-
-def _answer_no_input_embeddings(model: nn.Module) -> None:
-    """Let a model without input embeddings (the paper's ResNets and VGGs) say so with None.
-
-    Accelerate's FSDP2 preparation asks every model for them, and Transformers raises NotImplementedError for a
-    model that has none.
-    """
-    try:
-        model.get_input_embeddings()
-    except NotImplementedError:
-        model.get_input_embeddings = lambda: None
-    except AttributeError:  # not a Transformers model: Accelerate does not ask
-        pass
 
 
 @contextlib.contextmanager

@@ -88,6 +88,10 @@ class CifarResNetPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
+    def get_input_embeddings(self) -> None:
+        """An image model without input embeddings (Accelerate's FSDP2 preparation asks every model for them)."""
+        return None
+
 
 class CifarResNetModel(CifarResNetPreTrainedModel):
     """Stem, three stages and global average pooling; returns the pooled features."""

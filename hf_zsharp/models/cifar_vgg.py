@@ -80,6 +80,10 @@ class CifarVGGPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
+    def get_input_embeddings(self) -> None:
+        """An image model without input embeddings (Accelerate's FSDP2 preparation asks every model for them)."""
+        return None
+
 
 class CifarVGGModel(CifarVGGPreTrainedModel):
     """The conv-BN-ReLU stack and global average pooling; returns the pooled 512-d features."""
