@@ -1,8 +1,9 @@
 """`ZSharpTrainer`: `Trainer` with the two-pass sharpness-aware step (ZSharp by default).
 
-Only three things change from `Trainer`: the optimizer (the `optim` base optimizer wrapped by the chosen SAM
-method), `training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (ascent statistics). Clipping,
-mixed precision, the LR scheduler, checkpoints and callbacks are `Trainer`'s own.
+Three things change from `Trainer`: the optimizer (the `optim` base optimizer wrapped by the chosen SAM method),
+`training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (ascent statistics); `_save` only undoes
+FSDP2's class swap so that saved models record their own code. Clipping, mixed precision, the LR scheduler,
+checkpoints and callbacks are `Trainer`'s own.
 """
 
 import contextlib
