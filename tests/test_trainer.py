@@ -531,9 +531,10 @@ def loss_increases_of_a_plain_loop(steps: int) -> list[float]:
         opt.first_step(zero_grad=True)
         after = model(**batch)["loss"]
         after.backward()
-        opt.second_step(zero_grad=True)
+        opt.step()  # restore, then the base step
+        opt.zero_grad()
         schedule.step()
-        increases.append(float(after) - float(before))
+        increases.append(float(after.detach()) - float(before.detach()))
     return increases
 
 
