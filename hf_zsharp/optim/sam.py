@@ -92,8 +92,11 @@ class SAM(Optimizer):
         params: Iterable[Any],
         base_optimizer: type[Optimizer] = torch.optim.AdamW,
         rho: float | None = None,
+        *,
+        method_defaults: dict[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
+        """`method_defaults`: the hyperparameters a variant adds to every parameter group (e.g. ASAM's eta)."""
         rho = self.default_rho if rho is None else rho
         check_argument(rho > 0, "rho", f"must be > 0, got {rho}")
         check_argument(
@@ -101,7 +104,7 @@ class SAM(Optimizer):
             "base_optimizer",
             f"must be a torch.optim.Optimizer class such as torch.optim.AdamW, got {base_optimizer!r}",
         )
-        super().__init__(params, {"rho": rho, **self._extra_defaults(), **base_kwargs})
+        super().__init__(params, {"rho": rho, **(method_defaults or {}), **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         # One state too: `state_dict()` is then a plain torch one holding the base's state (what torch's
@@ -116,10 +119,6 @@ class SAM(Optimizer):
         self._process_group = None  # FSDP2's, when the parameters are sharded (set by each first_step)
         self._skipped = 0  # steps first_step skipped (known on the host)
         self._skipped_on_device: Tensor | None = None  # steps second_step skipped (a device count)
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        """Hyperparameters a variant adds to every parameter group."""
-        return {}
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
@@ -326,11 +325,7 @@ class ASAM(SAM):
         **base_kwargs: Any,
     ) -> None:
         check_argument(eta >= 0, "eta", f"must be >= 0, got {eta}")
-        self._eta = eta
-        super().__init__(params, base_optimizer, rho, **base_kwargs)
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        return {"eta": self._eta}
+        super().__init__(params, base_optimizer, rho, method_defaults={"eta": eta}, **base_kwargs)
 
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
         scales = [self._scale(p) for p in params]
@@ -368,13 +363,10 @@ class FriendlySAM(SAM):
         **base_kwargs: Any,
     ) -> None:
         check_argument(0 <= lmbda < 1, "lmbda", f"must be in [0, 1), got {lmbda}")
-        self._friendly = {"sigma": sigma, "lmbda": lmbda}
-        super().__init__(params, base_optimizer, rho, **base_kwargs)
+        friendly = {"sigma": sigma, "lmbda": lmbda}
+        super().__init__(params, base_optimizer, rho, method_defaults=friendly, **base_kwargs)
         # Apart from `state`: a torch optimizer initialises a parameter's state only while it is empty.
         self.momentum: dict[Tensor, Tensor] = {}
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        return dict(self._friendly)
 
     def state_dict(self) -> dict[str, Any]:
         """The state with each parameter's gradient EMA as "sam_momentum"; before a parameter's first ascent, zeros

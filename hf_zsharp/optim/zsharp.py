@@ -15,6 +15,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +37,18 @@ from .sharded import (
 
 RADII = ("tensor", "global")
 MASKS = ("zscore", "magnitude", "random", "none")
+
+
+@dataclass
+class Selection:
+    """The filtered gradients of a batch of tensors: per tensor the kept values, their flat positions (in this
+    rank's shard under FSDP2), and, on the device, the norm of the kept values and how many were kept."""
+
+    params: list[Tensor]
+    values: list[Tensor]
+    index: list[Tensor]
+    norm: Tensor
+    kept: Tensor
 
 
 class ZSharp(SAM):
@@ -70,13 +83,10 @@ class ZSharp(SAM):
         check_argument(0 <= percentile < 1, "percentile", f"must be in [0, 1), got {percentile}")
         check_argument(radius in RADII, "radius", f"must be one of {RADII}, got {radius!r}")
         check_argument(mask in MASKS, "mask", f"must be one of {MASKS}, got {mask!r}")
-        self._zsharp = {"percentile": percentile, "radius": radius, "mask": mask}
+        filtering = {"percentile": percentile, "radius": radius, "mask": mask}
+        super().__init__(params, base_optimizer, rho, method_defaults=filtering, **base_kwargs)
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        super().__init__(params, base_optimizer, rho, **base_kwargs)
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        return dict(self._zsharp)
 
     def _moves(self, params: list[Tensor]) -> list[Move] | None:
         filtered = [p for p in params if p.ndim > 1 and self._group(p)["percentile"] > 0]
@@ -91,7 +101,7 @@ class ZSharp(SAM):
             if selected is None:
                 return None
             grad_norms, batches = selected
-        host = fetch(grad_norms, *(b["norm"] for b in batches), *(b["kept"] for b in batches))
+        host = fetch(grad_norms, *(b.norm for b in batches), *(b.kept for b in batches))
         norm_of = dict(zip(map(id, params), host[0]))
         total = math.sqrt(sum(n * n for n in host[0]))
         if not math.isfinite(total):
@@ -99,7 +109,7 @@ class ZSharp(SAM):
         kept = [  # filtered tensors whose mask kept something; the others take the SAM direction
             (p, values, index, norm, int(count))
             for b, norms, counts in zip(batches, host[1 : 1 + len(batches)], host[1 + len(batches) :])
-            for p, values, index, norm, count in zip(b["params"], b["values"], b["index"], norms, counts)
+            for p, values, index, norm, count in zip(b.params, b.values, b.index, norms, counts)
             if norm > 0
         ]
         filtered_ids = {id(p) for p, *_ in kept}
@@ -133,14 +143,16 @@ class ZSharp(SAM):
             for p, g, n in zip(params, grads, host)
         ]
 
-    def _select_all(self, filtered: list[Tensor]) -> list[dict[str, Any]]:
+    def _select_all(self, filtered: list[Tensor]) -> list[Selection]:
         """`_select` over the filtered tensors, batched by shape (the random mask draws in a fixed order)."""
         groups = _same_shape(filtered, self._group)
         if self.defaults["mask"] == "random":  # one generator: draw in a fixed order
             return [self._select(group) for group in groups]
         return _map_threads(self._select, groups)
 
-    def _select_sharded(self, params: list[Tensor], filtered: list[Tensor]) -> tuple[Tensor, list] | None:
+    def _select_sharded(
+        self, params: list[Tensor], filtered: list[Tensor]
+    ) -> tuple[Tensor, list[Selection]] | None:
         """FSDP2: the gradient norms and `_select`'s batches, each statistic the whole tensor's (see `sharded`).
 
         Plain (replicated) tensors are selected as on one process. The random mask draws every tensor whole, as
@@ -153,11 +165,11 @@ class ZSharp(SAM):
         buckets = _same_shape(filtered, self._group)
         if self.defaults["mask"] == "random":  # the draw needs no statistic: one collective for every sum
             batches = [self._select_slices(b) if is_sharded(b[0]) else self._select(b) for b in buckets]
-            drawn = [b for b in batches if "sumsq" in b]
-            reduced = global_sums(group, torch.cat([to_reduce, *(b.pop("sumsq") for b in drawn)]))
-            kept = reduced[to_reduce.numel() :].split([len(b["params"]) for b in drawn])
+            drawn = [b for b, bucket in zip(batches, buckets) if is_sharded(bucket[0])]
+            reduced = global_sums(group, torch.cat([to_reduce, *(b.norm for b in drawn)]))
+            kept = reduced[to_reduce.numel() :].split([len(b.params) for b in drawn])
             for b, sumsq in zip(drawn, kept):
-                b["norm"] = sumsq.sqrt()
+                b.norm = sumsq.sqrt()
             return norms_from(params, squares, reduced[: to_reduce.numel()]), batches
         sharded = [p for b in buckets if is_sharded(b[0]) for p in b]
         slices = [slice_of(p, group) for p in sharded]
@@ -169,20 +181,14 @@ class ZSharp(SAM):
             return None
         batches = [self._select(b) for b in buckets if not is_sharded(b[0])]
         batches += [
-            {
-                "params": [p],
-                "values": [k.values],
-                "index": [k.index],
-                "norm": k.sumsq.sqrt()[None],
-                "kept": k.count[None],
-            }
+            Selection([p], [k.values], [k.index], k.sumsq.sqrt()[None], k.count[None])
             for p, k in zip(sharded, kept)
         ]
         return norms_from(params, squares, reduced), batches
 
-    def _select_slices(self, params: list[Tensor]) -> dict[str, Any]:
+    def _select_slices(self, params: list[Tensor]) -> Selection:
         """Random mask on sharded tensors: the whole tensors' draw and selection, as one process makes them, then
-        this rank's entries; "sumsq" holds their sums of squares here, to be reduced into the "norm"."""
+        this rank's entries; `norm` holds their local sums of squares, for the caller to reduce into the norm."""
         slices = [slice_of(p, self._process_group) for p in params]
         shape = (len(params), slices[0].numel)
         draw = torch.rand(
@@ -195,15 +201,12 @@ class ZSharp(SAM):
             mine = index[keep & (index >= start) & (index < end)] - start
             indices.append(mine)
             values.append(piece.grad.index_select(0, mine).float())
-        return {
-            "params": params,
-            "values": values,
-            "index": indices,
-            "sumsq": torch.stack([v.double().square().sum() for v in values]),
-            "kept": torch.stack([keep.sum() for _, keep in selected]),
-        }
+        sums_of_squares = torch.stack([v.double().square().sum() for v in values])
+        return Selection(
+            params, values, indices, sums_of_squares, torch.stack([keep.sum() for _, keep in selected])
+        )
 
-    def _select(self, params: list[Tensor]) -> dict[str, Any]:
+    def _select(self, params: list[Tensor]) -> Selection:
         """Filter the gradients of same-shape tensors at once: kept values, their positions, norms, counts."""
         grads = [p.grad.reshape(-1) for p in params]
         rows = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).float()
@@ -217,13 +220,13 @@ class ZSharp(SAM):
         selected = top_share(scores, self._group(params[0])["percentile"])
         del rows, scores
         values = [g.index_select(0, index).float() * keep for g, (index, keep) in zip(grads, selected)]
-        return {
-            "params": params,
-            "values": values,
-            "index": [index for index, _ in selected],
-            "norm": torch.stack(torch._foreach_norm(values)),
-            "kept": torch.stack([keep.sum() for _, keep in selected]),
-        }
+        return Selection(
+            params,
+            values,
+            [index for index, _ in selected],
+            torch.stack(torch._foreach_norm(values)),
+            torch.stack([keep.sum() for _, keep in selected]),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state plus the random mask's generator states, by device."""
