@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+from bench_optimizer import reachable_tensors  # scripts/ is on sys.path when this runs as a script
 from transformers import TrainerCallback
 
 from hf_zsharp import SAM, ZSharp
@@ -60,25 +61,7 @@ def timm_params(name: str, device: torch.device, dtype: torch.dtype) -> list[tor
 def held_bytes(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> int:
     """Bytes of the tensors reachable from `optimizer` that are neither parameters nor gradients."""
     excluded = {t.untyped_storage().data_ptr() for p in params for t in (p, p.grad) if t is not None}
-    found: dict[int, int] = {}
-    seen: set[int] = set()
-    stack: list = [optimizer]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in excluded:
-                found[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(obj, dict):
-            stack += [*obj.keys(), *obj.values()]
-        elif isinstance(obj, (list, tuple, set)):
-            stack += list(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
-            stack += list(vars(obj).values())
-    return sum(found.values())
+    return sum(reachable_tensors(optimizer, excluded).values())
 
 
 def check_ascent(models: list[str], device: torch.device, repeats: int) -> list[dict]:

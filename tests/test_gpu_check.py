@@ -6,7 +6,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
-def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
+def test_gpu_check_runs_on_the_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: it imports its neighbours
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
