@@ -90,7 +90,8 @@ DEFAULT_IMAGE_SIZES = {DIGITS: 16, "tinyimagenet": 64}  # paper models from scra
 
 
 def model_kind(model_name_or_path: str) -> str:
-    """ "from scratch" for the paper's models, "pretrained" for everything loaded from the Hub or a folder."""
+    """The kind of model: "from scratch" for the paper's models, "pretrained" for those loaded from a Hub id or
+    folder."""
     return "from scratch" if model_name_or_path.lower() in PAPER_MODELS else "pretrained"
 
 
