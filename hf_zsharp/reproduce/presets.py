@@ -1,0 +1,145 @@
+"""The methods compared and the presets (grids with their shared training flags) of `hf-zsharp-reproduce`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison: its `hf-zsharp-train` flags and the radius and filter it takes."""
+
+    flags: tuple[str, ...]
+    rho: float | None  # the default ascent radius; None: no ascent (the base optimizer alone)
+    filtered: bool = False  # a ZSharp filter: takes `--zsharp_percentile` (the percentile axis applies)
+    matched: bool = False  # radius rho * sqrt(L), L = tensors with ndim > 1 (ZSharp's total norm)
+
+    @property
+    def description(self) -> str:
+        """The flags in words, for the help and the tables' notes."""
+        extra = " x sqrt(L)" if self.matched else ""
+        return " ".join(self.flags) + (f", rho {self.rho:g}{extra}" if self.rho is not None else "")
+
+
+DEFAULT_PERCENTILE = 0.95
+BASELINE = "sam"
+
+# The paper's hyper-parameters; ASAM's eta (0.01) and Friendly-SAM's sigma (1) and lambda (0.9) are those
+# optimizers' defaults. The controls separate what ZSharp's ascent changes from SAM's:
+# - zsharp-random / zsharp-magnitude: the Z-score mask replaced by a random or a plain |g| mask, same share.
+# - sam-layerwise: no mask, but ZSharp's per-tensor normalisation (each tensor moves by rho: total rho sqrt(L)).
+# - sam-matched: SAM's dense direction with ZSharp's total norm, rho * sqrt(L).
+# - zsharp-global: ZSharp's mask with one global normalisation (total norm rho, as SAM).
+METHODS: dict[str, Method] = {
+    "none": Method(("--sam", "none"), None),
+    "sam": Method(("--sam", "sam"), 0.05),
+    "asam": Method(("--sam", "asam"), 0.5),
+    "fsam": Method(("--sam", "fsam"), 0.05),
+    "zsharp": Method(("--sam", "zsharp"), 0.05, filtered=True),
+    "zsharp-random": Method(("--sam", "zsharp", "--sam_mask", "random"), 0.05, filtered=True),
+    "zsharp-magnitude": Method(("--sam", "zsharp", "--sam_mask", "magnitude"), 0.05, filtered=True),
+    "sam-layerwise": Method(("--sam", "zsharp", "--sam_mask", "none"), 0.05),
+    "sam-matched": Method(("--sam", "sam"), 0.05, matched=True),
+    "zsharp-global": Method(("--sam", "zsharp", "--sam_radius", "global"), 0.05, filtered=True),
+}
+
+
+@dataclass(frozen=True)
+class SharpnessSettings:
+    """How `--measure_sharpness` probes a trained model: fixed training batches with the evaluation transform."""
+
+    batches: int = 16
+    batch_size: int = 64
+    rho: float = 0.05
+    ascent_steps: int = 20
+    lanczos_iters: int = 20
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A reproduction grid and the training flags shared by its runs."""
+
+    description: str
+    datasets: tuple[str, ...]
+    models: tuple[str, ...]
+    epochs: float
+    train_args: tuple[str, ...]
+    methods: tuple[str, ...] = tuple(METHODS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    threads: int | None = None  # torch's intra-op threads; None leaves torch's default
+    paper_recipe: bool = False
+    sharpness: SharpnessSettings = field(default_factory=SharpnessSettings)
+
+
+# The paper's recipe (from its code; RESULTS.md lists where the presets deviate): batch 256, fp32,
+# Adam(1e-3, 0.9/0.999, 1e-8) with coupled L2 5e-5 and a 5-epoch warm-up then StepLR(30, 0.75). Adam and the schedule come from `recipe.paper_trainer_hooks`;
+# the constant schedule below is what `PaperLRSchedule` reshapes. 10 % of the training split is held out for
+# validation (the paper has none).
+PAPER_TRAIN_ARGS = (
+    "--image_size", "32",
+    "--train_val_split", "0.1",
+    "--per_device_train_batch_size", "256",
+    "--per_device_eval_batch_size", "512",
+    "--learning_rate", "1e-3",
+    "--adam_beta1", "0.9",
+    "--adam_beta2", "0.999",
+    "--adam_epsilon", "1e-8",
+    "--weight_decay", "5e-5",
+    "--lr_scheduler_type", "constant",
+    "--eval_strategy", "epoch",
+    "--logging_strategy", "epoch",
+    "--save_strategy", "no",
+    "--report_to", "none",
+    "--dataloader_num_workers", "4",
+    "--remove_unused_columns", "false",
+    "--overwrite_output_dir",
+)  # fmt: skip
+PAPER_MODELS_USED = ("resnet56", "resnet110", "vgg16", "vit-paper")
+
+PRESETS: dict[str, Preset] = {
+    "paper-cifar10": Preset(
+        "CIFAR-10 with the paper's recipe (GPU, Hub)",
+        ("uoft-cs/cifar10",),
+        PAPER_MODELS_USED,
+        200,
+        PAPER_TRAIN_ARGS,
+        paper_recipe=True,
+    ),
+    "paper-cifar100": Preset(
+        "CIFAR-100 with the paper's recipe (GPU, Hub)",
+        ("uoft-cs/cifar100",),
+        PAPER_MODELS_USED,
+        200,
+        PAPER_TRAIN_ARGS,
+        paper_recipe=True,
+    ),
+    "paper-tinyimagenet": Preset(
+        "Tiny-ImageNet (64x64) with the paper's recipe (GPU, Hub)",
+        ("zh-plus/tiny-imagenet",),
+        PAPER_MODELS_USED,
+        200,
+        (*PAPER_TRAIN_ARGS, "--image_size", "64"),
+        paper_recipe=True,
+    ),
+    # Offline on CPU: the embedded default of `hf-zsharp-train` (ResNet-20 on scikit-learn's digits at 16x16,
+    # batch 32, AdamW 3e-3, cosine with a 10-step warm-up), 4 epochs, 20 % of the training split held out for
+    # validation. One thread and deterministic algorithms make every run bit-reproducible on a given CPU.
+    "digits": Preset(
+        "ResNet-20 on scikit-learn's digits (offline, CPU)",
+        ("digits",),
+        ("resnet20",),
+        4,
+        (
+            "--train_val_split", "0.2",
+            "--save_strategy", "no",
+            "--report_to", "none",
+            "--overwrite_output_dir",
+            "--use_cpu",
+            "--full_determinism", "true",
+            "--remove_unused_columns", "false",
+            "--disable_tqdm", "true",
+        ),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+        threads=1,
+    ),
+}  # fmt: skip

@@ -1,0 +1,130 @@
+"""Results from records: the grid's own results.md / .csv / figures, and the generated blocks of RESULTS.md.
+
+Generated blocks sit between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in a Markdown file;
+`update_blocks` rewrites what lies between and leaves the prose around them alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hf_zsharp.reproduce import figures, tables
+from hf_zsharp.reproduce.grid import short_name
+from hf_zsharp.reproduce.records import finished_records, write_atomic
+from hf_zsharp.reproduce.stats import contrasts, summarize
+
+Record = Mapping[str, Any]
+
+
+def by_dataset_model(records: Sequence[Record]) -> dict[tuple[str, str], list[Record]]:
+    """Records grouped by (dataset, model) short names, in first-seen order."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        groups.setdefault((short_name(record["dataset"]), short_name(record["model"])), []).append(record)
+    return groups
+
+
+def swept_methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Methods that ran with more than one (rho, percentile) variant."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["method"]] = counts.get(row["method"], 0) + 1
+    return [method for method, count in counts.items() if count > 1]
+
+
+def provenance(records: Sequence[Record]) -> str:
+    """Where and with what the runs ran: count, total time, code (with runs per source), versions, device."""
+    sources = Counter(
+        (r["code"]["commit"] or "unknown", bool(r["code"]["dirty"]), r["code"]["source_sha256"][:12])
+        for r in records
+    )
+    ignored = ("device", "threads", "platform")
+    versions = sorted(
+        {", ".join(f"{k} {v}" for k, v in r["environment"].items() if k not in ignored) for r in records}
+    )
+    devices = sorted(
+        {f"{r['environment']['device']}, {r['environment']['threads']} thread(s)" for r in records}
+    )
+    hours = sum(r["timing"].get("total_s", r["timing"]["wall_time_s"]) for r in records) / 3600
+    code = "; ".join(
+        f"commit {commit[:10]}{' with uncommitted changes' if dirty else ''}, source hash {digest} ({n} runs)"
+        for (commit, dirty, digest), n in sorted(sources.items())
+    )
+    lines = [
+        f"- {len(records)} runs, {hours:.1f} h in all (training, test and sharpness; process start-up not counted).",
+        f"- Code: {code}.",
+        "- Versions: " + "; ".join(versions) + ".",
+        "- Device: " + "; ".join(devices) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def sections(records: Sequence[Record], figure_dir: Path, figure_prefix: str = "") -> dict[str, str]:
+    """The generated blocks for records of one dataset and model: tables, figure links, provenance."""
+    rows = summarize(records)
+    (dataset, model), *others = by_dataset_model(records)
+    if others:
+        raise ValueError("sections() takes the records of one dataset and model")
+    title = f"{dataset} / {model}"
+    blocks = {
+        "provenance": provenance(records),
+        "accuracy": tables.accuracy_table(rows),
+        "sharpness": tables.sharpness_table(rows),
+        "contrasts": tables.contrast_table(contrasts(records)),
+        "cost": tables.cost_table(rows),
+    }
+    if any(row["default"] for row in rows):
+        methods_png = figures.plot_methods(rows, records, title, figure_dir / f"{figure_prefix}methods.png")
+        blocks["figure-methods"] = f"![{title}: methods]({methods_png.name})\n"
+    swept = swept_methods(rows)
+    if swept:
+        sweep_png = figures.plot_sweep(rows, swept, title, figure_dir / f"{figure_prefix}sweep.png")
+        blocks["sweep"] = tables.sweep_table(rows, swept)
+        blocks["figure-sweep"] = f"![{title}: ρ sweep]({sweep_png.name})\n"
+    return blocks
+
+
+def write_results(output_dir: str | Path, command: str | None = None) -> dict[str, Path]:
+    """Rewrite results.md, results.csv and the figures in `output_dir` from every record under it."""
+    output_dir = Path(output_dir)
+    records = finished_records(output_dir)
+    rows = summarize(records)
+    paths = {"csv": output_dir / "results.csv", "markdown": output_dir / "results.md"}
+    write_atomic(paths["csv"], tables.table_csv(rows))
+    text = ["# Reproduction results", ""]
+    if command:
+        text += [f"Last command: `{command}`", ""]
+    text += [
+        "Test accuracy at the end of training and at the epoch of best validation accuracy (validation: held out of "
+        "the training split); mean [95 % t-interval] over seeds. Δ vs SAM: mean paired difference over the seeds "
+        "both ran [95 % t-interval], p: paired t-test, p (Holm): corrected across the methods compared to SAM, "
+        "d_z: mean difference / std of the differences.",
+        "",
+    ]
+    for (dataset, model), group in by_dataset_model(records).items():
+        prefix = f"{dataset}-{model}-"
+        blocks = sections(group, output_dir, prefix)
+        text += [f"## {dataset} / {model}", "", blocks["provenance"], blocks["accuracy"], blocks["sharpness"]]
+        keys = ("contrasts", "sweep", "cost", "figure-methods", "figure-sweep")
+        text += [blocks[k] for k in keys if k in blocks]
+    write_atomic(paths["markdown"], "\n".join(text))
+    return paths
+
+
+def update_blocks(text: str, blocks: Mapping[str, str]) -> str:
+    """`text` with the content of each `<!-- generated:NAME -->` block replaced by `blocks[NAME]`.
+
+    Every block of `text` must be given and every given block must be in `text`, so nothing goes stale unseen.
+    """
+    pattern = re.compile(r"(<!-- generated:([\w-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.DOTALL)
+    found = [match.group(2) for match in pattern.finditer(text)]
+    missing, unknown = sorted(set(blocks) - set(found)), sorted(set(found) - set(blocks))
+    if missing or unknown:
+        raise ValueError(
+            f"Generated blocks missing from the document: {missing}; without content: {unknown}."
+        )
+    return pattern.sub(lambda m: m.group(1) + blocks[m.group(2)] + m.group(4), text)

@@ -1,0 +1,168 @@
+"""Running the grid: resume and refusal (with a stand-in for training), one real tiny grid end to end, and the
+re-run of a committed record's command from an empty folder, which must give the same accuracy exactly."""
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_zsharp.reproduce import cli, report
+from hf_zsharp.reproduce.presets import PRESETS, SharpnessSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_RECORD = ROOT / "results" / "smoke" / "digits" / "resnet20" / "zsharp" / "seed-0" / "run.json"
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """`train_one` replaced by a recorder returning a minimal record; figures are not drawn (tested elsewhere)."""
+    calls = []
+    monkeypatch.setattr(report.figures, "plot_methods", lambda rows, records, title, path: Path(path))
+    monkeypatch.setattr(report.figures, "plot_sweep", lambda rows, swept, title, path: Path(path))
+
+    def fake_train_one(plan, spec):
+        calls.append(spec)
+        accuracy = 0.5 + 0.1 * spec.seed + (0.05 if spec.method == "zsharp" else 0.0)
+        return {
+            "command": plan.command(spec),
+            "argv": plan.flags(spec),
+            "dataset": spec.dataset,
+            "model": spec.model,
+            "method": spec.method,
+            "variant": spec.variant,
+            "seed": spec.seed,
+            "rho": spec.effective_rho,
+            "sam_rho": spec.effective_rho,
+            "percentile": spec.effective_percentile,
+            "metrics": {
+                "test_accuracy": accuracy,
+                "test_accuracy_at_best_val": accuracy,
+                "val_accuracy": accuracy,
+            },
+            "history": [{"epoch": 1.0, "eval_accuracy": accuracy}],
+            "sharpness": None,
+            "timing": {"wall_time_s": 1.0, "train_samples_per_second": 50.0},
+            "code": {"commit": None, "dirty": None, "source_sha256": "0" * 64},
+            "environment": {"device": "CPU", "threads": "1"},
+        }
+
+    monkeypatch.setattr(cli, "train_one", fake_train_one)
+    return calls
+
+
+def test_finished_runs_are_skipped_and_unfinished_ones_rerun(tmp_path, fake_training, capsys):
+    argv = ["digits", "--methods", "sam,zsharp", "--seeds", "2", "--output_dir", str(tmp_path)]
+    cli.main(argv)
+    assert len(fake_training) == 4
+    out = capsys.readouterr().out
+    assert "[1/4] digits resnet20 sam seed 0" in out and "ETA" in out
+    saved = json.loads((tmp_path / "digits/resnet20/zsharp/seed-1/run.json").read_text())
+    assert saved["metrics"]["test_accuracy"] == pytest.approx(0.65)
+
+    fake_training.clear()
+    cli.main(argv)
+    assert fake_training == []  # everything finished: nothing repeated
+
+    (tmp_path / "digits/resnet20/sam/seed-1/run.json").unlink()  # as if it crashed in that run
+    cli.main([*argv[:-2], "--seeds", "3", "--rho", "0.05,0.1", "--output_dir", str(tmp_path)])
+    assert [spec.folder(tmp_path).relative_to(tmp_path).as_posix() for spec in fake_training] == [
+        "digits/resnet20/sam_rho0.1/seed-0",
+        "digits/resnet20/zsharp_rho0.1/seed-0",
+        "digits/resnet20/sam/seed-1",
+        "digits/resnet20/sam_rho0.1/seed-1",
+        "digits/resnet20/zsharp_rho0.1/seed-1",
+        "digits/resnet20/sam/seed-2",
+        "digits/resnet20/sam_rho0.1/seed-2",
+        "digits/resnet20/zsharp/seed-2",
+        "digits/resnet20/zsharp_rho0.1/seed-2",
+    ]
+    table = (tmp_path / "results.md").read_text()
+    assert "| zsharp | 0.05 | 3 |" in table and "| sam (chosen by val.) | 0.05 | — | 3 |" in table
+
+
+def test_a_finished_run_made_by_another_command_is_refused(tmp_path, fake_training):
+    cli.main(["digits", "--methods", "sam", "--seeds", "1", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="made by another command"):
+        cli.main(
+            ["digits", "--methods", "sam", "--seeds", "1", "--epochs", "9", "--output_dir", str(tmp_path)]
+        )
+    with pytest.raises(SystemExit, match="made by another command"):
+        cli.main(
+            ["digits", "--methods", "sam", "--seeds", "1", "--threads", "2", "--output_dir", str(tmp_path)]
+        )
+    assert len(fake_training) == 1
+
+
+@pytest.fixture
+def restore_process_settings():
+    """The grid fixes torch's threads and turns on deterministic algorithms (and their environment variables)
+    for the whole process: put them back for the tests that run after."""
+    threads, deterministic, environ = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        dict(os.environ),
+    )
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+@pytest.mark.slow
+def test_a_tiny_digits_grid_end_to_end(tmp_path, monkeypatch, restore_process_settings):
+    quick = SharpnessSettings(batches=2, batch_size=16, ascent_steps=2, lanczos_iters=3)
+    monkeypatch.setitem(PRESETS, "digits", replace(PRESETS["digits"], sharpness=quick))
+    out = tmp_path / "out"
+    cli.main(
+        [
+            "digits", "--methods", "none,sam-matched", "--seeds", "1", "--epochs", "1", "--output_dir", str(out),
+            "--max_train_samples", "64", "--max_eval_samples", "32", "--measure_sharpness",
+        ]
+    )  # fmt: skip
+    plain = json.loads((out / "digits/resnet20/none/seed-0/run.json").read_text())
+    matched = json.loads((out / "digits/resnet20/sam-matched/seed-0/run.json").read_text())
+    assert matched["command"] == (
+        "hf-zsharp-reproduce digits --datasets digits --models resnet20 --methods sam-matched --seeds 0, "
+        "--epochs 1 --threads 1 --measure_sharpness --max_train_samples 64 --max_eval_samples 32"
+    )
+    # ResNet-20 has L = 20 tensors with ndim > 1: SAM's radius becomes 0.05 sqrt(20), ZSharp's total norm.
+    assert matched["filtered_tensors"] == 20
+    assert matched["sam_rho"] == pytest.approx(0.05 * math.sqrt(20), rel=1e-12)
+    (epoch,) = matched["history"]
+    assert epoch["sam_perturbation_norm"] == pytest.approx(matched["sam_rho"], rel=1e-5)
+    assert "sam_loss_increase" in epoch and "sam_loss_increase" not in plain["history"][0]
+    metrics = matched["metrics"]
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["best_val_epoch"] == 1.0
+    assert metrics["test_accuracy_at_best_val"] == metrics["test_accuracy"]  # one epoch: the same weights
+    sharpness = matched["sharpness"]
+    assert sharpness["images"] == 32 and sharpness["sharpness"] >= 0
+    assert sharpness["hessian_min_eig"] < sharpness["hessian_max_eig"]
+    assert matched["hyperparameters"]["training"]["seed"] == 0 and matched["environment"]["threads"] == "1"
+    assert len(matched["code"]["source_sha256"]) == 64
+    assert "| sam-matched | 0.224 | 1 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_committed_record_is_recreated_exactly_by_its_command(tmp_path):
+    committed = json.loads(SMOKE_RECORD.read_text())
+    words = shlex.split(committed["command"])
+    assert words[0] == "hf-zsharp-reproduce"
+    script = "import sys; from hf_zsharp.cli import reproduce_main; reproduce_main(sys.argv[1:])"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))
+    }  # the command sets threads
+    subprocess.run(
+        [sys.executable, "-c", script, *words[1:]], cwd=tmp_path, env=env, check=True, capture_output=True
+    )
+    recreated = json.loads((tmp_path / "reproduce-digits" / committed["folder"] / "run.json").read_text())
+    assert recreated["metrics"]["test_accuracy"] == committed["metrics"]["test_accuracy"]
+    assert recreated["metrics"]["val_accuracy"] == committed["metrics"]["val_accuracy"]
+    assert recreated["command"] == committed["command"] and recreated["argv"] == committed["argv"]

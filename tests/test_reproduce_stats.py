@@ -1,0 +1,197 @@
+"""Statistics, tables, figures and generated Markdown blocks of the reproduction, on hand-made records."""
+
+import csv
+import io
+import json
+import math
+
+import pytest
+from scipy.stats import ttest_rel
+
+from hf_zsharp.reproduce import report
+from hf_zsharp.reproduce.records import write_record
+from hf_zsharp.reproduce.stats import chosen_by_validation, contrasts, holm, mean_ci, paired, summarize
+from hf_zsharp.reproduce.tables import accuracy_table, contrast_table, sharpness_table, sweep_table, table_csv
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+T_975_4 = 2.7764451051977987  # the 97.5 % quantile of Student's t with 4 degrees of freedom
+
+
+def record(method, seed, test, *, variant=None, rho=0.05, val=None, sharp=None, norm=0.05, increase=0.1):
+    """A hand-made run record with the fields the statistics read."""
+    return {
+        "dataset": "digits",
+        "model": "resnet20",
+        "method": method,
+        "variant": variant or method,
+        "seed": seed,
+        "rho": None if method == "none" else rho,
+        "sam_rho": None if method == "none" else rho,
+        "percentile": 0.95 if method.startswith("zsharp") else None,
+        "metrics": {
+            "test_accuracy": test,
+            "test_accuracy_at_best_val": test - 0.01,
+            "val_accuracy": test if val is None else val,
+        },
+        "history": [
+            {
+                "epoch": e,
+                "eval_accuracy": test * e / 2,
+                **(
+                    {}
+                    if method == "none"
+                    else {"sam_loss_increase": increase * e, "sam_perturbation_norm": norm}
+                ),
+            }
+            for e in (1.0, 2.0)
+        ],  # fmt: skip
+        "sharpness": None
+        if sharp is None
+        else {"sharpness": sharp, "hessian_max_eig": 100 * sharp, "hessian_min_eig": -sharp},  # fmt: skip
+        "timing": {"wall_time_s": 10.0 + seed, "train_samples_per_second": 100.0},
+        "code": {"commit": "abc1234567890", "dirty": False, "source_sha256": "f" * 64},
+        "environment": {"device": "CPU (x86_64)", "threads": "1", "platform": "Linux", "torch": "2.x"},
+    }
+
+
+SAM = [0.90, 0.92, 0.91, 0.93, 0.89]
+ZSHARP = [0.92, 0.93, 0.915, 0.95, 0.90]
+RANDOM = [0.90, 0.925, 0.90, 0.94, 0.88]
+
+
+def grid_records():
+    runs = [record("sam", s, a, sharp=0.5 + 0.01 * s) for s, a in enumerate(SAM)]
+    runs += [record("zsharp", s, a, sharp=0.3 + 0.02 * s, norm=0.22) for s, a in enumerate(ZSHARP)]
+    runs += [record("zsharp-random", s, a, sharp=0.5 + 0.011 * s, norm=0.22) for s, a in enumerate(RANDOM)]
+    runs += [record("none", 0, 0.80)]
+    return runs
+
+
+def test_mean_ci_is_the_t_interval():
+    interval = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = T_975_4 * math.sqrt(2.5) / math.sqrt(5)
+    assert interval.mean == 3.0 and interval.n == 5
+    assert (interval.low, interval.high) == (
+        pytest.approx(3 - half, rel=1e-12),
+        pytest.approx(3 + half, rel=1e-12),
+    )
+    one = mean_ci([0.7])
+    assert (one.mean, one.low, one.high, one.std) == (0.7, None, None, None)
+
+
+def test_paired_comparison_pairs_by_seed():
+    values = dict(enumerate(ZSHARP)) | {9: 0.5}  # seed 9 has no SAM partner: left out
+    c = paired(values, dict(enumerate(SAM)) | {7: 0.1})
+    differences = [z - s for z, s in zip(ZSHARP, SAM)]
+    assert c.difference.n == 5
+    assert c.difference.mean == pytest.approx(sum(differences) / 5, rel=1e-12)
+    assert c.p == pytest.approx(ttest_rel(ZSHARP, SAM).pvalue, rel=1e-9)
+    assert c.d_z == pytest.approx(c.difference.mean / c.difference.std, rel=1e-12)
+    assert c.difference.low < c.difference.mean < c.difference.high
+    # Equal differences: the t statistic and d_z are undefined; one pair: no interval either.
+    same = paired({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5})
+    assert same.p is None and same.d_z is None and same.difference.mean == pytest.approx(0.1)
+    assert paired({0: 0.5}, {0: 0.4}).difference.low is None
+    assert paired({0: 0.5}, {1: 0.4}) is None
+
+
+def test_holm_step_down():
+    assert holm([0.01, 0.04, None, 0.03, 0.005]) == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1, and monotone
+    assert holm([]) == []
+
+
+def test_summary_rows_compare_default_methods_to_sam_with_holm():
+    rows = {row["variant"]: row for row in summarize(grid_records())}
+    assert list(rows) == ["none", "sam", "zsharp", "zsharp-random"]  # the methods' order, not the runs'
+    z = rows["zsharp"]
+    assert z["seeds"] == 5 and z["test_accuracy"].mean == pytest.approx(sum(ZSHARP) / 5)
+    assert z["perturbation_norm"].mean == pytest.approx(0.22) and z["loss_increase"].mean == pytest.approx(
+        0.15
+    )
+    assert rows["sam"]["test_accuracy_vs_sam"] is None  # the baseline itself
+    assert rows["none"]["test_accuracy_vs_sam"].p is None  # one pair
+    assert rows["none"]["loss_increase"] is None and rows["none"]["sharpness"] is None
+    # Holm's family: the comparisons with a p-value (zsharp, zsharp-random), per metric.
+    p_z = ttest_rel(ZSHARP, SAM).pvalue
+    p_r = ttest_rel(RANDOM, SAM).pvalue
+    expected = holm([p_z, p_r])
+    assert z["test_accuracy_vs_sam"].p_holm == pytest.approx(expected[0], rel=1e-9)
+    assert rows["zsharp-random"]["test_accuracy_vs_sam"].p_holm == pytest.approx(expected[1], rel=1e-9)
+    # Sharpness differences: (0.3 + 0.02 s) - (0.5 + 0.01 s) over seeds 0..4, a family of its own.
+    assert z["sharpness_vs_sam"].difference.mean == pytest.approx(-0.18)
+    assert z["sharpness_vs_sam"].p_holm is not None
+
+
+def test_contrasts_of_zsharp_with_its_controls():
+    rows = contrasts(grid_records())
+    assert [(r["a"], r["b"]) for r in rows] == [("zsharp", "zsharp-random")]  # the controls that ran
+    (row,) = rows
+    assert row["test_accuracy"].p == pytest.approx(ttest_rel(ZSHARP, RANDOM).pvalue, rel=1e-9)
+    assert row["test_accuracy"].p_holm == row["test_accuracy"].p  # a family of one
+    assert row["sharpness"].difference.mean == pytest.approx(
+        -0.2 + 0.009 * 2
+    )  # (0.3 + 0.02 s) - (0.5 + 0.011 s)
+    assert contrast_table(rows).count("| zsharp − zsharp-random | 5 |") == 1
+
+
+def test_sweep_variants_are_chosen_on_validation_not_test():
+    runs = grid_records()
+    # rho 0.1: better on test, worse on validation. Validation must pick the default (0.05).
+    runs += [record("sam", s, 0.99, variant="sam_rho0.1", rho=0.1, val=0.5) for s in range(5)]
+    rows = summarize(runs)
+    assert chosen_by_validation(rows, "sam")["variant"] == "sam"
+    variant = next(r for r in rows if r["variant"] == "sam_rho0.1")
+    assert not variant["default"] and variant["test_accuracy_vs_sam"] is None  # no test-set comparisons
+    table = sweep_table(rows, ["sam"])
+    assert "| sam (chosen by val.) | 0.05 |" in table and "| sam | 0.1 |" in table
+    assert "sam_rho0.1" not in accuracy_table(rows)  # the main tables hold the default settings only
+
+
+def test_tables_and_csv():
+    rows = summarize(grid_records())
+    accuracy = accuracy_table(rows)
+    z = mean_ci([100 * a for a in ZSHARP])
+    assert f"| zsharp | 0.05 | 5 | {z.mean:.2f} [{z.low:.2f}, {z.high:.2f}] |" in accuracy
+    assert "| sam | 0.05 | 5 |" in accuracy and "| — | — | — | — |" in accuracy
+    assert "| none | — | 1 | 80.00 | 79.00 |" in accuracy
+    sharpness = sharpness_table(rows)
+    assert "| zsharp | 0.220 [0.220, 0.220] | 0.150 [0.150, 0.150] |" in sharpness
+    cells = list(csv.DictReader(io.StringIO(table_csv(rows))))
+    assert [c["variant"] for c in cells] == ["none", "sam", "zsharp", "zsharp-random"]
+    assert float(cells[2]["test_accuracy_mean"]) == pytest.approx(sum(ZSHARP) / 5)
+    assert cells[1]["test_accuracy_vs_sam_p"] == ""
+
+
+def test_results_files_and_figures(tmp_path):
+    runs = grid_records() + [
+        record("sam", s, 0.9, variant="sam_rho0.1", rho=0.1, sharp=0.6) for s in range(5)
+    ]
+    for run in runs:
+        write_record(tmp_path / "digits" / "resnet20" / run["variant"] / f"seed-{run['seed']}", run)
+    (tmp_path / "digits" / "resnet20" / "sam" / "seed-9").mkdir()  # an unfinished run: left out
+    paths = report.write_results(tmp_path, command="hf-zsharp-reproduce digits")
+    markdown = paths["markdown"].read_text()
+    assert "Last command: `hf-zsharp-reproduce digits`" in markdown and "## digits / resnet20" in markdown
+    assert "- 21 runs," in markdown and "commit abc1234567, source hash ffffffffffff (21 runs)" in markdown
+    for name in ("digits-resnet20-methods.png", "digits-resnet20-sweep.png"):
+        assert f"({name})" in markdown
+        png = (tmp_path / name).read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) < 300_000
+    assert len(list(csv.DictReader(io.StringIO(paths["csv"].read_text())))) == 5
+    assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporary files
+    assert json.loads((tmp_path / "digits/resnet20/sam/seed-0/run.json").read_text())["seed"] == 0
+
+
+def test_generated_blocks_are_replaced_and_checked():
+    text = "intro\n<!-- generated:a -->\nold\n<!-- /generated:a -->\nmiddle\n<!-- generated:b -->\n<!-- /generated:b -->\n"
+    new = report.update_blocks(text, {"a": "A\n", "b": "B\n"})
+    assert (
+        new
+        == "intro\n<!-- generated:a -->\nA\n<!-- /generated:a -->\nmiddle\n<!-- generated:b -->\nB\n<!-- /generated:b -->\n"
+    )
+    assert report.update_blocks(new, {"a": "A\n", "b": "B\n"}) == new
+    with pytest.raises(ValueError, match="missing.*'c'"):
+        report.update_blocks(text, {"a": "", "b": "", "c": ""})
+    with pytest.raises(ValueError, match="without content.*'b'"):
+        report.update_blocks(text, {"a": ""})
