@@ -74,6 +74,7 @@ def environment(threads: int) -> dict[str, str]:
         device = f"CPU ({platform.processor() or platform.machine()})"
     return {
         "device": device,
+        "cpu": cpu_identity(),
         "threads": str(threads),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -84,6 +85,19 @@ def environment(threads: int) -> dict[str, str]:
         "numpy": numpy.__version__,
         "hf_zsharp": hf_zsharp.__version__,
     }
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and vector extensions: CPU kernels (oneDNN, MKL) pick their code paths by these, so
+    bit-identical results can only be expected between runs on CPUs with the same identity."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    model = fields.get("model name") or platform.machine()  # the last processor's entries
+    vector = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx", "fma")))
+    return f"{model} [{' '.join(vector)}]"
 
 
 @functools.cache
