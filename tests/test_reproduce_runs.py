@@ -1,5 +1,6 @@
 """Running the grid: resume and refusal (with a stand-in for training), one real tiny grid end to end, and the
-re-run of a committed record's command from an empty folder, which must give the same accuracy exactly."""
+re-run of a committed record's command from an empty folder, which must give the same accuracy exactly (on a CPU
+of the same identity; on another, the command must at least be deterministic)."""
 
 import json
 import math
@@ -150,19 +151,30 @@ def test_a_tiny_digits_grid_end_to_end(tmp_path, monkeypatch, restore_process_se
     assert "| sam-matched | 0.224 | 1 |" in (out / "results.md").read_text()
 
 
-@pytest.mark.slow
-def test_a_committed_record_is_recreated_exactly_by_its_command(tmp_path):
-    committed = json.loads(SMOKE_RECORD.read_text())
-    words = shlex.split(committed["command"])
+def recreate(record: dict, folder: Path) -> dict:
+    """Run a record's command from the empty `folder`, as a user would, and return the record it writes."""
+    words = shlex.split(record["command"])
     assert words[0] == "hf-zsharp-reproduce"
     script = "import sys; from hf_zsharp.cli import reproduce_main; reproduce_main(sys.argv[1:])"
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))
     }  # the command sets threads
+    folder.mkdir()
     subprocess.run(
-        [sys.executable, "-c", script, *words[1:]], cwd=tmp_path, env=env, check=True, capture_output=True
+        [sys.executable, "-c", script, *words[1:]], cwd=folder, env=env, check=True, capture_output=True
     )
-    recreated = json.loads((tmp_path / "reproduce-digits" / committed["folder"] / "run.json").read_text())
-    assert recreated["metrics"]["test_accuracy"] == committed["metrics"]["test_accuracy"]
-    assert recreated["metrics"]["val_accuracy"] == committed["metrics"]["val_accuracy"]
+    return json.loads((folder / "reproduce-digits" / record["folder"] / "run.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_committed_record_is_recreated_exactly_by_its_command(tmp_path):
+    """Bit-identical results are only promised on CPUs with the same vector code paths (the record's `cpu`):
+    another CPU's kernels round differently, and two epochs of training turn that into other weights. There the
+    test checks what the promise rests on: the command run twice gives the same accuracy exactly."""
+    committed = json.loads(SMOKE_RECORD.read_text())
+    recreated = recreate(committed, tmp_path / "first")
     assert recreated["command"] == committed["command"] and recreated["argv"] == committed["argv"]
+    if recreated["environment"]["cpu"] != committed["environment"]["cpu"]:
+        committed = recreate(committed, tmp_path / "second")
+    for key in ("test_accuracy", "val_accuracy", "test_loss"):
+        assert recreated["metrics"][key] == committed["metrics"][key]
