@@ -42,12 +42,15 @@ def provenance(records: Sequence[Record]) -> str:
         (r["code"]["commit"] or "unknown", bool(r["code"]["dirty"]), r["code"]["source_sha256"][:12])
         for r in records
     )
-    ignored = ("device", "threads", "platform")
+    ignored = ("device", "cpu", "threads", "platform")
     versions = sorted(
         {", ".join(f"{k} {v}" for k, v in r["environment"].items() if k not in ignored) for r in records}
     )
     devices = sorted(
-        {f"{r['environment']['device']}, {r['environment']['threads']} thread(s)" for r in records}
+        {
+            f"{r['environment'].get('cpu') or r['environment']['device']}, {r['environment']['threads']} thread(s)"
+            for r in records
+        }
     )
     hours = sum(r["timing"].get("total_s", r["timing"]["wall_time_s"]) for r in records) / 3600
     code = "; ".join(
