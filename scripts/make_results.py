@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 from hf_zsharp.reproduce import report, tables
-from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.records import RECORD, finished_records, write_atomic
 from hf_zsharp.reproduce.stats import summarize
 
@@ -36,12 +35,13 @@ def collect(grid_dir: Path, records_dir: Path) -> int:
 
 
 def blocks(dataset: str) -> dict[str, str]:
-    """Every generated block of RESULTS.md, from the records of results/<dataset> (and the cost of the presets)."""
-    records = finished_records(RESULTS / dataset)
-    if not records:
-        raise SystemExit(f"No records under {RESULTS / dataset}.")
-    write_atomic(RESULTS / f"{dataset}.csv", tables.table_csv(summarize(records)))
-    return {**report.sections(records, RESULTS, f"{dataset}-"), "preset-cost": preset_cost_table()}
+    """Every generated block of RESULTS.md from the records of results/<dataset>; writes its CSV and figures."""
+    try:
+        generated = report.document_blocks(RESULTS / dataset, RESULTS, f"{dataset}-")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    write_atomic(RESULTS / f"{dataset}.csv", tables.table_csv(summarize(finished_records(RESULTS / dataset))))
+    return generated
 
 
 def main() -> None:

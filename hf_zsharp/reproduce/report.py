@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_zsharp.reproduce import figures, tables
+from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.grid import short_name
 from hf_zsharp.reproduce.records import finished_records, write_atomic
 from hf_zsharp.reproduce.stats import contrasts, summarize
@@ -66,8 +67,11 @@ def provenance(records: Sequence[Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sections(records: Sequence[Record], figure_dir: Path, figure_prefix: str = "") -> dict[str, str]:
-    """The generated blocks for records of one dataset and model: tables, figure links, provenance."""
+def sections(
+    records: Sequence[Record], figure_dir: Path, figure_prefix: str = "", link_dir: str = ""
+) -> dict[str, str]:
+    """The generated blocks for records of one dataset and model: tables, figure links, provenance. Figures are
+    drawn into `figure_dir` and linked as `link_dir` + file name (the folder as seen from the document)."""
     rows = summarize(records)
     (dataset, model), *others = by_dataset_model(records)
     if others:
@@ -82,13 +86,24 @@ def sections(records: Sequence[Record], figure_dir: Path, figure_prefix: str = "
     }
     if any(row["default"] for row in rows):
         methods_png = figures.plot_methods(rows, records, title, figure_dir / f"{figure_prefix}methods.png")
-        blocks["figure-methods"] = f"![{title}: methods]({methods_png.name})\n"
+        blocks["figure-methods"] = f"![{title}: methods]({link_dir}{methods_png.name})\n"
     swept = swept_methods(rows)
     if swept:
         sweep_png = figures.plot_sweep(rows, swept, title, figure_dir / f"{figure_prefix}sweep.png")
         blocks["sweep"] = tables.sweep_table(rows, swept)
-        blocks["figure-sweep"] = f"![{title}: ρ sweep]({sweep_png.name})\n"
+        blocks["figure-sweep"] = f"![{title}: ρ sweep]({link_dir}{sweep_png.name})\n"
     return blocks
+
+
+def document_blocks(
+    records_dir: Path, figure_dir: Path, figure_prefix: str, link_dir: str = "results/"
+) -> dict[str, str]:
+    """Every generated block of RESULTS.md: the sections of the records under `records_dir` (one dataset and
+    model; figures drawn into `figure_dir`, linked from `link_dir`) and the cost of the paper presets."""
+    records = finished_records(records_dir)
+    if not records:
+        raise ValueError(f"No records under {records_dir}.")
+    return {**sections(records, figure_dir, figure_prefix, link_dir), "preset-cost": preset_cost_table()}
 
 
 def write_results(output_dir: str | Path, command: str | None = None) -> dict[str, Path]:
