@@ -204,6 +204,15 @@ def loss_of(model: nn.Module, seed: int = 0) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float(), labels)
 
 
+def two_pass(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    """One manual two-pass step (first_step, second_step) of a SAM-family optimizer on batch `seed`."""
+    optimizer.zero_grad()
+    loss_of(model, seed).backward()
+    optimizer.first_step(zero_grad=True)
+    loss_of(model, seed).backward()
+    optimizer.second_step(zero_grad=True)
+
+
 def model_with_grads(name: str, dtype: torch.dtype = torch.float32, zeros: bool = False) -> nn.Module:
     """A model with the gradients of one batch; `zeros` plants exact zeros (50 %, 97 %, all) and one None."""
     torch.manual_seed(0)

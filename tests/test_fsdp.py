@@ -182,7 +182,7 @@ def test_resume_from_a_sharded_checkpoint_continues_identically(ranks, name):
 
 def test_friendly_sam_state_dict_carries_its_momentum():
     """The gradient EMA travels in the plain torch state (with its "started" flag) and is restored."""
-    from reference import loss_of, mlp
+    from reference import mlp, two_pass
 
     torch.manual_seed(0)
     model = mlp()
@@ -190,11 +190,7 @@ def test_friendly_sam_state_dict_carries_its_momentum():
     state = optimizer.state_dict()
     assert all(float(entry["sam_momentum_started"]) == 0 for entry in state["state"].values())
     for seed in range(2):
-        optimizer.zero_grad()
-        loss_of(model, seed).backward()
-        optimizer.first_step(zero_grad=True)
-        loss_of(model, seed).backward()
-        optimizer.second_step(zero_grad=True)
+        two_pass(model, optimizer, seed)
     restored = FriendlySAM(model.parameters(), torch.optim.SGD, lr=0.1)
     restored.load_state_dict(optimizer.state_dict())
     assert set(restored.momentum) == set(optimizer.momentum)

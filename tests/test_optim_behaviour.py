@@ -10,7 +10,7 @@ import math
 import pytest
 import reference as ref
 import torch
-from reference import cnn, count_host_reads, loss_of, mlp, model_with_grads
+from reference import cnn, count_host_reads, loss_of, mlp, model_with_grads, two_pass
 from torch import nn
 
 from hf_zsharp import SAM, ZSharp, create_sam_optimizer, frozen_batchnorm_stats
@@ -36,15 +36,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_bit_identical(model: nn.Module, saved: list[torch.Tensor]) -> None:
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(model.parameters(), saved, strict=True))
-
-
-def two_pass(model: nn.Module, optimizer: SAM, seed: int) -> None:
-    """One manual two-pass step on batch `seed`."""
-    optimizer.zero_grad()
-    loss_of(model, seed).backward()
-    optimizer.first_step(zero_grad=True)
-    loss_of(model, seed).backward()
-    optimizer.second_step(zero_grad=True)
 
 
 # Base optimizers by how `second_step` checks the gradients: on the host, or on the device (torch's fused ones).
@@ -247,11 +238,7 @@ def test_state_dict_round_trip_keeps_base_momentum_and_hyperparameters() -> None
     kwargs = {"rho": 0.07, "percentile": 0.9, "lr": 2e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
     optimizer = ZSharp(model.parameters(), torch.optim.AdamW, **kwargs)
     for seed in range(2):
-        optimizer.zero_grad()
-        loss_of(model, seed).backward()
-        optimizer.first_step(zero_grad=True)
-        loss_of(model, seed).backward()
-        optimizer.second_step(zero_grad=True)
+        two_pass(model, optimizer, seed)
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
