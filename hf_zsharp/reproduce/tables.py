@@ -13,20 +13,13 @@ Row = Mapping[str, Any]
 
 
 def _interval(value: Interval | None, scale: float = 1.0, fmt: str = ".2f") -> str:
-    """`mean [low, high]` (or the mean alone for one seed; n/a when unmeasured)."""
+    """`mean [low, high]` (or the mean alone for one seed; n/a when unmeasured); a `+` format signs all three."""
     if value is None:
         return "n/a"
     text = format(value.mean * scale, fmt)
     if value.low is None:
         return text
     return f"{text} [{format(value.low * scale, fmt)}, {format(value.high * scale, fmt)}]"
-
-
-def _signed(value: Interval, scale: float, fmt: str) -> str:
-    text = format(value.mean * scale, "+" + fmt)
-    if value.low is None:
-        return text
-    return f"{text} [{format(value.low * scale, '+' + fmt)}, {format(value.high * scale, '+' + fmt)}]"
 
 
 def _p(value: float | None) -> str:
@@ -43,7 +36,7 @@ def _comparison(row: Row, key: str, scale: float, fmt: str) -> list[str]:
     if c is None:
         return ["n/a"] * 4
     d_z = "n/a" if c.d_z is None else f"{c.d_z:+.2f}"
-    return [_signed(c.difference, scale, fmt), _p(c.p), _p(c.p_holm), d_z]
+    return [_interval(c.difference, scale, "+" + fmt), _p(c.p), _p(c.p_holm), d_z]
 
 
 def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -150,7 +143,7 @@ def contrast_table(rows: Sequence[Row]) -> str:
                 cells += ["n/a"] * 3
                 continue
             cells += [
-                _signed(c.difference, scale, fmt),
+                _interval(c.difference, scale, "+" + fmt),
                 _p(c.p_holm),
                 "n/a" if c.d_z is None else f"{c.d_z:+.2f}",
             ]
