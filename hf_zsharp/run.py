@@ -21,6 +21,7 @@ from typing import Any, get_type_hints
 
 import PIL.Image
 import yaml
+from datasets import DatasetDict
 from torch.optim import Optimizer
 from transformers import (
     AutoConfig,
@@ -51,11 +52,13 @@ RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.
 
 @dataclass
 class TrainingRun:
-    """What `run_training` leaves behind: final metrics, the Trainer (model, data) and its log history."""
+    """What `run_training` leaves behind: final metrics, the Trainer (model, data), its log history and the splits
+    it trained and evaluated on, as loaded (before any preprocessing)."""
 
     metrics: dict[str, float]
     trainer: ZSharpTrainer
     log_history: list[dict[str, Any]]
+    dataset: DatasetDict
 
 
 # The recipe of `hf-zsharp-train`, on top of `TrainingArguments`' own defaults: every flag or config-file entry
@@ -353,7 +356,9 @@ def run_training(
         outputs.write_card(metrics)
         if push:
             outputs.push_at_the_end()
-    return TrainingRun(metrics=metrics, trainer=trainer, log_history=list(trainer.state.log_history))
+    return TrainingRun(
+        metrics=metrics, trainer=trainer, log_history=list(trainer.state.log_history), dataset=dataset
+    )
 
 
 class RunOutputs:

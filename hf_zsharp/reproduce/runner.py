@@ -72,24 +72,16 @@ class BestValidation(TrainerCallback):
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def load_splits(data_args: Any, cache_dir: str | None, seed: int) -> tuple[Dataset, Dataset]:
-    """The run's training images (after the validation hold-out and `max_train_samples`, as `run_training`
-    makes them) and the dataset's test split (the first of test / validation / valid / val)."""
-    common = {
-        "dataset_config": data_args.dataset_config_name,
-        "image_column": data_args.image_column_name,
-        "label_column": data_args.label_column_name,
-        "train_split": data_args.train_split,
-        "cache_dir": cache_dir,
-    }
-    train = load_image_dataset(
-        data_args.dataset_name, eval_split=data_args.eval_split, train_val_split=data_args.train_val_split,
-        seed=seed, **common,
-    )["train"]  # fmt: skip
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    test = load_image_dataset(data_args.dataset_name, **common)["eval"]
-    return train, test
+def load_test_split(data_args: Any, cache_dir: str | None) -> Dataset:
+    """The dataset's test split: the first of test / validation / valid / val (the run evaluated on a hold-out)."""
+    return load_image_dataset(
+        data_args.dataset_name,
+        dataset_config=data_args.dataset_config_name,
+        image_column=data_args.image_column_name,
+        label_column=data_args.label_column_name,
+        train_split=data_args.train_split,
+        cache_dir=cache_dir,
+    )["eval"]
 
 
 def like_eval(training: TrainingRun, split: Dataset, image_size: int | None) -> TorchDataset:
@@ -173,7 +165,7 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     training = run_training(model_args, data_args, training_args, callbacks=callbacks, **hooks)
     wall_time = time.perf_counter() - start
     trainer = training.trainer
-    train, test = load_splits(data_args, model_args.cache_dir, training_args.seed)
+    train, test = training.dataset["train"], load_test_split(data_args, model_args.cache_dir)
     image_size = (
         model_args.image_size if model_kind(model_args.model_name_or_path) == "from scratch" else None
     )
