@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tiny_training import leave_process_group
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -388,9 +389,7 @@ def main(out_dir: str, mode: str = "optimizer") -> None:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         results = trainer_main(Path(out_dir), rank, world)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+        leave_process_group()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -421,8 +420,7 @@ def main(out_dir: str, mode: str = "optimizer") -> None:
     }.items():
         results[name] = run_checkpoint(method, options, rank, world, Path(out_dir, name))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -135,6 +135,19 @@ def _sync_flags(trainer: ZSharpTrainer) -> tuple[dict[str, list[bool]], dict]:
     return flags, state
 
 
+def leave_process_group() -> None:
+    """End a worker whose results are written: leave together, close the process group, then exit at once.
+
+    Gloo's worker threads can still abort the interpreter's finalization after that ("terminate called without
+    an active exception", SIGABRT on one rank, seen with 2 and 3 ranks), so the worker skips finalization.
+    """
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _run_ddp_case(out: Path, name: str, model: TinyNet, **overrides) -> dict:
     """Train under DDP, recording sync flags, forward calls and parameter checksums per step."""
     from transformers import TrainerCallback
@@ -196,10 +209,7 @@ def main(out_dir: str) -> None:
             out, name, poisoned, per_device_train_batch_size=4, max_steps=3, logging_steps=3
         )
     (out / f"rank{rank}.json").write_text(json.dumps(results))
-    # Leave together and close the process group: gloo's threads otherwise may abort the exit
-    # ("terminate called without an active exception").
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
