@@ -3,7 +3,9 @@
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "hf_zsharp"
+import hf_zsharp
+
+PACKAGE = Path(hf_zsharp.__file__).parent  # the copy under test: the source tree, or an installed wheel
 
 
 def module_names() -> dict[str, Path]:

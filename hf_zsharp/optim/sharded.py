@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._compat import require_torch
 from .selection import quantile_rank
 
+require_torch("sharded statistics (FSDP2's fully_shard, DTensor)")
 if torch.distributed.is_available():
     from torch.distributed import ProcessGroup
     from torch.distributed.tensor import DTensor, Shard
