@@ -7,7 +7,8 @@ import os
 import sys
 
 from hf_zsharp import reproduce
-from hf_zsharp.run import parse_train_args, run_training
+from hf_zsharp.args import parse_train_args
+from hf_zsharp.run import run_training
 
 logger = logging.getLogger(__name__)
 

@@ -7,27 +7,20 @@ asked. Every argument problem it can detect is raised before training starts.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import os
 import re
-import tempfile
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import PIL.Image
-import yaml
 from datasets import DatasetDict
 from torch.optim import Optimizer
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     PreTrainedModel,
     TrainerCallback,
     ViTImageProcessor,
@@ -36,18 +29,22 @@ from transformers import (
 from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import cards, hub
-from hf_zsharp.args import DataArguments, ModelArguments, ZSharpTrainingArguments
+from hf_zsharp.args import (
+    DEFAULT_IMAGE_SIZES,
+    DataArguments,
+    ModelArguments,
+    ZSharpTrainingArguments,
+    check_output_dir,
+    model_kind,
+)
 from hf_zsharp.augment import augment_inputs
-from hf_zsharp.data import DIGITS, LABELS, load_image_dataset, normalization_stats
+from hf_zsharp.data import LABELS, load_image_dataset, normalization_stats
 from hf_zsharp.image_data import paper_image_data, processor_image_data
 from hf_zsharp.metrics import compute_metrics
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.trainer import ZSharpTrainer
 
 logger = logging.getLogger(__name__)
-
-# What a previous run leaves in its output directory; finding one means "another run lives here".
-RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.md", "model.safetensors")
 
 
 @dataclass
@@ -59,161 +56,6 @@ class TrainingRun:
     trainer: ZSharpTrainer
     log_history: list[dict[str, Any]]
     dataset: DatasetDict
-
-
-# The recipe of `hf-zsharp-train`, on top of `TrainingArguments`' own defaults: every flag or config-file entry
-# overrides it. COMMON applies to every run; the learning-rate recipe depends on the kind of model.
-COMMON_RECIPE: dict[str, Any] = {
-    "output_dir": "outputs",
-    "per_device_train_batch_size": 32,
-    "eval_strategy": "epoch",
-    "logging_strategy": "epoch",
-    "save_strategy": "epoch",
-}
-KIND_RECIPES: dict[str, dict[str, Any]] = {
-    # The paper's models from scratch (the embedded default: ResNet-20 on digits, ~1 min on 2 CPU cores).
-    "from scratch": {
-        "num_train_epochs": 4,
-        "learning_rate": 3e-3,
-        "weight_decay": 5e-5,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 10,
-        "per_device_eval_batch_size": 256,
-    },
-    # Hub / local / timm checkpoints: the usual fine-tuning recipe of transformers' image-classification example.
-    "pretrained": {
-        "num_train_epochs": 3,
-        "learning_rate": 5e-5,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 0.1,
-        "per_device_eval_batch_size": 64,
-    },
-}
-DEFAULT_IMAGE_SIZES = {DIGITS: 16, "tinyimagenet": 64}  # paper models from scratch; 32 otherwise
-
-
-def model_kind(model_name_or_path: str) -> str:
-    """The kind of model: "from scratch" for the paper's models, "pretrained" for those loaded from a Hub id or
-    folder."""
-    return "from scratch" if model_name_or_path.lower() in PAPER_MODELS else "pretrained"
-
-
-def recipe_help() -> str:
-    """The default run and the recipe in words, for `--help`."""
-    titles = {
-        "from scratch": "paper models (from scratch)",
-        "pretrained": "pretrained models (Hub, folder, timm)",
-    }
-    lines = [
-        "Train or fine-tune an image classifier with ZSharp (or a SAM baseline). With no arguments: ResNet-20",
-        "from scratch on scikit-learn's digits, offline, on the CPU in about a minute, written to ./outputs.",
-        "",
-        "Defaults (on top of TrainingArguments' own; any flag or config-file entry overrides them):",
-    ]
-    for title, recipe in (("every run", COMMON_RECIPE), *((titles[k], r) for k, r in KIND_RECIPES.items())):
-        options = " ".join(f"--{k} {v}" for k, v in recipe.items())
-        lines += textwrap.wrap(options, 100, initial_indent=f"  {title}: ", subsequent_indent="    ")
-    return "\n".join(lines)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults in the help, and the description (the recipe) as written."""
-
-
-class TrainArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` over the model, data and training arguments, with the recipe as defaults.
-
-    `--help` lists the model, data and sharpness-aware options first, then the many `TrainingArguments` ones.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(
-            (ModelArguments, DataArguments, ZSharpTrainingArguments),
-            prog="hf-zsharp-train",
-            usage="%(prog)s [options] | %(prog)s CONFIG.yaml",
-            description=recipe_help(),
-            formatter_class=_HelpFormatter,
-        )
-        self.set_defaults(**COMMON_RECIPE)
-
-    def _add_dataclass_arguments(self, dtype: Any) -> None:
-        if dtype is not ZSharpTrainingArguments:
-            super()._add_dataclass_arguments(dtype)
-            return
-        hints = get_type_hints(dtype)
-        fields = [f for f in dataclasses.fields(dtype) if f.init]
-        for title, sam_first in (
-            ("Sharpness-aware options (ZSharpTrainingArguments)", True),
-            ("Training options (transformers.TrainingArguments)", False),
-        ):
-            group = self.add_argument_group(title)
-            for f in fields:
-                if f.name.startswith(("sam", "zsharp")) == sam_first:
-                    f.type = hints[f.name]
-                    self._parse_dataclass_field(group, f)
-
-    def parse(self, argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
-        """Parse flags, or one YAML/JSON config file as in the transformers examples, over the recipe."""
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-            config = _read_config(Path(argv[0]))
-            kind = model_kind(str(config.get("model_name_or_path", ModelArguments.model_name_or_path)))
-            return self.parse_dict({**COMMON_RECIPE, **KIND_RECIPES[kind], **config})
-        known, _ = self.parse_known_args(argv)
-        self.set_defaults(**KIND_RECIPES[model_kind(known.model_name_or_path)])
-        return self.parse_args_into_dataclasses(argv)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"Cannot read the config file {str(path)!r}: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
-    return config
-
-
-def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
-    """`hf-zsharp-train`'s arguments: the recipe above, overridden by flags or a YAML/JSON config file."""
-    return TrainArgumentParser().parse(argv)
-
-
-def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
-    """Refuse, before any work, an output directory that cannot be written, or that holds another run (unless
-    asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
-    output_dir = Path(training_args.output_dir)
-    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
-    if not existing.is_dir():
-        where = "is a file" if existing == output_dir else f"lies under {str(existing)!r}, which is a file"
-        raise ValueError(
-            f"Output directory {str(output_dir)!r} {where}; choose a directory with --output_dir."
-        )
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"Output directory {str(output_dir)!r} cannot be written ({error.strerror or error} in "
-            f"{str(existing)!r}); choose another --output_dir."
-        ) from error
-    if not output_dir.is_dir() or training_args.resume_from_checkpoint:
-        return
-    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
-    if not training_args.overwrite_output_dir:
-        found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists()) + checkpoints
-        if found:
-            raise ValueError(
-                f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose "
-                "another --output_dir, resume with --resume_from_checkpoint, or pass --overwrite_output_dir to "
-                "write over it (files are overwritten, never deleted)."
-            )
-    if checkpoints and training_args.save_total_limit:
-        raise ValueError(
-            f"Output directory {str(output_dir)!r} holds checkpoints of another run ({', '.join(checkpoints[:5])}) "
-            f"and --save_total_limit {training_args.save_total_limit} would let Trainer's checkpoint rotation "
-            "delete them. Choose another --output_dir, move them away, or drop --save_total_limit."
-        )
 
 
 def load_model(

@@ -11,8 +11,8 @@ from fake_hub import RecordingApi
 from huggingface_hub import ModelCard
 
 from hf_zsharp import hub
+from hf_zsharp.args import COMMON_RECIPE, parse_train_args
 from hf_zsharp.cli import train_main
-from hf_zsharp.run import COMMON_RECIPE, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -321,19 +321,27 @@ def test_flags_apply_on_top_of_the_default_recipe(tmp_path, monkeypatch):
     assert (from_file.sam, from_file.num_train_epochs, from_file.learning_rate) == ("asam", 2, 3e-3)
 
 
+def test_a_config_file_and_flags_together_flags_win(tmp_path):
+    """As TRL's parser: `--config FILE` sets options, flags override them, the recipe fills in the rest."""
+    config = tmp_path / "run.yaml"
+    config.write_text("sam: asam\nnum_train_epochs: 2\nmodel_name_or_path: some/vit\nlearning_rate: 1.0e-3\n")
+    _, _, args = parse_train_args(["--config", str(config), "--num_train_epochs", "7", "--sam_rho", "0.2"])
+    assert (args.sam, args.num_train_epochs, args.sam_rho, args.learning_rate) == ("asam", 7, 0.2, 1e-3)
+    assert args.warmup_steps == 0.1  # the pretrained recipe, chosen by the file's model
+    (tmp_path / "bad.json").write_text('{"sam": "sam", "learning_rat": 0.1}')
+    with pytest.raises(ValueError, match="unknown options: learning_rat"):
+        parse_train_args(["--config", str(tmp_path / "bad.json")])
+
+
 def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys):
     with pytest.raises(SystemExit):
         train("--help")
     text = capsys.readouterr().out
-    order = [
-        text.index(title)
-        for title in ("Model options:", "Data options:", "Sharpness-aware options", "Training options")
-    ]
+    order = [text.index(title) for title in ("Model options:", "Data options:", "Training options")]
     assert order == sorted(order)
-    assert (
-        text.index("--sam_rho") < text.index("Training options") < text.index("--learning_rate LEARNING_RATE")
-    )
     recipe = text[: text.index("Model options:")]
+    assert "--sam_rho" in recipe and "--config" in text
+    assert text.index("--learning_rate LEARNING_RATE") < text.index("--sam_rho SAM_RHO")
     assert "--learning_rate 0.003" in recipe and "--learning_rate 5e-05" in recipe and "./outputs" in recipe
     assert len(text[: text.index("Training options")].splitlines()) < 150
 

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hf_zsharp.args import parse_train_args
 from hf_zsharp.optim import ASAM, FriendlySAM
 from hf_zsharp.reproduce.cli import make_plan
 from hf_zsharp.reproduce.grid import RunSpec, expand_grid
 from hf_zsharp.reproduce.presets import METHODS
 from hf_zsharp.reproduce.recipe import PaperLRSchedule, paper_lr_factor, paper_trainer_hooks
-from hf_zsharp.run import parse_train_args
 
 
 def test_grid_order_and_folders(tmp_path):
