@@ -1,29 +1,45 @@
-"""Push a ZSharp-trained model folder to the Hugging Face Hub in one commit, through an `HfApi` seam.
+"""What a run publishes: its model card, and with --push_to_hub one commit of the model folder to the Hub (through
+an `HfApi` seam), at the end and, with --hub_strategy, in the background at each checkpoint.
 
 Only what a user of the model needs is uploaded (weights, config, image processor, card, curves, settings and
 metrics), and of those only the files the run itself wrote (its manifest, from `snapshot` / `written_since`):
 optimizer states, `checkpoint-*` folders, `training_args.bin` and files that were already in the folder never
-leave the machine.
+leave the machine. Trainer's own push would upload every file of the folder, so the run keeps push_to_hub off
+for the Trainer and publishes through `RunOutputs` and `PushOnSave`, as the Trainer does otherwise: copying the
+model from the checkpoint, uploading with `HfApi.run_as_future`, skipping a push while the previous one runs.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
+import shutil
 from collections.abc import Iterable
+from concurrent.futures import Future
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.utils import validate_repo_id
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import HubStrategy
 
+from hf_zsharp import cards
 from hf_zsharp.cards import CARD_NAME, CURVES_NAME, ZSHARP_ARGS_NAME
 
-UPLOAD_PATTERNS = (
+logger = logging.getLogger(__name__)
+
+# The files of a saved model (what a checkpoint holds of it, too).
+MODEL_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
     "config.json",
     "preprocessor_config.json",
     "*.py",  # the model code of the paper architectures (see hf_zsharp.models), for trust_remote_code
+)
+UPLOAD_PATTERNS = (
+    *MODEL_PATTERNS,
     CARD_NAME,
     CURVES_NAME,
     ZSHARP_ARGS_NAME,
@@ -154,6 +170,7 @@ def push_checkpoint(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload checkpoint",
+    revision: str | None = None,
     api: HfApi | None = None,
 ) -> str:
     """Upload a Trainer checkpoint folder (weights, optimizer and scheduler states, RNG states, trainer state) to
@@ -165,6 +182,8 @@ def push_checkpoint(
     files = [path for path in checkpoint.rglob("*") if path.is_file()]
     _refuse_secrets(files, [token, getattr(api, "token", None), get_token()])
     api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
     info = api.upload_folder(
         repo_id=repo_id,
         folder_path=checkpoint,
@@ -173,6 +192,7 @@ def push_checkpoint(
         commit_message=commit_message,
         token=token,
         repo_type="model",
+        revision=revision,
     )
     return info.commit_url
 
@@ -186,3 +206,130 @@ def _refuse_secrets(files: list[Path], secrets: list[object]) -> None:
                 f"refusing to push: {path.name} contains the Hub token; rewrite it with "
                 "hf_zsharp.cards.write_model_card(), which removes tokens from the settings"
             )
+
+
+class RunOutputs:
+    """What a run publishes: its model card (with curves) and, with --push_to_hub, the files it wrote.
+
+    The files present in `output_dir` before training are recorded at construction: only those the run wrote
+    (new or changed since) are ever pushed. Pushes during training run in the background (`HfApi.run_as_future`,
+    one at a time, in order); `wait` returns when the last one has ended.
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        repo_id: str | None,
+        *,
+        model_name: str,
+        base_model: str | None,
+        dataset_name: str,
+        dataset_split: str | None,
+    ) -> None:
+        self.trainer, self.args, self.repo_id = trainer, trainer.args, repo_id
+        self.card = {
+            "model_name": model_name,
+            "base_model": base_model,
+            "dataset_name": dataset_name,
+            "dataset_split": dataset_split,
+            "repo_id": repo_id,
+        }
+        self.before = snapshot(self.args.output_dir)
+        self.api = HfApi() if repo_id is not None else None
+        self.in_progress: Future | None = None
+
+    def write_card(self, metrics: dict[str, Any]) -> None:
+        """The model card, training curves and settings, for the model in `output_dir` and these metrics."""
+        cards.write_model_card(
+            self.args.output_dir,
+            settings=self.args,
+            metrics=metrics,
+            log_history=self.trainer.state.log_history,
+            **self.card,
+        )
+
+    def push(self, message: str, checkpoint: Path | None = None) -> str:
+        """One commit of the files this run wrote to `output_dir`, to --hub_revision; then `checkpoint`, when
+        given, in its folder ("last-checkpoint" for --hub_strategy checkpoint, its own name for all_checkpoints)."""
+        args = self.args
+        files = written_since(args.output_dir, self.before)
+        common = {
+            "token": args.hub_token,
+            "private": args.hub_private_repo,
+            "revision": args.hub_revision,
+            "api": self.api,
+        }
+        url = push_to_hub(args.output_dir, self.repo_id, files=files, commit_message=message, **common)
+        if checkpoint is not None:
+            folder = "last-checkpoint" if args.hub_strategy == HubStrategy.CHECKPOINT else checkpoint.name
+            push_checkpoint(checkpoint, self.repo_id, folder, commit_message=message, **common)
+        return url
+
+    def push_in_background(self, message: str, checkpoint: Path | None = None) -> None:
+        """`push` on the `HfApi`'s background thread; training goes on meanwhile."""
+        self.in_progress = self.api.run_as_future(self.push, message, checkpoint)
+        self.in_progress.add_done_callback(_log_failed_push)
+
+    def busy(self) -> bool:
+        """Whether a background push is still running."""
+        return self.in_progress is not None and not self.in_progress.done()
+
+    def wait(self) -> None:
+        """Return once the background push, if any, has ended (its failure is logged, not raised)."""
+        if self.in_progress is not None:
+            logger.info("Waiting for the push in progress to end.")
+            self.in_progress.exception()
+
+    def push_at_the_end(self) -> None:
+        """The final push; a failure says that the local results are safe and how to push them later."""
+        output_dir, repo_id = self.args.output_dir, self.repo_id
+        try:
+            url = self.push("Upload model trained with ZSharp")
+        except Exception as error:
+            files = written_since(output_dir, self.before)
+            uploads = " ".join(f"--include {path.name!r}" for path in files_to_upload(output_dir, files))
+            raise RuntimeError(
+                f"Training finished and its results are saved in {output_dir!r}, but pushing them to {repo_id!r} "
+                f"failed: {error}. Push them later with: hf upload {repo_id} {output_dir} {uploads}"
+            ) from error
+        logger.info("Pushed %s to %s", output_dir, url)
+
+
+def _log_failed_push(future: Future) -> None:
+    if future.exception() is not None:
+        logger.warning("A push during training failed (training goes on): %s", future.exception())
+
+
+def copy_model_files(checkpoint: Path, output_dir: str | Path) -> None:
+    """Copy the saved model of a Trainer checkpoint (weights, config, image processor) into `output_dir`, as
+    Trainer does before a push, instead of saving the model again."""
+    for path in checkpoint.iterdir():
+        if path.is_file() and any(fnmatchcase(path.name, pattern) for pattern in MODEL_PATTERNS):
+            shutil.copy(path, Path(output_dir) / path.name)
+
+
+class PushOnSave(TrainerCallback):
+    """--hub_strategy every_save / checkpoint / all_checkpoints: at every checkpoint, push the current model with
+    its card and curves (and the checkpoint itself for the last two) in the background, as Trainer does: a save
+    while the previous push still runs is not pushed (unless --hub_always_push). A failed push is logged, not
+    fatal: the push at the end reports for good."""
+
+    def __init__(self, outputs: RunOutputs) -> None:
+        self.outputs = outputs
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        if self.outputs.busy():
+            if not args.hub_always_push:
+                logger.info("Not pushing step %d: the previous push is still running.", state.global_step)
+                return
+            self.outputs.wait()
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        copy_model_files(checkpoint, args.output_dir)
+        evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
+        self.outputs.write_card(evaluations[-1] if evaluations else {})
+        pushed = (
+            checkpoint if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS) else None
+        )
+        self.outputs.push_in_background(f"Training in progress, step {state.global_step}", pushed)

@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.trainer_utils import HubStrategy
 
-from hf_zsharp import cards, hub
+from hf_zsharp import hub
 from hf_zsharp.args import (
     DEFAULT_IMAGE_SIZES,
     DataArguments,
@@ -178,7 +178,7 @@ def run_training(
         callbacks=callbacks,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
-    outputs = RunOutputs(
+    outputs = hub.RunOutputs(
         trainer,
         repo_id,
         model_name=repo_id.rsplit("/", 1)[-1] if repo_id else run_name(model_args, data_args, training_args),
@@ -187,8 +187,11 @@ def run_training(
         dataset_split=data_args.eval_split,
     )
     if push and training_args.hub_strategy != HubStrategy.END:
-        trainer.add_callback(PushOnSave(outputs))
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.add_callback(hub.PushOnSave(outputs))
+    try:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        outputs.wait()  # the last background push reads the files the end of the run rewrites
     metrics = {**train_result.metrics, **trainer.evaluate()}
     trainer.save_model()
     trainer.log_metrics("all", metrics)
@@ -201,90 +204,3 @@ def run_training(
     return TrainingRun(
         metrics=metrics, trainer=trainer, log_history=list(trainer.state.log_history), dataset=dataset
     )
-
-
-class RunOutputs:
-    """What a run publishes: its model card (with curves) and, with --push_to_hub, the files it wrote.
-
-    The files present in `output_dir` before training are recorded at construction: only those the run wrote
-    (new or changed since) are ever pushed.
-    """
-
-    def __init__(
-        self,
-        trainer: ZSharpTrainer,
-        repo_id: str | None,
-        *,
-        model_name: str,
-        base_model: str | None,
-        dataset_name: str,
-        dataset_split: str | None,
-    ) -> None:
-        self.trainer, self.args, self.repo_id = trainer, trainer.args, repo_id
-        self.card = {
-            "model_name": model_name,
-            "base_model": base_model,
-            "dataset_name": dataset_name,
-            "dataset_split": dataset_split,
-            "repo_id": repo_id,
-        }
-        self.before = hub.snapshot(self.args.output_dir)
-
-    def write_card(self, metrics: dict[str, Any]) -> None:
-        """The model card, training curves and settings, for the model in `output_dir` and these metrics."""
-        cards.write_model_card(
-            self.args.output_dir,
-            settings=self.args,
-            metrics=metrics,
-            log_history=self.trainer.state.log_history,
-            **self.card,
-        )
-
-    def push(self, message: str, checkpoint: Path | None = None) -> str:
-        """One commit of the files this run wrote to `output_dir`; then `checkpoint`, when given, in its folder
-        ("last-checkpoint" for --hub_strategy checkpoint, its own name for all_checkpoints)."""
-        args = self.args
-        files = hub.written_since(args.output_dir, self.before)
-        common = {"token": args.hub_token, "private": args.hub_private_repo}
-        url = hub.push_to_hub(args.output_dir, self.repo_id, files=files, commit_message=message, **common)
-        if checkpoint is not None:
-            folder = "last-checkpoint" if args.hub_strategy == HubStrategy.CHECKPOINT else checkpoint.name
-            hub.push_checkpoint(checkpoint, self.repo_id, folder, commit_message=message, **common)
-        return url
-
-    def push_at_the_end(self) -> None:
-        """The final push; a failure says that the local results are safe and how to push them later."""
-        output_dir, repo_id = self.args.output_dir, self.repo_id
-        try:
-            url = self.push("Upload model trained with ZSharp")
-        except Exception as error:
-            files = hub.written_since(output_dir, self.before)
-            uploads = " ".join(f"--include {path.name!r}" for path in hub.files_to_upload(output_dir, files))
-            raise RuntimeError(
-                f"Training finished and its results are saved in {output_dir!r}, but pushing them to {repo_id!r} "
-                f"failed: {error}. Push them later with: hf upload {repo_id} {output_dir} {uploads}"
-            ) from error
-        logger.info("Pushed %s to %s", output_dir, url)
-
-
-class PushOnSave(TrainerCallback):
-    """--hub_strategy every_save / checkpoint / all_checkpoints: at every checkpoint, push the current model with
-    its card and curves (and the checkpoint itself for the last two). A failed push is logged, not fatal: the
-    push at the end reports for good."""
-
-    def __init__(self, outputs: RunOutputs) -> None:
-        self.outputs = outputs
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.outputs.trainer.save_model()
-        if not state.is_world_process_zero:
-            return
-        evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
-        self.outputs.write_card(evaluations[-1] if evaluations else {})
-        checkpoint = None
-        if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        try:
-            self.outputs.push(f"Training in progress, step {state.global_step}", checkpoint)
-        except Exception as error:
-            logger.warning("Push at step %d failed (training goes on): %s", state.global_step, error)

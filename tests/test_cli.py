@@ -4,15 +4,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from fake_hub import RecordingApi
 from huggingface_hub import ModelCard
+from transformers import TrainerCallback
 
 from hf_zsharp import hub
 from hf_zsharp.args import COMMON_RECIPE, parse_train_args
 from hf_zsharp.cli import train_main
+from hf_zsharp.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -179,9 +182,12 @@ def test_hub_strategy_pushes_the_model_card_and_checkpoints_as_trainer_does(tmp_
         "2",
     ]
     train(
-        "--output_dir", out, *FAST, *SMALL, *steps, "--push_to_hub", "--hub_token", TOKEN, "--hub_strategy", strategy
+        "--output_dir", out, *FAST, *SMALL, *steps, "--push_to_hub", "--hub_token", TOKEN, "--hub_strategy", strategy,
+        "--hub_revision", "zsharp-run", "--hub_always_push",
     )  # fmt: skip
     uploads = [call[2] for call in fake_hub.calls if call[0] == "upload_folder"]
+    assert {upload["revision"] for upload in uploads} == {"zsharp-run"}  # every upload, to the branch
+    assert all(call[2]["branch"] == "zsharp-run" for call in fake_hub.calls if call[0] == "create_branch")
     model_pushes = [u for u in uploads if u["path_in_repo"] is None]
     checkpoint_pushes = [u["path_in_repo"] for u in uploads if u["path_in_repo"] is not None]
     # One commit per save (steps 2 and 4) while training, then the final one.
@@ -201,6 +207,39 @@ def test_hub_strategy_pushes_the_model_card_and_checkpoints_as_trainer_does(tmp_
         } <= set(fake_hub.uploaded)
         assert f"{folder}/training_args.bin" not in fake_hub.uploaded
     assert all(TOKEN.encode() not in content for content in fake_hub.uploaded.values())
+
+
+def test_a_slow_push_during_training_does_not_hold_the_steps(tmp_path, fake_hub):
+    """As Trainer: checkpoint pushes run in the background, a save while one runs is not pushed, and the run waits
+    for the last push before its final one. The fake upload blocks until training has ended."""
+    fake_hub.upload_gate = threading.Event()
+    seen = {}
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = fake_hub.upload_gate.is_set()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            seen["uploads started during training"] = len(fake_hub.background_threads)
+            fake_hub.upload_gate.set()
+
+    steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1"]
+    argv = [
+        "--output_dir",
+        str(tmp_path / "out"),
+        *FAST,
+        *SMALL,
+        *steps,
+        "--push_to_hub",
+        "--hub_token",
+        TOKEN,
+    ]
+    model_args, data_args, training_args = parse_train_args([*argv, "--hub_strategy", "every_save"])
+    run_training(model_args, data_args, training_args, callbacks=[Watch()])
+    # Every step ended while the first push was still uploading; the saves at steps 2-4 were not pushed.
+    assert seen == {1: False, 2: False, 3: False, 4: False, "uploads started during training": 1}
+    messages = [call[2]["commit_message"] for call in fake_hub.calls if call[0] == "upload_folder"]
+    assert messages == ["Training in progress, step 1", "Upload model trained with ZSharp"]
 
 
 @pytest.mark.parametrize(
