@@ -1,9 +1,8 @@
-"""Image-classification data for training: load (Hub, local folders, embedded digits), check, decode, transform.
+"""Image-classification data for training: load (Hub, local folders, embedded digits), check, decode.
 
 `load_image_dataset` returns a `DatasetDict` with "train" and "eval" splits holding two columns: "image"
-(undecoded, `datasets.Image(decode=False)`) and "labels" (a `ClassLabel`, whose names are the classes). The
-per-image transforms here are the streaming path (`with_image_transforms`: decoded and augmented on access, in
-DataLoader workers) and the reference that `hf_zsharp.image_data`'s cached, batched path reproduces.
+(undecoded, `datasets.Image(decode=False)`) and "labels" (a `ClassLabel`, whose names are the classes).
+`hf_zsharp.image_data` turns them into what a model trains on.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,14 +20,13 @@ from typing import Any
 import datasets
 import numpy as np
 import PIL.Image
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features
-from torchvision.transforms import v2
 
 logger = logging.getLogger(__name__)
 
 DIGITS = "digits"
 IMAGE, LABELS = "image", "labels"  # the columns of a loaded dataset
+PIXELS = "pixel_values"  # the model input that a batch of images is passed as
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
 IMAGE_COLUMN_NAMES = ("img", "image")
 LABEL_COLUMN_NAMES = ("label", "fine_label", "labels", "coarse_label")
@@ -42,6 +39,12 @@ NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 _DECODER = datasets.Image()
+
+
+def dataset_key(dataset_name: str) -> str:
+    """The key of a dataset in per-dataset tables: the last part of its Hub id or path, lower-case letters and
+    digits only (`uoft-cs/cifar10`, `./CIFAR-10/` -> `cifar10`)."""
+    return re.sub(r"[^a-z0-9]", "", Path(dataset_name.rstrip("/")).name.lower())
 
 
 class DataError(ValueError):
@@ -83,42 +86,11 @@ def load_image_dataset(
             f"The train/validation split fraction must be between 0 and 1, got {train_val_split}."
         )
     raw = _load_raw(dataset_name, dataset_config, cache_dir)
-    splits = list(raw)
-    if train_split not in raw:
-        raise DataError(f"Dataset {dataset_name!r} has no split {train_split!r}; its splits are {splits}.")
-    features = raw[train_split].features
-    image_column = _resolve_image_column(features, image_column, dataset_name)
-    label_column = _resolve_label_column(features, label_column, dataset_name)
-    if image_column == label_column:
-        raise DataError(f"The image and label columns are both {image_column!r}; name them separately.")
-
-    if eval_split is not None and eval_split not in raw:
-        raise DataError(f"Dataset {dataset_name!r} has no split {eval_split!r}; its splits are {splits}.")
-    if eval_split is None and train_val_split is None:
-        eval_split = next((name for name in EVAL_SPLIT_NAMES if name in raw and name != train_split), None)
-        if eval_split is None:
-            raise DataError(
-                f"Dataset {dataset_name!r} has no evaluation split (found {splits}; looked for "
-                f"{', '.join(EVAL_SPLIT_NAMES)}). Name one with --eval_split, or hold out a fraction of "
-                f"{train_split!r} with --train_val_split (e.g. 0.1)."
-            )
-    kept = [train_split] if eval_split is None else [train_split, eval_split]
-    for name in kept:
-        if len(raw[name]) == 0:
-            raise DataError(f"Split {name!r} of {dataset_name!r} is empty; choose another split.")
-    for name in kept[1:]:
-        missing = [col for col in (image_column, label_column) if col not in raw[name].column_names]
-        if missing:
-            raise DataError(
-                f"Split {name!r} of {dataset_name!r} lacks column(s) {missing}; its columns are "
-                f"{raw[name].column_names}."
-            )
-    dataset = DatasetDict({name: raw[name].select_columns([image_column, label_column]) for name in kept})
-    dataset = _as_image_column(dataset, image_column, dataset_name)
-    dataset = _as_class_labels(dataset, label_column, dataset_name)
-    dataset = dataset.rename_columns(
-        {old: new for old, new in ((image_column, IMAGE), (label_column, LABELS)) if old != new}
+    kept = _choose_splits(raw, dataset_name, train_split, eval_split, train_val_split)
+    dataset, (image_column, label_column) = _normalize_columns(
+        raw, kept, dataset_name, image_column, label_column
     )
+    eval_split = kept[1] if len(kept) > 1 else None
 
     if eval_split is None:
         dataset = _hold_out(dataset[train_split], train_val_split, seed)
@@ -141,6 +113,62 @@ def load_image_dataset(
         label_column,
     )
     return dataset
+
+
+def _choose_splits(
+    raw: DatasetDict,
+    dataset_name: str,
+    train_split: str,
+    eval_split: str | None,
+    train_val_split: float | None,
+) -> list[str]:
+    """The training split and, unless a fraction of it is held out, the evaluation split: named, or the first of
+    EVAL_SPLIT_NAMES; each must exist and hold examples."""
+    splits = list(raw)
+    for name in (train_split, eval_split):
+        if name is not None and name not in raw:
+            raise DataError(f"Dataset {dataset_name!r} has no split {name!r}; its splits are {splits}.")
+    if eval_split is None and train_val_split is None:
+        eval_split = next((name for name in EVAL_SPLIT_NAMES if name in raw and name != train_split), None)
+        if eval_split is None:
+            raise DataError(
+                f"Dataset {dataset_name!r} has no evaluation split (found {splits}; looked for "
+                f"{', '.join(EVAL_SPLIT_NAMES)}). Name one with --eval_split, or hold out a fraction of "
+                f"{train_split!r} with --train_val_split (e.g. 0.1)."
+            )
+    kept = [train_split] if eval_split is None else [train_split, eval_split]
+    for name in kept:
+        if len(raw[name]) == 0:
+            raise DataError(f"Split {name!r} of {dataset_name!r} is empty; choose another split.")
+    return kept
+
+
+def _normalize_columns(
+    raw: DatasetDict, kept: list[str], dataset_name: str, image_column: str | None, label_column: str | None
+) -> tuple[DatasetDict, tuple[str, str]]:
+    """The `kept` splits with two columns, "image" (undecoded) and "labels" (one `ClassLabel`), and the names the
+    image and label columns had (detected in the first split unless given)."""
+    features = raw[kept[0]].features
+    image_column = _resolve_column(
+        features, image_column, "image", datasets.Image, IMAGE_COLUMN_NAMES, dataset_name
+    )
+    label_column = _resolve_column(
+        features, label_column, "label", ClassLabel, LABEL_COLUMN_NAMES, dataset_name
+    )
+    if image_column == label_column:
+        raise DataError(f"The image and label columns are both {image_column!r}; name them separately.")
+    for name in kept[1:]:
+        missing = [col for col in (image_column, label_column) if col not in raw[name].column_names]
+        if missing:
+            raise DataError(
+                f"Split {name!r} of {dataset_name!r} lacks column(s) {missing}; its columns are "
+                f"{raw[name].column_names}."
+            )
+    dataset = DatasetDict({name: raw[name].select_columns([image_column, label_column]) for name in kept})
+    dataset = _as_image_column(dataset, image_column, dataset_name)
+    dataset = _as_class_labels(dataset, label_column, dataset_name)
+    renames = {old: new for old, new in ((image_column, IMAGE), (label_column, LABELS)) if old != new}
+    return dataset.rename_columns(renames), (image_column, label_column)
 
 
 def load_digits_dataset() -> DatasetDict:
@@ -245,39 +273,30 @@ def _looks_like_local_path(name: str) -> bool:
 # Columns and splits
 
 
-def _requested_column(features: Features, requested: str, kind: str, dataset_name: str) -> str:
-    """A column the user named, or a DataError that lists the columns that exist."""
-    if requested not in features:
-        raise DataError(
-            f"{kind} column {requested!r} not found in {dataset_name!r}; its columns are {list(features)}."
-        )
-    return requested
-
-
-def _resolve_image_column(features: Features, requested: str | None, dataset_name: str) -> str:
+def _resolve_column(
+    features: Features,
+    requested: str | None,
+    kind: str,
+    feature_type: type,
+    names: Sequence[str],
+    dataset_name: str,
+) -> str:
+    """The `kind` ("image" or "label") column: the one the user named, else the first of `names` holding a
+    `feature_type` feature, else the first `feature_type` feature, else the first of `names` present."""
     if requested is not None:
-        return _requested_column(features, requested, "Image", dataset_name)
-    found = next((name for name, feat in features.items() if isinstance(feat, datasets.Image)), None)
-    found = found or next((name for name in IMAGE_COLUMN_NAMES if name in features), None)
+        if requested not in features:
+            raise DataError(
+                f"{kind.capitalize()} column {requested!r} not found in {dataset_name!r}; its columns are "
+                f"{list(features)}."
+            )
+        return requested
+    typed = [name for name, feature in features.items() if isinstance(feature, feature_type)]
+    found = next((name for name in names if name in typed), None) or next(iter(typed), None)
+    found = found or next((name for name in names if name in features), None)
     if found is None:
         raise DataError(
-            f"No image column found in {dataset_name!r} (no Image feature, no column named "
-            f"{' or '.join(IMAGE_COLUMN_NAMES)}); its columns are {list(features)}. Name it with --image_column_name."
-        )
-    return found
-
-
-def _resolve_label_column(features: Features, requested: str | None, dataset_name: str) -> str:
-    if requested is not None:
-        return _requested_column(features, requested, "Label", dataset_name)
-    class_labels = [name for name, feat in features.items() if isinstance(feat, ClassLabel)]
-    found = next((name for name in LABEL_COLUMN_NAMES if name in class_labels), None)
-    found = found or next(iter(class_labels), None)
-    found = found or next((name for name in LABEL_COLUMN_NAMES if name in features), None)
-    if found is None:
-        raise DataError(
-            f"No label column found in {dataset_name!r} (no ClassLabel feature, no column named "
-            f"{', '.join(LABEL_COLUMN_NAMES)}); its columns are {list(features)}. Name it with --label_column_name."
+            f"No {kind} column found in {dataset_name!r} (no {feature_type.__name__} feature, no column named "
+            f"{' or '.join(names)}); its columns are {list(features)}. Name it with --{kind}_column_name."
         )
     return found
 
@@ -448,105 +467,6 @@ def drop_undecodable_images(
     return dataset.select(np.flatnonzero(ok), keep_in_memory=True)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Transforms
-
-Transform = Callable[[PIL.Image.Image], torch.Tensor]
-
-
-class ResizeTo:
-    """Resize a PIL image to `size` x `size` unless it already has that size."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        if image.size == (self.size, self.size):
-            return image
-        return image.resize((self.size, self.size), PIL.Image.Resampling.BILINEAR)
-
-
-def _to_normalized_tensor(mean: Sequence[float] | None, std: Sequence[float] | None) -> list:
-    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if mean is not None and std is not None:
-        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
-    return steps
-
-
-def paper_transforms(
-    mean: Sequence[float], std: Sequence[float], image_size: int = 32, padding: int = 4
-) -> tuple[Transform, Transform]:
-    """The paper's recipe for from-scratch models: RandomCrop(size, padding 4) + horizontal flip, then normalise."""
-    train = v2.Compose(
-        [
-            ResizeTo(image_size),
-            v2.RandomCrop(image_size, padding=padding),
-            v2.RandomHorizontalFlip(),
-            *_to_normalized_tensor(mean, std),
-        ]
-    )
-    evaluation = v2.Compose([ResizeTo(image_size), *_to_normalized_tensor(mean, std)])
-    return train, evaluation
-
-
-def timm_transforms(data_config: dict[str, Any]) -> tuple[Transform, Transform]:
-    """timm's own train and eval transforms for a resolved data config (`timm.data.resolve_data_config`)."""
-    from timm.data import create_transform
-
-    return create_transform(**data_config, is_training=True), create_transform(
-        **data_config, is_training=False
-    )
-
-
-@dataclass(frozen=True)
-class ProcessorRecipe:
-    """What a pretrained model's image processor asks for: the crop (height, width), the evaluation resize
-    (shortest edge, or (height, width)) before the center crop, and the normalisation (None: scale only)."""
-
-    crop: tuple[int, int]
-    resize: int | tuple[int, int]
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-
-    def eval_geometry(self) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
-        """Resize then center crop: the deterministic part of the evaluation transform."""
-        return v2.Compose([v2.Resize(self.resize), v2.CenterCrop(self.crop)])
-
-
-def processor_recipe(image_processor: Any) -> ProcessorRecipe:
-    """The sizes and normalisation of a transformers image processor (crop_pct and crop_size included)."""
-    size = image_processor.size
-    shortest_edge = size.get("shortest_edge")
-    if shortest_edge:
-        crop = (shortest_edge, shortest_edge)
-        crop_pct = getattr(image_processor, "crop_pct", None)
-        resize: int | tuple[int, int] = int(shortest_edge / crop_pct) if crop_pct else shortest_edge
-    else:
-        crop = resize = (size["height"], size["width"])
-    crop_size = getattr(image_processor, "crop_size", None)
-    if crop_size and getattr(image_processor, "do_center_crop", False) and crop_size.get("height"):
-        crop = (crop_size["height"], crop_size["width"])
-    normalize = getattr(image_processor, "do_normalize", True)
-    mean = getattr(image_processor, "image_mean", None) if normalize else None
-    std = getattr(image_processor, "image_std", None) if normalize else None
-    return ProcessorRecipe(
-        crop, resize, None if mean is None else tuple(mean), None if std is None else tuple(std)
-    )
-
-
-def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
-    """Transforms matching a pretrained model's image processor: RandomResizedCrop + flip / resize + center crop.
-
-    transformers' timm wrapper processor (it carries a timm `data_config`) gets timm's transforms instead.
-    """
-    if hasattr(image_processor, "data_config"):
-        return timm_transforms(image_processor.data_config)
-    recipe = processor_recipe(image_processor)
-    to_tensor = _to_normalized_tensor(recipe.mean, recipe.std)
-    train = v2.Compose([v2.RandomResizedCrop(recipe.crop), v2.RandomHorizontalFlip(), *to_tensor])
-    return train, v2.Compose([recipe.eval_geometry(), *to_tensor])
-
-
 def normalization_stats(
     dataset_name: str, train_dataset: Dataset | None = None, max_images: int = 5000
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -554,7 +474,7 @@ def normalization_stats(
 
     The computed statistics use up to `max_images` training images (decoded to RGB, pixels in [0, 1]).
     """
-    key = re.sub(r"[^a-z0-9]", "", Path(dataset_name.rstrip("/")).name.lower())
+    key = dataset_key(dataset_name)
     if key in NORMALIZATION_STATS:
         return NORMALIZATION_STATS[key]
     if train_dataset is None:
@@ -578,43 +498,3 @@ def normalization_stats(
     std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
     std[std < 1e-6] = 1.0  # a constant channel: centre it, do not divide by (almost) zero
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
-
-
-class ImageClassificationTransform:
-    """Batch transform for `Dataset.set_transform`: decode to RGB, apply `transform`; yields pixel_values, labels."""
-
-    def __init__(self, transform: Transform):
-        self.transform = transform
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixel_values = [self.transform(decode_image(value)) for value in batch["pixel_values"]]
-        return {"pixel_values": pixel_values, "labels": batch[LABELS]}
-
-
-def with_image_transforms(
-    dataset: DatasetDict, train_transform: Transform, eval_transform: Transform
-) -> DatasetDict:
-    """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split.
-
-    The image column is renamed to the model's argument name (pixel_values), so that `Trainer`'s
-    `remove_unused_columns` keeps it; it still holds the stored images until the transform runs.
-    """
-    return DatasetDict(
-        {
-            split: ds.rename_column(IMAGE, "pixel_values").with_transform(
-                ImageClassificationTransform(train_transform if split == "train" else eval_transform)
-            )
-            for split, ds in dataset.items()
-        }
-    )
-
-
-def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack examples into a batch {"pixel_values": (B, C, H, W), "labels": (B,)}; a batch that a dataset
-    gathered whole (`hf_zsharp.image_data.CachedImages`, one item holding every example) passes as it is."""
-    if len(examples) == 1 and torch.is_tensor(labels := examples[0]["labels"]) and labels.ndim == 1:
-        return {"pixel_values": examples[0]["pixel_values"], "labels": labels}
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
-    }

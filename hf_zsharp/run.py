@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import PIL.Image
 from datasets import DatasetDict
 from torch.optim import Optimizer
 from transformers import (
@@ -23,7 +22,6 @@ from transformers import (
     AutoModelForImageClassification,
     PreTrainedModel,
     TrainerCallback,
-    ViTImageProcessor,
     set_seed,
 )
 from transformers.trainer_utils import HubStrategy
@@ -38,8 +36,8 @@ from hf_zsharp.args import (
     model_kind,
 )
 from hf_zsharp.augment import augment_inputs
-from hf_zsharp.data import LABELS, load_image_dataset, normalization_stats
-from hf_zsharp.image_data import paper_image_data, processor_image_data
+from hf_zsharp.data import LABELS, dataset_key, load_image_dataset, normalization_stats
+from hf_zsharp.image_data import paper_image_data, paper_image_processor, processor_image_data
 from hf_zsharp.metrics import compute_metrics
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.trainer import ZSharpTrainer
@@ -97,19 +95,6 @@ def load_model(
     return model, processor, name
 
 
-def paper_image_processor(
-    image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
-) -> ViTImageProcessor:
-    """An image processor with the evaluation preprocessing of the paper models (bilinear resize, scale to
-    [0, 1], normalise), saved with them so that `from_pretrained` users and pipelines preprocess alike."""
-    return ViTImageProcessor(
-        size={"height": image_size, "width": image_size},
-        resample=PIL.Image.Resampling.BILINEAR,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
-
-
 def run_name(
     model_args: ModelArguments, data_args: DataArguments, training_args: ZSharpTrainingArguments
 ) -> str:
@@ -154,8 +139,7 @@ def run_training(
         if limit is not None:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
     if model_args.image_size is None:
-        key = re.sub(r"[^a-z0-9]", "", Path(data_args.dataset_name.rstrip("/")).name.lower())
-        model_args.image_size = DEFAULT_IMAGE_SIZES.get(key, 32)
+        model_args.image_size = DEFAULT_IMAGE_SIZES.get(dataset_key(data_args.dataset_name), 32)
     set_seed(training_args.seed)  # the model's initialisation depends on it
     model, processor, base_model = load_model(model_args, dataset["train"].features[LABELS].names)
     if processor is None:

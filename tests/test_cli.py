@@ -309,7 +309,8 @@ def assert_pipeline_reproduces_the_evaluation(out, dataset_name, count):
     import torch
     from transformers import pipeline
 
-    from hf_zsharp.data import decode_image, load_image_dataset, paper_transforms, processor_transforms
+    from hf_zsharp.data import decode_image, load_image_dataset
+    from hf_zsharp.image_data import paper_transforms, processor_transforms
 
     results = json.loads((out / "all_results.json").read_text())
     classifier = pipeline("image-classification", model=str(out), trust_remote_code=True)

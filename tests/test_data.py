@@ -23,16 +23,8 @@ from torch.utils.data import DataLoader
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 from transformers.models.timm_wrapper import TimmWrapperImageProcessor
 
-from hf_zsharp.data import (
-    NORMALIZATION_STATS,
-    DataError,
-    collate_fn,
-    load_image_dataset,
-    normalization_stats,
-    paper_transforms,
-    processor_transforms,
-    with_image_transforms,
-)
+from hf_zsharp.data import NORMALIZATION_STATS, DataError, load_image_dataset, normalization_stats
+from hf_zsharp.image_data import collate_fn, paper_transforms, processor_transforms, with_image_transforms
 
 
 @pytest.fixture
@@ -252,7 +244,7 @@ def test_missing_columns_list_the_existing_ones(load, cifar10_dir, cifar100_dir,
     unlabeled = datasets.Dataset.from_dict({"img": [PIL.Image.new("RGB", (8, 8))] * 2, "caption": ["a", "b"]})
     unlabeled.save_to_disk(str(tmp_path / "unlabeled"))
     with pytest.raises(DataError, match=r"No label column found.*\['img', 'caption'\]"):
-        load(tmp_path / "unlabeled")
+        load(tmp_path / "unlabeled", train_val_split=0.5)
     with pytest.raises(DataError, match=r"Column 'coarse_label' .* does not hold images"):
         load(cifar100_dir, image_column="coarse_label")
     with pytest.raises(DataError, match=r"both 'label'"):

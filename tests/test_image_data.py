@@ -11,15 +11,17 @@ from transformers import ViTImageProcessor
 from transformers.models.timm_wrapper import TimmWrapperImageProcessor
 
 from hf_zsharp.augment import augment_inputs
-from hf_zsharp.data import (
-    DataError,
+from hf_zsharp.data import DataError, load_image_dataset
+from hf_zsharp.image_data import (
+    CachedImages,
     collate_fn,
-    load_image_dataset,
+    decode_split,
+    paper_image_data,
     paper_transforms,
+    processor_image_data,
     processor_transforms,
     with_image_transforms,
 )
-from hf_zsharp.image_data import CachedImages, decode_split, paper_image_data, processor_image_data
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
