@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_zsharp.optim import METHODS
 
@@ -34,14 +35,18 @@ FRAMEWORKS = ("torch", "transformers", "accelerate", "datasets", "hf_zsharp")
 
 _SECRET_KEY = re.compile(r"(token|secret|password)$", re.IGNORECASE)
 _HF_TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{30,}$")
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+# The row labels of the methods' options, by constructor argument (`MethodInfo.options` names their settings key).
+_OPTION_LABELS = {"percentile": "Z-score percentile Q_p", "radius": "Radius normalisation", "mask": "Mask"}
 # settings key -> row label, in table order: the sharpness-aware rows a method reads (every method reads rho and
 # the interval, each its own options; "none" reads none), then the rows of every run.
 _METHOD_ROWS = {
     "sam_rho": "rho (ascent radius)",
-    "zsharp_percentile": "Z-score percentile Q_p",
-    "sam_radius": "Radius normalisation",
-    "sam_mask": "Mask",
+    **{
+        key: _OPTION_LABELS[option]
+        for info in METHODS.values()
+        for option, key in info.options.items()
+        if option in _OPTION_LABELS
+    },
     "sam_interval": "Perturbation interval (steps)",
 }
 _RUN_ROWS = {
@@ -266,7 +271,11 @@ def write_model_card(
 
 
 def _is_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).exists()
 
 
 def _scores(metrics: Mapping[str, Any]) -> dict[str, float]:
