@@ -144,55 +144,39 @@ def push_to_hub(
             raise ValueError(
                 f"cannot push {str(output_dir)!r}: it has no {required}; write it with {hint} first"
             )
-    api = api if api is not None else HfApi()
-    _refuse_secrets(uploads, [token, getattr(api, "token", None), get_token()])
-
-    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        allow_patterns=[glob.escape(name) for name in sorted(names)],
-        commit_message=commit_message,
+    return _upload(
+        api,
+        uploads,
+        repo_id,
+        output_dir,
         token=token,
-        repo_type="model",
+        private=private,
         revision=revision,
+        commit_message=commit_message,
+        allow_patterns=[glob.escape(name) for name in sorted(names)],
     )
-    return info.commit_url
 
 
-def push_checkpoint(
-    checkpoint: str | Path,
+def _upload(
+    api: HfApi | None,
+    files: list[Path],
     repo_id: str,
-    path_in_repo: str,
+    folder: Path,
     *,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str = "Upload checkpoint",
-    revision: str | None = None,
-    api: HfApi | None = None,
+    token: str | None,
+    private: bool | None,
+    revision: str | None,
+    **upload: Any,
 ) -> str:
-    """Upload a Trainer checkpoint folder (weights, optimizer and scheduler states, RNG states, trainer state) to
-    `path_in_repo` in one commit, so that training can resume from the Hub; `training_args.bin` stays local."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ValueError(f"cannot push checkpoint {str(checkpoint)!r}: it is not a directory")
+    """Refuse `files` if one holds a token in use; else create the repo (and the `revision` branch) if needed and
+    upload `folder` with the `upload` patterns in one commit to `revision`; returns the commit URL."""
     api = api if api is not None else HfApi()
-    files = [path for path in checkpoint.rglob("*") if path.is_file()]
     _refuse_secrets(files, [token, getattr(api, "token", None), get_token()])
     api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
     info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=checkpoint,
-        path_in_repo=path_in_repo,
-        ignore_patterns=["training_args.bin"],
-        commit_message=commit_message,
-        token=token,
-        repo_type="model",
-        revision=revision,
+        repo_id=repo_id, folder_path=folder, token=token, repo_type="model", revision=revision, **upload
     )
     return info.commit_url
 
@@ -253,16 +237,25 @@ class RunOutputs:
         given, in its folder ("last-checkpoint" for --hub_strategy checkpoint, its own name for all_checkpoints)."""
         args = self.args
         files = written_since(args.output_dir, self.before)
-        common = {
-            "token": args.hub_token,
-            "private": args.hub_private_repo,
-            "revision": args.hub_revision,
-            "api": self.api,
-        }
-        url = push_to_hub(args.output_dir, self.repo_id, files=files, commit_message=message, **common)
-        if checkpoint is not None:
-            folder = "last-checkpoint" if args.hub_strategy == HubStrategy.CHECKPOINT else checkpoint.name
-            push_checkpoint(checkpoint, self.repo_id, folder, commit_message=message, **common)
+        common = {"token": args.hub_token, "private": args.hub_private_repo, "revision": args.hub_revision}
+        url = push_to_hub(
+            args.output_dir, self.repo_id, files=files, commit_message=message, api=self.api, **common
+        )
+        if (
+            checkpoint is not None
+        ):  # weights, optimizer, scheduler and RNG states, so training can resume from it
+            _upload(
+                self.api,
+                [path for path in checkpoint.rglob("*") if path.is_file()],
+                self.repo_id,
+                checkpoint,
+                commit_message=message,
+                path_in_repo="last-checkpoint"
+                if args.hub_strategy == HubStrategy.CHECKPOINT
+                else checkpoint.name,
+                ignore_patterns=["training_args.bin"],
+                **common,
+            )
         return url
 
     def push_in_background(self, message: str, checkpoint: Path | None = None) -> None:

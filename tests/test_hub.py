@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from safetensors.numpy import save_file
 
 from hf_zsharp.cards import write_model_card
-from hf_zsharp.hub import check_push_prerequisites, push_checkpoint, push_to_hub, snapshot, written_since
+from hf_zsharp.hub import check_push_prerequisites, push_to_hub, snapshot, written_since
 
 FAKE_TOKEN = "hf_SECRETtoken123"
 REPO_ID = "someone/resnet20-zsharp"
@@ -188,11 +188,3 @@ def test_push_prerequisites_are_checked_before_training(monkeypatch):
     api = RecordingApi()
     check_push_prerequisites(REPO_ID, FAKE_TOKEN, api=api)
     assert api.calls == [("whoami", FAKE_TOKEN)]
-
-
-def test_a_checkpoint_push_goes_to_the_revision(model_dir):
-    api = RecordingApi()
-    push_checkpoint(model_dir / "checkpoint-10", REPO_ID, "last-checkpoint", revision="zsharp-run", api=api)
-    assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "upload_folder"]
-    assert api.calls[2][2]["revision"] == "zsharp-run"
-    assert set(api.uploaded) == {"last-checkpoint/model.safetensors", "last-checkpoint/optimizer.pt"}
