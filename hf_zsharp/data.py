@@ -415,12 +415,40 @@ def _image_name(value: Any, index: int | None = None) -> str:
 
 
 def decode_image(value: dict[str, Any] | PIL.Image.Image, index: int | None = None) -> PIL.Image.Image:
-    """Decode one stored image ({"bytes", "path"} or already a PIL image) to RGB; greyscale/RGBA are converted."""
+    """Decode one stored image ({"bytes", "path"} or already a PIL image) to 8-bit RGB; greyscale/RGBA are
+    converted, and images of more than 8 bits per pixel are rescaled first (see `to_8_bits`)."""
     try:
         image = _DECODER.decode_example(value)
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            image = to_8_bits(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, ValueError, DecompressionBombError, ...)
         raise DataError(f"Could not decode image {_image_name(value, index)}: {err}") from err
+
+
+def to_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as 8-bit greyscale ("L"), scaled by its mode's range.
+
+    PIL's own conversion clips those values to 0..255 (a 16-bit ramp turns almost all white). 16-bit images are
+    divided by 257 (65535 -> 255). 32-bit integer images with values in 0..255 are kept, in 0..65535 are read as
+    16-bit; float images with values in [0, 1] are multiplied by 255, in [0, 255] kept. Any other image is
+    stretched from its own minimum to its maximum (NaN counts as the minimum).
+    """
+    pixels = np.asarray(image, dtype=np.float64)
+    finite = pixels[np.isfinite(pixels)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scale, offset = 255 / 65535, 0.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scale, offset = 255.0, 0.0
+    elif low >= 0 and high <= 255:
+        scale, offset = 1.0, 0.0
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scale, offset = 255 / 65535, 0.0
+    else:
+        scale, offset = 255 / (high - low) if high > low else 0.0, low
+    pixels = np.nan_to_num(pixels, nan=offset, posinf=high, neginf=low)
+    return PIL.Image.fromarray(np.clip(np.rint((pixels - offset) * scale), 0, 255).astype(np.uint8))
 
 
 def _decodable(batch: dict[str, list]) -> dict[str, list[bool]]:
