@@ -12,17 +12,18 @@ model from the checkpoint, uploading with `HfApi.run_as_future`, skipping a push
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import shutil
 from collections.abc import Iterable
 from concurrent.futures import Future
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.utils import validate_repo_id
 from transformers import Trainer, TrainerCallback
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import cards
@@ -30,22 +31,29 @@ from hf_zsharp.cards import CARD_NAME, CURVES_NAME, ZSHARP_ARGS_NAME
 
 logger = logging.getLogger(__name__)
 
-# The files of a saved model (what a checkpoint holds of it, too).
-MODEL_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
+# What a model repo needs, by exact name; besides these, the weight shards named by the index and the model code
+# named by the config's auto_map (`model_repo_files`).
+MODEL_REPO_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
     "config.json",
     "preprocessor_config.json",
-    "*.py",  # the model code of the paper architectures (see hf_zsharp.models), for trust_remote_code
-)
-UPLOAD_PATTERNS = (
-    *MODEL_PATTERNS,
     CARD_NAME,
     CURVES_NAME,
     ZSHARP_ARGS_NAME,
-    "*results.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
 )
-_TEXT_SUFFIXES = (".json", ".md")
+# The record of what a run wrote to its output folder (and may publish): `push_to_hub` on the folder uploads it.
+MANIFEST_NAME = "zsharp_manifest.json"
+_BINARY_SUFFIXES = (
+    ".safetensors",
+    ".png",
+    ".pt",
+    ".pth",
+    ".bin",
+)  # every other uploaded file is read for tokens
 
 FolderState = dict[str, tuple[int, int, int]]
 
@@ -67,19 +75,45 @@ def written_since(folder: str | Path, before: FolderState) -> list[str]:
     return sorted(name for name, state in snapshot(folder).items() if before.get(name) != state)
 
 
-def files_to_upload(output_dir: str | Path, names: Iterable[str] | None = None) -> list[Path]:
-    """The top-level files of `output_dir` that match UPLOAD_PATTERNS, limited to `names` when given.
+def model_repo_files(folder: str | Path) -> list[str]:
+    """The names of the top-level files of `folder` that a model repo needs: MODEL_REPO_FILES, the weight shards
+    of the safetensors index, and the model code files of the config's `auto_map` with their relative imports."""
+    folder = Path(folder)
+    names = {name for name in MODEL_REPO_FILES if (folder / name).is_file()}
+    if "model.safetensors.index.json" in names:
+        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        names.update(index.get("weight_map", {}).values())
+    if "config.json" in names:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+        for references in auto_map.values():
+            for reference in references if isinstance(references, list) else [references]:
+                code = folder / f"{str(reference).rsplit('.', 1)[0]}.py"
+                if reference and "--" not in str(reference) and code.is_file():
+                    names.add(code.name)
+                    names.update(Path(path).name for path in get_relative_import_files(code))
+    return sorted(name for name in names if "/" not in name and (folder / name).is_file())
 
-    Sub-folders are never uploaded.
-    """
-    allowed = None if names is None else set(names)
-    return sorted(
-        path
-        for path in Path(output_dir).iterdir()
-        if path.is_file()
-        and (allowed is None or path.name in allowed)
-        and any(fnmatchcase(path.name, pattern) for pattern in UPLOAD_PATTERNS)
-    )
+
+def write_manifest(folder: str | Path, names: Iterable[str]) -> Path:
+    """Record in `folder` the files a run wrote there that a model repo needs (what `push_to_hub` uploads)."""
+    path = Path(folder) / MANIFEST_NAME
+    published = sorted(set(names) & set(model_repo_files(folder)))
+    path.write_text(json.dumps({"files": published}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def files_to_upload(output_dir: str | Path, names: Iterable[str] | None = None) -> list[Path]:
+    """The files of `output_dir` a push uploads: those of `names` (or, when None, of the folder's manifest) that a
+    model repo needs; in a folder without a manifest, every file a model repo needs (`model_repo_files`)."""
+    output_dir = Path(output_dir)
+    if names is None and (output_dir / MANIFEST_NAME).is_file():
+        try:
+            names = json.loads((output_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot read {str(output_dir / MANIFEST_NAME)!r}: {error}") from error
+    allowed = model_repo_files(output_dir)
+    chosen = allowed if names is None else set(names) & set(allowed)
+    return [output_dir / name for name in sorted(chosen)]
 
 
 def check_push_prerequisites(repo_id: str, token: str | None = None, api: HfApi | None = None) -> None:
@@ -119,8 +153,8 @@ def push_to_hub(
 ) -> str:
     """Create `repo_id` if needed and upload the model folder in one commit; returns the commit URL.
 
-    `files` is the run's manifest (names in `output_dir`, see `written_since`): only those of them that match
-    UPLOAD_PATTERNS are uploaded; None uploads every matching file. Refuses (ValueError) an upload without
+    `files` names what a run wrote (see `written_since`): those of them a model repo needs are uploaded; None
+    uploads the folder's manifest (`write_manifest`), or without one every file a model repo needs, by name. Refuses (ValueError) an upload without
     safetensors weights, config.json or model card, and any text file that contains the Hub token. `api`
     replaces the `HfApi` client (tests pass a recording fake).
     """
@@ -182,13 +216,14 @@ def _upload(
 
 
 def _refuse_secrets(files: list[Path], secrets: list[object]) -> None:
-    """Raise before uploading if a card, settings or metrics file contains one of the Hub tokens in use."""
+    """Raise before uploading if a text file (any file but weights, images and pickled states) contains one of
+    the Hub tokens in use."""
     tokens = [secret.encode() for secret in secrets if isinstance(secret, str) and secret]
     for path in files:
-        if path.suffix in _TEXT_SUFFIXES and any(token in path.read_bytes() for token in tokens):
+        if path.suffix not in _BINARY_SUFFIXES and any(token in path.read_bytes() for token in tokens):
             raise ValueError(
-                f"refusing to push: {path.name} contains the Hub token; rewrite it with "
-                "hf_zsharp.cards.write_model_card(), which removes tokens from the settings"
+                f"refusing to push: {path.name} contains a Hub token in use; remove it from the file (the settings "
+                "that hf_zsharp.cards.write_model_card() writes never hold one)"
             )
 
 
@@ -223,7 +258,8 @@ class RunOutputs:
         self.in_progress: Future | None = None
 
     def write_card(self, metrics: dict[str, Any]) -> None:
-        """The model card, training curves and settings, for the model in `output_dir` and these metrics."""
+        """The model card, training curves and settings, for the model in `output_dir` and these metrics; then the
+        manifest of the files the run wrote there (what `push_to_hub` on the folder uploads)."""
         cards.write_model_card(
             self.args.output_dir,
             settings=self.args,
@@ -231,6 +267,7 @@ class RunOutputs:
             log_history=self.trainer.state.log_history,
             **self.card,
         )
+        write_manifest(self.args.output_dir, written_since(self.args.output_dir, self.before))
 
     def push(self, message: str, checkpoint: Path | None = None) -> str:
         """One commit of the files this run wrote to `output_dir`, to --hub_revision; then `checkpoint`, when
@@ -296,9 +333,8 @@ def _log_failed_push(future: Future) -> None:
 def copy_model_files(checkpoint: Path, output_dir: str | Path) -> None:
     """Copy the saved model of a Trainer checkpoint (weights, config, image processor) into `output_dir`, as
     Trainer does before a push, instead of saving the model again."""
-    for path in checkpoint.iterdir():
-        if path.is_file() and any(fnmatchcase(path.name, pattern) for pattern in MODEL_PATTERNS):
-            shutil.copy(path, Path(output_dir) / path.name)
+    for name in model_repo_files(checkpoint):
+        shutil.copy(checkpoint / name, Path(output_dir) / name)
 
 
 class PushOnSave(TrainerCallback):

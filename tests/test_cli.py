@@ -152,6 +152,9 @@ def test_push_to_hub_uploads_the_model_and_card_without_the_token(tmp_path, fake
         if path.is_file() and path.suffix in (".json", ".md", ".txt"):
             assert TOKEN not in path.read_text(errors="ignore"), path
     assert "someone/zsharp-digits" in files["README.md"].decode()
+    assert json.loads((out / hub.MANIFEST_NAME).read_text())["files"] == sorted(
+        files
+    )  # what the run published
 
 
 def test_push_uploads_only_what_the_run_wrote(tmp_path, fake_hub):
