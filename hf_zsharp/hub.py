@@ -215,12 +215,31 @@ def _upload(
     return info.commit_url
 
 
+def upload_advice(files: list[Path], repo_id: str, folder: str | Path, tokens: Iterable[str]) -> str:
+    """How to push `files` later with the `hf` CLI; a file holding one of `tokens` is never named (it is said to be
+    left out)."""
+    kept = [path for path in files if not _holds_token(path, tokens)]
+    advice = f"Push them later with: hf upload {repo_id} {folder} " + " ".join(
+        f"--include {path.name!r}" for path in kept
+    )
+    if len(kept) < len(files):
+        advice += f" ({len(files) - len(kept)} file(s) holding a Hub token left out: remove the token first)"
+    return advice
+
+
+def _holds_token(path: Path, tokens: Iterable[str]) -> bool:
+    """Whether a text file (any file but weights, images and pickled states) contains one of `tokens`."""
+    return path.suffix not in _BINARY_SUFFIXES and any(
+        token.encode() in path.read_bytes() for token in tokens
+    )
+
+
 def _refuse_secrets(files: list[Path], secrets: list[object]) -> None:
     """Raise before uploading if a text file (any file but weights, images and pickled states) contains one of
     the Hub tokens in use."""
-    tokens = [secret.encode() for secret in secrets if isinstance(secret, str) and secret]
+    tokens = [secret for secret in secrets if isinstance(secret, str) and secret]
     for path in files:
-        if path.suffix not in _BINARY_SUFFIXES and any(token in path.read_bytes() for token in tokens):
+        if _holds_token(path, tokens):
             raise ValueError(
                 f"refusing to push: {path.name} contains a Hub token in use; remove it from the file (the settings "
                 "that hf_zsharp.cards.write_model_card() writes never hold one)"
@@ -316,11 +335,11 @@ class RunOutputs:
         try:
             url = self.push("Upload model trained with ZSharp")
         except Exception as error:
-            files = written_since(output_dir, self.before)
-            uploads = " ".join(f"--include {path.name!r}" for path in files_to_upload(output_dir, files))
+            files = files_to_upload(output_dir, written_since(output_dir, self.before))
+            tokens = cards.tokens_in_use(self.args)
             raise RuntimeError(
                 f"Training finished and its results are saved in {output_dir!r}, but pushing them to {repo_id!r} "
-                f"failed: {error}. Push them later with: hf upload {repo_id} {output_dir} {uploads}"
+                f"failed: {error}. {upload_advice(files, repo_id, output_dir, tokens)}"
             ) from error
         logger.info("Pushed %s to %s", output_dir, url)
 

@@ -157,6 +157,20 @@ def test_push_to_hub_uploads_the_model_and_card_without_the_token(tmp_path, fake
     )  # what the run published
 
 
+def test_a_token_inside_another_setting_is_redacted_before_it_is_written(tmp_path, fake_hub):
+    out = tmp_path / "out"
+    train(
+        "--output_dir", out, *FAST, *SMALL, "--run_name", f"run-{TOKEN}-1",
+        "--push_to_hub", "--hub_model_id", "someone/zsharp-digits", "--hub_token", TOKEN,
+    )  # fmt: skip
+    assert json.loads((out / "zsharp_args.json").read_text())["run_name"] == "run-<redacted>-1"
+    assert "zsharp_args.json" in fake_hub.uploaded
+    assert all(TOKEN.encode() not in content for content in fake_hub.uploaded.values())
+    for path in out.glob("*"):
+        if path.is_file() and path.suffix in (".json", ".md"):
+            assert TOKEN not in path.read_text(), path
+
+
 def test_push_uploads_only_what_the_run_wrote(tmp_path, fake_hub):
     out = tmp_path / "out"
     out.mkdir()

@@ -12,7 +12,14 @@ from huggingface_hub import ModelCard
 from safetensors.numpy import save_file
 
 from hf_zsharp.cards import write_model_card
-from hf_zsharp.hub import check_push_prerequisites, push_to_hub, snapshot, write_manifest, written_since
+from hf_zsharp.hub import (
+    check_push_prerequisites,
+    push_to_hub,
+    snapshot,
+    upload_advice,
+    write_manifest,
+    written_since,
+)
 
 FAKE_TOKEN = "hf_SECRETtoken123"
 REPO_ID = "someone/resnet20-zsharp"
@@ -214,3 +221,11 @@ def test_a_folder_push_uploads_the_manifest_or_only_what_a_model_repo_needs(mode
     (model_dir / "layers.py").write_text(f"Block = None  # {FAKE_TOKEN}\n")  # any uploaded text file is read
     with pytest.raises(ValueError, match="layers.py contains a Hub token"):
         push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN, api=RecordingApi())
+
+
+def test_the_advice_after_a_failed_push_never_names_a_file_holding_the_token(model_dir):
+    (model_dir / "zsharp_args.json").write_text(json.dumps({"run_name": f"run-{FAKE_TOKEN}"}))
+    files = [model_dir / name for name in ("config.json", "zsharp_args.json", "model.safetensors")]
+    advice = upload_advice(files, REPO_ID, model_dir, [FAKE_TOKEN])
+    assert "--include 'config.json'" in advice and "--include 'model.safetensors'" in advice
+    assert "zsharp_args.json" not in advice and "1 file(s) holding a Hub token left out" in advice
