@@ -6,6 +6,7 @@ plus the options of `ZSharpTrainer`), the recipe of `hf-zsharp-train` and its pa
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -311,6 +312,7 @@ class TrainArgumentParser(HfArgumentParser):
             usage="%(prog)s [--config CONFIG.yaml] [options] | %(prog)s CONFIG.yaml",
             description=recipe_help(),
             formatter_class=_HelpFormatter,
+            allow_abbrev=False,  # `--max_step 2` is not silently `--max_steps 2`
         )
         self.add_argument(
             "--config",
@@ -328,10 +330,25 @@ class TrainArgumentParser(HfArgumentParser):
         known, _ = self.parse_known_args(argv)
         config = {} if known.config is None else self._read_config(Path(known.config))
         self.set_defaults(**{**COMMON_RECIPE, **config})
-        known, _ = self.parse_known_args(argv)
+        known, unknown = self.parse_known_args(argv)
+        if unknown:
+            raise ValueError(self._unknown_message(unknown))
         self.set_defaults(**{**COMMON_RECIPE, **KIND_RECIPES[model_kind(known.model_name_or_path)], **config})
         model_args, data_args, training_args, _ = self.parse_args_into_dataclasses(argv)
         return model_args, data_args, training_args
+
+    def _unknown_message(self, unknown: list[str]) -> str:
+        """Name the unknown arguments, with the closest option of each unknown flag."""
+        options = [option for action in self._actions for option in action.option_strings]
+        named = []
+        for argument in unknown:
+            close = (
+                difflib.get_close_matches(argument.split("=", 1)[0], options, n=1)
+                if argument[:2] == "--"
+                else []
+            )
+            named.append(f"{argument} (did you mean {close[0]}?)" if close else argument)
+        return f"unrecognized arguments: {', '.join(named)}; `hf-zsharp-train --help` lists the options."
 
     def _read_config(self, path: Path) -> dict[str, Any]:
         try:

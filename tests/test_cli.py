@@ -390,6 +390,13 @@ def test_a_config_file_and_flags_together_flags_win(tmp_path):
         parse_train_args(["--config", str(tmp_path / "bad.json")])
 
 
+def test_abbreviated_or_unknown_flags_are_refused_with_the_closest_option():
+    with pytest.raises(ValueError, match=r"--max_step \(did you mean --max_steps\?\)"):
+        parse_train_args(["--max_step", "2"])
+    with pytest.raises(ValueError, match=r"--learning-rat=0.1 \(did you mean --learning-rate\?\)"):
+        parse_train_args(["--learning-rat=0.1"])
+
+
 def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys):
     with pytest.raises(SystemExit):
         train("--help")
