@@ -21,6 +21,7 @@ import torch
 import yaml
 from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_zsharp.data import DIGITS
 from hf_zsharp.models import PAPER_MODELS
@@ -392,16 +393,18 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
             f"Output directory {str(output_dir)!r} cannot be written ({error.strerror or error} in "
             f"{str(existing)!r}); choose another --output_dir."
         ) from error
+    resume_last_checkpoint(training_args)
     if not output_dir.is_dir() or training_args.resume_from_checkpoint:
         return
     checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
     if not training_args.overwrite_output_dir:
         found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists()) + checkpoints
         if found:
+            resume = " resume its last checkpoint with --resume_from_checkpoint last," if checkpoints else ""
             raise ValueError(
                 f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose "
-                "another --output_dir, resume with --resume_from_checkpoint, or pass --overwrite_output_dir to "
-                "write over it (files are overwritten, never deleted)."
+                f"another --output_dir,{resume} or pass --overwrite_output_dir to write over it (files are "
+                "overwritten, never deleted)."
             )
     if checkpoints and training_args.save_total_limit:
         raise ValueError(
@@ -409,3 +412,18 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
             f"and --save_total_limit {training_args.save_total_limit} would let Trainer's checkpoint rotation "
             "delete them. Choose another --output_dir, move them away, or drop --save_total_limit."
         )
+
+
+def resume_last_checkpoint(training_args: ZSharpTrainingArguments) -> None:
+    """`--resume_from_checkpoint true` or `last`, as in the transformers examples: the last checkpoint of the
+    output directory (refused, before training, when there is none)."""
+    if str(training_args.resume_from_checkpoint).lower() not in ("true", "last"):
+        return
+    output_dir = training_args.output_dir
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise ValueError(
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: {str(output_dir)!r} holds no "
+            "checkpoint-* folder to resume from; pass a checkpoint folder, or leave the flag out."
+        )
+    training_args.resume_from_checkpoint = last

@@ -172,6 +172,8 @@ def run_training(
     )
     if push and training_args.hub_strategy != HubStrategy.END:
         trainer.add_callback(hub.PushOnSave(outputs))
+    if training_args.resume_from_checkpoint:
+        logger.info("Resuming training from the checkpoint %s.", training_args.resume_from_checkpoint)
     try:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:

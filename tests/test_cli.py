@@ -1,6 +1,7 @@
 """`hf-zsharp-train` end to end: generated datasets with the Hub schemas, tiny local models, the fake Hub."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -443,6 +444,20 @@ def test_an_output_dir_with_another_run_is_refused_and_kept(tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         train("--output_dir", out, *FAST)
     assert (out / "notes.txt").read_text() == "mine" and (out / "trainer_state.json").read_text() == "{}"
+
+
+def test_resume_from_checkpoint_last_resumes_the_last_checkpoint_and_says_which(tmp_path, caplog):
+    out = tmp_path / "out"
+    steps = ["--save_strategy", "steps", "--save_steps", "1", "--max_train_samples", "16"]
+    with pytest.raises(SystemExit, match="holds no checkpoint-\\* folder"):
+        train("--output_dir", out, *FAST, *steps, "--resume_from_checkpoint", "last")
+    train("--output_dir", out, *FAST, *steps)  # checkpoints at steps 1 and 2
+    with pytest.raises(SystemExit, match="resume its last checkpoint with --resume_from_checkpoint last"):
+        train("--output_dir", out, *FAST, *steps)
+    with caplog.at_level(logging.INFO, logger="hf_zsharp.run"):
+        train("--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "true")
+    assert f"Resuming training from the checkpoint {out / 'checkpoint-2'}." in caplog.text
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
 
 
 @pytest.mark.parametrize(
