@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from enum import Enum
@@ -18,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import TrainingArguments
 
 from hf_zsharp.optim import METHODS
 
@@ -56,8 +58,10 @@ _RUN_ROWS = {
     "weight_decay": "Weight decay",
     "lr_scheduler_type": "Schedule",
     "num_train_epochs": "Epochs",
+    "max_steps": "Training steps",
     "per_device_train_batch_size": "Batch size per device",
     "gradient_accumulation_steps": "Gradient accumulation steps",
+    "world_size": "Processes",
     "seed": "Seed",
 }
 _METRIC_LABELS = {
@@ -65,7 +69,7 @@ _METRIC_LABELS = {
     "top5_accuracy": "Top-5 accuracy",
     "loss": "Evaluation loss",
     "train_loss": "Training loss (mean over the run)",
-    "epoch": "Epochs",
+    "epoch": "Epochs run",
 }
 
 
@@ -82,6 +86,8 @@ def public_settings(settings: Mapping[str, Any] | Any, secrets: Iterable[str] = 
         raw = dict(settings)
     else:
         raise TypeError(f"settings must be a dict or a dataclass, got {type(settings).__name__}")
+    if isinstance(settings, TrainingArguments):
+        raw["world_size"] = settings.world_size  # processes, for the total batch size
     return _scrub(raw, tokens_in_use(settings, [*secrets, *_secret_values(raw)]))
 
 
@@ -379,12 +385,20 @@ def _settings_rows(settings: Mapping[str, Any], method: str) -> list[tuple[str, 
     rows = [("Method", f"`{method}`: {METHOD_TITLES[method]}")]
     read = {"sam_rho", "sam_interval", *METHODS[method].options.values()} if method in METHODS else set()
     labels = {key: label for key, label in _METHOD_ROWS.items() if key in read} | _RUN_ROWS
+    # --max_steps > 0 replaces the epochs (Trainer's rule); -1 or 0 leaves them.
+    del labels["num_train_epochs" if (settings.get("max_steps") or -1) > 0 else "max_steps"]
     for key, label in labels.items():
         if settings.get(key) is not None:
             value = _format(settings[key])
             if key == "lr_scheduler_type":
                 value += _warmup(settings)
             rows.append((label, value))
+    factors = [
+        settings.get(key)
+        for key in ("per_device_train_batch_size", "world_size", "gradient_accumulation_steps")
+    ]
+    if all(isinstance(factor, int) for factor in factors):
+        rows.append(("Total batch size", str(math.prod(factors))))
     if "bf16" in settings or "fp16" in settings:
         precision = "bf16 mixed" if settings.get("bf16") else "fp16 mixed" if settings.get("fp16") else "fp32"
         rows.append(("Precision", precision))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from hf_zsharp import reproduce
+from hf_zsharp import hub, reproduce
 from hf_zsharp.args import parse_train_args
-from hf_zsharp.run import run_training
+from hf_zsharp.run import TrainingRun, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ def train_main(argv: list[str] | None = None) -> None:
     try:
         model_args, data_args, training_args = parse_train_args(argv)
         run = run_training(model_args, data_args, training_args)
+        if run.trainer.is_world_process_zero():
+            print(run_summary(run))
         run.trainer.accelerator.end_training()  # under torchrun: leave the process group before exiting
     except Exception as error:  # every failure is one line and a non-zero exit; HF_ZSHARP_DEBUG=1 shows where
         if os.environ.get("HF_ZSHARP_DEBUG") == "1":
@@ -36,3 +40,25 @@ def train_main(argv: list[str] | None = None) -> None:
 def reproduce_main(argv: list[str] | None = None) -> None:
     """`hf-zsharp-reproduce`: the paper's method comparison (see `hf_zsharp.reproduce`)."""
     reproduce.main(sys.argv[1:] if argv is None else argv)
+
+
+def run_summary(run: TrainingRun) -> str:
+    """Where a finished run's results are: the output folder and the files it wrote for the model, the final
+    metrics, the processes and the total batch size."""
+    args = run.trainer.args
+    manifest = Path(args.output_dir) / hub.MANIFEST_NAME
+    files = json.loads(manifest.read_text(encoding="utf-8"))["files"] if manifest.is_file() else []
+    metrics = ", ".join(
+        f"{key} {value:.4g}"
+        for key, value in run.metrics.items()
+        if key in ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "train_loss", "epoch")
+    )
+    total = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return "\n".join(
+        [
+            f"Finished. Results in {args.output_dir}: {', '.join(files)} ({hub.MANIFEST_NAME} lists them).",
+            f"Final metrics: {metrics}.",
+            f"Trained on {args.world_size} process(es), total batch size {total} ({args.per_device_train_batch_size} "
+            f"per device x {args.world_size} x {args.gradient_accumulation_steps} accumulation step(s)).",
+        ]
+    )

@@ -172,6 +172,18 @@ def test_a_token_inside_another_setting_is_redacted_before_it_is_written(tmp_pat
             assert TOKEN not in path.read_text(), path
 
 
+def test_a_finished_run_says_where_its_results_are_and_the_card_states_steps_and_batch_once(tmp_path, capsys):
+    out = tmp_path / "out"
+    train("--output_dir", out, *FAST, *SMALL, "--num_train_epochs", "3")
+    summary = capsys.readouterr().out
+    assert f"Results in {out}: " in summary and "model.safetensors" in summary and "README.md" in summary
+    assert "training_curves.png" in summary and "eval_accuracy" in summary
+    assert "1 process(es), total batch size 8" in summary
+    card = (out / "README.md").read_text()
+    assert "| Training steps | 2 |" in card and "| Epochs |" not in card  # --max_steps replaces the epochs
+    assert "| Processes | 1 |" in card and "| Total batch size | 8 |" in card and "| Epochs run |" in card
+
+
 def test_push_uploads_only_what_the_run_wrote(tmp_path, fake_hub):
     out = tmp_path / "out"
     out.mkdir()
