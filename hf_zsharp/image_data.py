@@ -77,6 +77,26 @@ def cache_budget() -> int:
     return memory // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+MAX_IMAGE_SIZE = (
+    4096  # pixels a side: 16x the largest input of the paper's models (Tiny-ImageNet's 64 up to 256)
+)
+
+
+def check_image_size(image_size: int, batch_size: int, budget: int | None = None) -> None:
+    """Refuse, before any image is decoded, an `image_size` outside 1..MAX_IMAGE_SIZE, or one whose float32 batch
+    of `batch_size` images would not fit in `budget` bytes (default: `cache_budget()`)."""
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image_size must lie between 1 and {MAX_IMAGE_SIZE} pixels; got {image_size}.")
+    batch_bytes = batch_size * 3 * image_size**2 * 4
+    budget = cache_budget() if budget is None else budget
+    if batch_bytes > budget:
+        raise ValueError(
+            f"--image_size {image_size}: a batch of {batch_size} such images takes {batch_bytes / 2**30:.1f} GiB as "
+            f"float32 pixels, more than the {budget / 2**30:.1f} GiB this process may use for images; choose a "
+            "smaller --image_size or --per_device_train_batch_size."
+        )
+
+
 def decode_split(split: Dataset, geometry: Geometry | None, budget: int) -> torch.Tensor | None:
     """Every image of `split` decoded to RGB, passed through `geometry`, as one (N, H, W, 3) uint8 tensor.
 

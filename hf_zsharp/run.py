@@ -37,7 +37,12 @@ from hf_zsharp.args import (
 )
 from hf_zsharp.augment import augment_inputs
 from hf_zsharp.data import LABELS, dataset_key, load_image_dataset, normalization_stats
-from hf_zsharp.image_data import paper_image_data, paper_image_processor, processor_image_data
+from hf_zsharp.image_data import (
+    check_image_size,
+    paper_image_data,
+    paper_image_processor,
+    processor_image_data,
+)
 from hf_zsharp.metrics import compute_metrics
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.trainer import ZSharpTrainer
@@ -123,6 +128,10 @@ def run_training(
     repo_id = (training_args.hub_model_id or Path(output_dir).resolve().name) if push else None
     if push:
         hub.check_push_prerequisites(repo_id, training_args.hub_token)
+    if model_args.image_size is None:
+        model_args.image_size = DEFAULT_IMAGE_SIZES.get(dataset_key(data_args.dataset_name), 32)
+    if model_kind(model_args.model_name_or_path) == "from scratch":
+        check_image_size(model_args.image_size, training_args.per_device_train_batch_size)
     with training_args.main_process_first(desc="loading the dataset"):
         dataset = load_image_dataset(
             data_args.dataset_name,
@@ -138,8 +147,6 @@ def run_training(
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
-    if model_args.image_size is None:
-        model_args.image_size = DEFAULT_IMAGE_SIZES.get(dataset_key(data_args.dataset_name), 32)
     set_seed(training_args.seed)  # the model's initialisation depends on it
     model, processor, base_model = load_model(model_args, dataset["train"].features[LABELS].names)
     if processor is None:

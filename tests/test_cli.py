@@ -434,6 +434,11 @@ def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys
         (["--zsharp_percentile", "1.5"], "zsharp_percentile"),
         (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
         (["--max_eval_samples", "-3"], "--max_eval_samples must be at least 1"),
+        (["--image_size", "100000"], "--image_size must lie between 1 and 4096 pixels; got 100000"),
+        (
+            ["--image_size", "4096", "--per_device_train_batch_size", "100000"],
+            "a batch of 100000 such images",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, argv, message):
