@@ -35,6 +35,7 @@ class ZSharpTrainer(Trainer):
                 f"{type(args).__name__}."
             )
         super().__init__(model=model, args=args, **kwargs)
+        check_fsdp2_batchnorm(self.model, self.accelerator)
         self._two_pass: TwoPassStep | None = None
         if args.sam != "none":
             check_supported(self.accelerator)
@@ -122,3 +123,19 @@ def _own_class(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.__class__ = wrapper
+
+
+def check_fsdp2_batchnorm(model: nn.Module | None, accelerator: Any) -> None:
+    """Refuse, before training, bf16 mixed precision under FSDP2 for a model with BatchNorm: FSDP2 casts the
+    BatchNorm weights to bf16 beside float32 running statistics, and the first forward fails."""
+    if model is None or not getattr(accelerator, "is_fsdp2", False) or accelerator.mixed_precision != "bf16":
+        return
+    norms = sorted(
+        {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    )
+    if norms:
+        raise ValueError(
+            f"FSDP2 with bf16 mixed precision cannot train this model: it has {', '.join(norms)} layers, whose bf16 "
+            "weights FSDP2 would use beside float32 running statistics. Train it with --mixed_precision no "
+            "(accelerate launch) or without --bf16, or without FSDP."
+        )
