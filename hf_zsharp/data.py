@@ -103,6 +103,7 @@ def load_image_dataset(
                 for split, ds in dataset.items()
             }
         )
+    warn_empty_classes(dataset["train"])
     logger.info(
         "Dataset %s: %d training and %d evaluation images, %d classes (image column %r, label column %r).",
         dataset_name,
@@ -326,26 +327,28 @@ def _as_class_labels(dataset: DatasetDict, label_column: str, dataset_name: str)
         names = list(features[0].names)
         names += sorted({n for f in features[1:] for n in f.names} - set(names))
         for split, feature in zip(list(dataset), features):
-            _check_label_range(dataset[split], label_column, feature.num_classes, dataset_name, split)
+            _check_labels(dataset, split, label_column, feature.num_classes, dataset_name)
             if list(feature.names) != names:
                 dataset[split] = _renumber_labels(dataset[split], label_column, feature.names, names)
         return dataset
     dtypes = {getattr(feature, "dtype", None) for feature in features}
-    if dtypes <= {"string", "large_string"}:
-        names = sorted({str(v) for split in dataset.values() for v in split.unique(label_column)})
-        return dataset.cast_column(label_column, ClassLabel(names=names))
-    if not all(dtype is not None and re.fullmatch(r"u?int\d+", dtype) for dtype in dtypes):
+    if not (
+        dtypes <= {"string", "large_string"}
+        or all(dtype is not None and re.fullmatch(r"u?int\d+", dtype) for dtype in dtypes)
+    ):
         raise DataError(
             f"Column {label_column!r} of {dataset_name!r} holds {features[0]}, not class labels; name the label "
             "column with --label_column_name."
         )
-    values = {int(v) for split in dataset.values() for v in split.unique(label_column)}
-    if min(values) < 0:
-        raise DataError(
-            f"Column {label_column!r} of {dataset_name!r} has negative labels (unlabelled examples?); "
-            "choose another evaluation split with --eval_split or --train_val_split."
-        )
-    return dataset.cast_column(label_column, ClassLabel(names=[str(i) for i in range(max(values) + 1)]))
+    for split in dataset:
+        _check_labels(dataset, split, label_column, None, dataset_name)
+    values = sorted({v for split in dataset.values() for v in split.unique(label_column)})
+    names = (
+        [str(v) for v in values]
+        if dtypes <= {"string", "large_string"}
+        else [str(i) for i in range(values[-1] + 1)]
+    )
+    return dataset.cast_column(label_column, ClassLabel(names=names))
 
 
 def _renumber_labels(split: Dataset, label_column: str, old: Sequence[str], new: list[str]) -> Dataset:
@@ -363,18 +366,42 @@ def _renumber_labels(split: Dataset, label_column: str, old: Sequence[str], new:
     )
 
 
-def _check_label_range(
-    split: Dataset, label_column: str, num_classes: int, dataset_name: str, name: str
+def _check_labels(
+    dataset: DatasetDict, split: str, label_column: str, num_classes: int | None, dataset_name: str
 ) -> None:
-    """Refuse `ClassLabel` values outside 0..num_classes-1 (e.g. -1 for unlabelled examples) before training."""
-    bad = [v for v in split.unique(label_column) if v is None or not 0 <= v < num_classes]
-    if bad:
-        bad.sort(key=lambda v: -math.inf if v is None else v)
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise DataError(
-            f"Column {label_column!r} of {dataset_name!r} (split {name!r}) holds labels outside 0..{num_classes - 1} "
-            f"({num_classes} class names): {shown}. Fix the data, or choose another split with --eval_split or "
-            "--train_val_split (-1 usually marks unlabelled examples)."
+    """Refuse missing labels, and integer labels outside 0..num_classes-1 (no upper bound when None; e.g. -1 for
+    unlabelled examples), before training; the advice depends on whether `split` trains (the first split)."""
+    values = dataset[split].unique(label_column)
+    where = f"Column {label_column!r} of {dataset_name!r} (split {split!r})"
+    if None in values:
+        raise DataError(f"{where} has examples without a label (None); remove them or fill them in.")
+    bad = sorted(v for v in values if isinstance(v, int) and not 0 <= v < (num_classes or math.inf))
+    if not bad:
+        return
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    classes = f"0..{num_classes - 1} ({num_classes} class names)" if num_classes else "0 and above"
+    fix = (
+        "remove those examples (e.g. with Dataset.filter) before training"
+        if split == next(iter(dataset))
+        else "fix the data, or choose another evaluation split with --eval_split or --train_val_split"
+    )
+    raise DataError(
+        f"{where} holds labels outside {classes}: {shown} (-1 usually marks unlabelled examples); {fix}."
+    )
+
+
+def warn_empty_classes(train: Dataset) -> None:
+    """Warn, naming them, about classes without a training image (e.g. from gaps in integer labels)."""
+    names = train.features[LABELS].names
+    counts = np.bincount(np.asarray(train[LABELS][:], dtype=np.int64), minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        logger.warning(
+            "%d of %d classes have no training image: %s%s. The model still gets an output for each.",
+            len(empty),
+            len(names),
+            ", ".join(empty[:10]),
+            ", ..." if len(empty) > 10 else "",
         )
 
 

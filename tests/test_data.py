@@ -194,8 +194,34 @@ def test_a_class_with_a_single_example_is_held_out_unstratified_in_memory(load, 
 @pytest.mark.parametrize("bad", [7, -1])
 def test_class_labels_out_of_range_are_refused_before_training(load, tmp_path, bad):
     root = _saved(tmp_path / "r", {"train": [0, 1, 2], "test": [0, bad, 2, bad]}, ["a", "b", "c"])
-    with pytest.raises(DataError, match=rf"'label'.*split 'test'.*outside 0..2.*: {bad}\."):
+    with pytest.raises(
+        DataError, match=rf"'label'.*split 'test'.*outside 0..2.*: {bad} .*another evaluation"
+    ):
         load(root)
+
+
+@pytest.mark.parametrize("names", [None, ["a", "b", "c"]])
+def test_unlabelled_training_examples_are_refused_with_advice_for_the_training_split(load, tmp_path, names):
+    root = _saved(tmp_path / "t", {"train": [0, -1, 2, 1], "test": [0, 1, 2]}, names)
+    with pytest.raises(DataError, match=r"split 'train'.*: -1 .*remove those examples"):
+        load(root)
+
+
+@pytest.mark.parametrize("labels", [[0, None, 1], ["cat", None, "dog"]])
+def test_missing_labels_name_the_column_and_split(load, tmp_path, labels):
+    root = _saved(tmp_path / "n", {"train": labels, "test": labels[:1]})
+    with pytest.raises(
+        DataError, match=r"Column 'label' of .* \(split 'train'\) has examples without a label"
+    ):
+        load(root)
+
+
+def test_classes_without_training_images_are_named_in_a_warning(load, tmp_path, caplog):
+    root = _saved(tmp_path / "g", {"train": [0, 0, 3, 3], "test": [0, 3, 1]})  # integer labels with gaps
+    with caplog.at_level(logging.WARNING, logger="hf_zsharp.data"):
+        dataset = load(root)
+    assert dataset["train"].features["labels"].names == ["0", "1", "2", "3"]
+    assert "2 of 4 classes have no training image: 1, 2." in caplog.text
 
 
 def test_an_empty_saved_split_is_a_clear_error(load, tmp_path):
