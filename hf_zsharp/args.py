@@ -10,6 +10,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import tempfile
 import textwrap
 import warnings
@@ -352,18 +353,69 @@ class TrainArgumentParser(HfArgumentParser):
         return f"unrecognized arguments: {', '.join(named)}; `hf-zsharp-train --help` lists the options."
 
     def _read_config(self, path: Path) -> dict[str, Any]:
+        """The options of a YAML/JSON file: known names only, each value read as its flag would read it."""
         try:
             text = path.read_text(encoding="utf-8")
-            config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            if path.suffix == ".json":
+                config = json.loads(text, object_pairs_hook=_refuse_duplicates)
+            else:
+                config = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
         except (OSError, ValueError, yaml.YAMLError) as error:
             raise ValueError(f"Cannot read the config file {str(path)!r}: {error}") from error
         if not isinstance(config, dict):
             raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
-        options = {action.dest for action in self._actions} - {"help", "config"}
-        unknown = sorted(str(key) for key in config if key not in options)
+        actions = {action.dest: action for action in self._actions if action.dest not in ("help", "config")}
+        unknown = sorted(str(key) for key in config if key not in actions)
         if unknown:
             raise ValueError(f"The config file {str(path)!r} has unknown options: {', '.join(unknown)}.")
+        for key, value in config.items():
+            action = actions[key]
+            if (
+                isinstance(value, (bool, int, float, str))
+                and action.type is not None
+                and action.nargs is None
+            ):
+                try:
+                    config[key] = action.type(str(value))
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                    raise ValueError(
+                        f"The config file {str(path)!r} gives {key}: {value!r}, which is not a valid "
+                        f"{getattr(action.type, '__name__', 'value')} ({error})."
+                    ) from error
         return config
+
+
+def _refuse_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping from key-value pairs, refusing a key given twice (JSON and YAML would keep the last silently)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({str(key) for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"option(s) given more than once: {', '.join(repeated)}")
+    return dict(pairs)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2 booleans (only true/false: `yes`, `no`, `on`, `off` stay strings) and no
+    duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        pairs = [
+            (self.construct_object(key, deep=deep), self.construct_object(value, deep=deep))
+            for key, value in node.value
+        ]
+        try:
+            return _refuse_duplicates(pairs)
+        except ValueError as error:
+            raise yaml.constructor.ConstructorError(None, None, str(error), node.start_mark) from error
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:

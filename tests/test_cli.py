@@ -9,13 +9,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from fake_hub import RecordingApi
 from huggingface_hub import ModelCard
 from transformers import TrainerCallback
 
 from hf_zsharp import hub
 from hf_zsharp.args import COMMON_RECIPE, parse_train_args
-from hf_zsharp.cli import train_main
+from hf_zsharp.cli import choose_threads, train_main
 from hf_zsharp.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +183,23 @@ def test_a_finished_run_says_where_its_results_are_and_the_card_states_steps_and
     card = (out / "README.md").read_text()
     assert "| Training steps | 2 |" in card and "| Epochs |" not in card  # --max_steps replaces the epochs
     assert "| Processes | 1 |" in card and "| Total batch size | 8 |" in card and "| Epochs run |" in card
+
+
+def test_small_models_on_the_cpu_take_one_thread_unless_omp_num_threads_is_set(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        choose_threads("resnet20", use_cpu=True)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        choose_threads("some/vit", use_cpu=True)  # a pretrained model keeps torch's default
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        choose_threads("resnet20", use_cpu=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_push_uploads_only_what_the_run_wrote(tmp_path, fake_hub):
@@ -408,6 +426,27 @@ def test_abbreviated_or_unknown_flags_are_refused_with_the_closest_option():
         parse_train_args(["--max_step", "2"])
     with pytest.raises(ValueError, match=r"--learning-rat=0.1 \(did you mean --learning-rate\?\)"):
         parse_train_args(["--learning-rat=0.1"])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("dup.json", '{"sam": "sam", "sam": "asam"}', "given more than once: sam"),
+        ("dup.yaml", "sam: sam\nseed: 1\nsam: asam\n", "given more than once: sam"),
+        ("type.yaml", "per_device_train_batch_size: 2.5\n", "gives per_device_train_batch_size: 2.5"),
+        ("type.json", '{"learning_rate": "fast"}', "gives learning_rate: 'fast'"),
+    ],
+)
+def test_a_bad_config_file_names_the_key(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_train_args(["--config", str(tmp_path / name)])
+
+
+def test_yaml_yes_stays_a_string_and_booleans_read_as_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("run_name: yes\nuse_cpu: true\nsam_sync_ascent: false\nseed: 3\n")
+    _, _, args = parse_train_args([str(tmp_path / "run.yaml")])
+    assert (args.run_name, args.use_cpu, args.sam_sync_ascent, args.seed) == ("yes", True, False, 3)
 
 
 def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys):
