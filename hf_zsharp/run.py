@@ -115,12 +115,13 @@ def run_training(
     *,
     callbacks: list[TrainerCallback] | None = None,
     optimizer_cls_and_kwargs: tuple[type[Optimizer], dict[str, Any]] | None = None,
+    trainer_cls: type[ZSharpTrainer] = ZSharpTrainer,
 ) -> TrainingRun:
     """Train and evaluate, then save model, metrics and model card to `output_dir` (and push if asked).
 
     Everything that can be checked is checked before training (output folder, Hub prerequisites, data);
     only the files this run wrote are pushed. `callbacks` and `optimizer_cls_and_kwargs` (the base optimizer)
-    go to the Trainer, for the reproduction's paper recipe.
+    go to the Trainer, of class `trainer_cls` (a `ZSharpTrainer`), for the reproduction's paper recipe.
     """
     check_output_dir(training_args)
     output_dir = training_args.output_dir
@@ -158,7 +159,7 @@ def run_training(
     if data.augment is not None:  # cached splits: crop, flip and normalise each batch on the device
         augment_inputs(model, data.augment)
 
-    trainer = ZSharpTrainer(
+    trainer = trainer_cls(
         model=model,
         args=training_args,
         train_dataset=data.train,
