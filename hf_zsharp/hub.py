@@ -22,12 +22,13 @@ from typing import Any
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.utils import validate_repo_id
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import cards
 from hf_zsharp.cards import CARD_NAME, CURVES_NAME, ZSHARP_ARGS_NAME
+from hf_zsharp.trainer import ZSharpTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class RunOutputs:
 
     def __init__(
         self,
-        trainer: Trainer,
+        trainer: ZSharpTrainer,
         repo_id: str | None,
         *,
         model_name: str,
@@ -267,8 +268,8 @@ class RunOutputs:
         self.trainer, self.args, self.repo_id = trainer, trainer.args, repo_id
         self.card = {
             "model_name": model_name,
-            "base_model": base_model,
-            "dataset_name": dataset_name,
+            "finetuned_from": base_model,
+            "dataset": dataset_name,
             "dataset_split": dataset_split,
             "repo_id": repo_id,
         }
@@ -279,13 +280,7 @@ class RunOutputs:
     def write_card(self, metrics: dict[str, Any]) -> None:
         """The model card, training curves and settings, for the model in `output_dir` and these metrics; then the
         manifest of the files the run wrote there (what `push_to_hub` on the folder uploads)."""
-        cards.write_model_card(
-            self.args.output_dir,
-            settings=self.args,
-            metrics=metrics,
-            log_history=self.trainer.state.log_history,
-            **self.card,
-        )
+        self.trainer.create_model_card(metrics=metrics, **self.card)
         write_manifest(self.args.output_dir, written_since(self.args.output_dir, self.before))
 
     def push(self, message: str, checkpoint: Path | None = None) -> str:

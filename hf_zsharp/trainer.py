@@ -1,8 +1,8 @@
 """`ZSharpTrainer`: `Trainer` with the two-pass sharpness-aware step (ZSharp by default).
 
 Three things change from `Trainer`: the optimizer (the `optim` base optimizer wrapped by the chosen SAM method),
-`training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (ascent statistics); `_save` only undoes
-FSDP2's class swap so that saved models record their own code. Clipping, mixed precision, the LR scheduler,
+`training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (ascent statistics); `create_model_card`
+writes hf_zsharp's card, and `_save` only undoes FSDP2's class swap so that saved models record their own code. Clipping, mixed precision, the LR scheduler,
 checkpoints and callbacks are `Trainer`'s own.
 """
 
@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from transformers import Trainer
 
 from hf_zsharp.args import ZSharpTrainingArguments
+from hf_zsharp.cards import write_model_card
 from hf_zsharp.optim import SAM, create_sam_optimizer
 from hf_zsharp.two_pass import TwoPassStep, check_supported, unwrap_sam_optimizer
 
@@ -97,6 +98,35 @@ class ZSharpTrainer(Trainer):
         """`Trainer._save`; under FSDP2, as the model's own class (see `_own_class`)."""
         with _own_class(self.model) if self.is_fsdp_enabled else contextlib.nullcontext():
             super()._save(output_dir, state_dict)
+
+    def create_model_card(
+        self,
+        *,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_split: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        repo_id: str | None = None,
+        **ignored: Any,
+    ) -> None:
+        """hf_zsharp's card (method, settings, results, training curves; `cards.write_model_card`) instead of
+        Trainer's generic one, also for `push_to_hub`. `metrics` default to the last evaluation logged."""
+        if not self.is_world_process_zero():
+            return
+        if metrics is None:
+            metrics = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), {})
+        write_model_card(
+            self.args.output_dir,
+            settings=self.args,
+            metrics=metrics,
+            log_history=self.state.log_history,
+            model_name=model_name,
+            base_model=finetuned_from,
+            dataset_name=dataset[0] if isinstance(dataset, list) else dataset,
+            dataset_split=dataset_split,
+            repo_id=repo_id,
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the ascent statistics (means since the last training log) to the training logs."""

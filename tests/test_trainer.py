@@ -565,3 +565,17 @@ def test_fsdp2_with_bf16_refuses_a_batchnorm_model_before_training():
     check_fsdp2_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2)), fsdp2_bf16)  # no BatchNorm
     check_fsdp2_batchnorm(with_norm, SimpleNamespace(is_fsdp2=True, mixed_precision="no"))
     check_fsdp2_batchnorm(with_norm, SimpleNamespace(is_fsdp2=False, mixed_precision="bf16"))
+
+
+def test_create_model_card_writes_the_hf_zsharp_card(tmp_path):
+    """Trainer.push_to_hub and users calling create_model_card get hf_zsharp's card, not Trainer's generic one."""
+    args = tiny_args(str(tmp_path), eval_strategy="steps", eval_steps=2, logging_steps=1, sam_rho=0.1)
+    trainer = ZSharpTrainer(
+        model=TinyNet(), args=args, train_dataset=TinyData(), eval_dataset=TinyData(16, 2)
+    )
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-zsharp", finetuned_from="someone/base", dataset="someone/data")
+    card = (tmp_path / "README.md").read_text()
+    assert "# tiny-zsharp" in card and "ZSharp (SAM with Z-score gradient filtering" in card
+    assert "| rho (ascent radius) | 0.1 |" in card and "| Evaluation loss |" in card
+    assert "base_model: someone/base" in card and (tmp_path / "training_curves.png").is_file()
