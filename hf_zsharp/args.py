@@ -1,15 +1,30 @@
-"""The arguments of training with hf_zsharp: the model and data to use (`ModelArguments`, `DataArguments`, read by
-`hf-zsharp-train`) and `ZSharpTrainingArguments`, `TrainingArguments` plus the options of `ZSharpTrainer`."""
+"""The arguments of training with hf_zsharp and how `hf-zsharp-train` reads them.
 
+The model and data to use (`ModelArguments`, `DataArguments`), `ZSharpTrainingArguments` (`TrainingArguments`
+plus the options of `ZSharpTrainer`), the recipe of `hf-zsharp-train` and its parser (flags and `--config`).
+"""
+
+import argparse
+import dataclasses
+import difflib
 import inspect
+import json
 import math
+import re
+import tempfile
+import textwrap
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from accelerate.utils import DistributedType
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
+from hf_zsharp.data import DIGITS
 from hf_zsharp.models import PAPER_MODELS
 from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp
 from hf_zsharp.two_pass import check_interval, unsupported_error
@@ -25,6 +40,8 @@ _ZSHARP = inspect.signature(ZSharp).parameters
 @dataclass
 class ZSharpTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the sharpness-aware step of `ZSharpTrainer` (ZSharp by default)."""
+
+    _argument_group_name = "Training options (transformers.TrainingArguments, then the sharpness-aware ones)"
 
     sam: str = field(
         default="zsharp",
@@ -209,3 +226,256 @@ class DataArguments:
                 raise ValueError(
                     f"--{name} must be at least 1 (or left out to use the whole split); got {value}."
                 )
+
+
+# The recipe of `hf-zsharp-train`, on top of `TrainingArguments`' own defaults: every flag or config-file entry
+# overrides it. COMMON applies to every run; the learning-rate recipe depends on the kind of model.
+COMMON_RECIPE: dict[str, Any] = {
+    "output_dir": "outputs",
+    "per_device_train_batch_size": 32,
+    "eval_strategy": "epoch",
+    "logging_strategy": "epoch",
+    "save_strategy": "epoch",
+}
+KIND_RECIPES: dict[str, dict[str, Any]] = {
+    # The paper's models from scratch (the embedded default: ResNet-20 on digits, ~1 min on 2 CPU cores).
+    "from scratch": {
+        "num_train_epochs": 4,
+        "learning_rate": 3e-3,
+        "weight_decay": 5e-5,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 10,
+        "per_device_eval_batch_size": 256,
+    },
+    # Hub / local / timm checkpoints: the usual fine-tuning recipe of transformers' image-classification example.
+    "pretrained": {
+        "num_train_epochs": 3,
+        "learning_rate": 5e-5,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0.1,
+        "per_device_eval_batch_size": 64,
+    },
+}
+DEFAULT_IMAGE_SIZES = {DIGITS: 16, "tinyimagenet": 64}  # paper models from scratch; 32 otherwise
+
+
+def model_kind(model_name_or_path: str) -> str:
+    """The kind of model: "from scratch" for the paper's models, "pretrained" for those loaded from a Hub id or
+    folder."""
+    return "from scratch" if model_name_or_path.lower() in PAPER_MODELS else "pretrained"
+
+
+def recipe_help() -> str:
+    """The default run and the recipe in words, for `--help`."""
+    titles = {
+        "from scratch": "paper models (from scratch)",
+        "pretrained": "pretrained models (Hub, folder, timm)",
+    }
+    lines = [
+        "Train or fine-tune an image classifier with ZSharp (or a SAM baseline). With no arguments: ResNet-20",
+        "from scratch on scikit-learn's digits, offline, on the CPU in about a minute, written to ./outputs.",
+        "Options come from flags, from a YAML/JSON file (--config FILE, or the file alone), or both: flags win.",
+        "",
+        "Defaults (on top of TrainingArguments' own; any flag or config-file entry overrides them):",
+    ]
+    for title, recipe in (("every run", COMMON_RECIPE), *((titles[k], r) for k, r in KIND_RECIPES.items())):
+        options = " ".join(f"--{k} {v}" for k, v in recipe.items())
+        lines += textwrap.wrap(options, 100, initial_indent=f"  {title}: ", subsequent_indent="    ")
+    lines += textwrap.wrap(
+        " ".join(f"--{name}" for name in _OWN_FIELDS),
+        100,
+        initial_indent="hf_zsharp's own training options (listed last): ",
+        subsequent_indent="  ",
+    )
+    return "\n".join(lines)
+
+
+# The options ZSharpTrainingArguments adds to TrainingArguments (the sharpness-aware ones), in their order.
+_OWN_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(ZSharpTrainingArguments)
+    if f.name not in TrainingArguments.__dataclass_fields__
+)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults in the help, and the description (the recipe) as written."""
+
+
+class TrainArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` over the model, data and training arguments, with the recipe as defaults and, as TRL's
+    parser, `--config FILE` (YAML or JSON) whose values the flags override."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            (ModelArguments, DataArguments, ZSharpTrainingArguments),
+            prog="hf-zsharp-train",
+            usage="%(prog)s [--config CONFIG.yaml] [options] | %(prog)s CONFIG.yaml",
+            description=recipe_help(),
+            formatter_class=_HelpFormatter,
+            allow_abbrev=False,  # `--max_step 2` is not silently `--max_steps 2`
+        )
+        self.add_argument(
+            "--config",
+            default=None,
+            help="A YAML or JSON file of option values; flags given with it override its values.",
+        )
+        self.set_defaults(**COMMON_RECIPE)
+
+    def parse(self, argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
+        """Parse flags and a config file over the recipe: flags, then the file, then the model kind's recipe, then
+        the common one. A config file alone as the only argument is read as `--config FILE` (transformers' habit)."""
+        argv = list(argv)
+        if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+            argv = ["--config", argv[0]]
+        known, _ = self.parse_known_args(argv)
+        config = {} if known.config is None else self._read_config(Path(known.config))
+        self.set_defaults(**{**COMMON_RECIPE, **config})
+        known, unknown = self.parse_known_args(argv)
+        if unknown:
+            raise ValueError(self._unknown_message(unknown))
+        self.set_defaults(**{**COMMON_RECIPE, **KIND_RECIPES[model_kind(known.model_name_or_path)], **config})
+        model_args, data_args, training_args, _ = self.parse_args_into_dataclasses(argv)
+        return model_args, data_args, training_args
+
+    def _unknown_message(self, unknown: list[str]) -> str:
+        """Name the unknown arguments, with the closest option of each unknown flag."""
+        options = [option for action in self._actions for option in action.option_strings]
+        named = []
+        for argument in unknown:
+            close = (
+                difflib.get_close_matches(argument.split("=", 1)[0], options, n=1)
+                if argument[:2] == "--"
+                else []
+            )
+            named.append(f"{argument} (did you mean {close[0]}?)" if close else argument)
+        return f"unrecognized arguments: {', '.join(named)}; `hf-zsharp-train --help` lists the options."
+
+    def _read_config(self, path: Path) -> dict[str, Any]:
+        """The options of a YAML/JSON file: known names only, each value read as its flag would read it."""
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".json":
+                config = json.loads(text, object_pairs_hook=_refuse_duplicates)
+            else:
+                config = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            raise ValueError(f"Cannot read the config file {str(path)!r}: {error}") from error
+        if not isinstance(config, dict):
+            raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
+        actions = {action.dest: action for action in self._actions if action.dest not in ("help", "config")}
+        unknown = sorted(str(key) for key in config if key not in actions)
+        if unknown:
+            raise ValueError(f"The config file {str(path)!r} has unknown options: {', '.join(unknown)}.")
+        for key, value in config.items():
+            action = actions[key]
+            if (
+                isinstance(value, (bool, int, float, str))
+                and action.type is not None
+                and action.nargs is None
+            ):
+                try:
+                    config[key] = action.type(str(value))
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                    raise ValueError(
+                        f"The config file {str(path)!r} gives {key}: {value!r}, which is not a valid "
+                        f"{getattr(action.type, '__name__', 'value')} ({error})."
+                    ) from error
+        return config
+
+
+def _refuse_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping from key-value pairs, refusing a key given twice (JSON and YAML would keep the last silently)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({str(key) for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"option(s) given more than once: {', '.join(repeated)}")
+    return dict(pairs)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2 booleans (only true/false: `yes`, `no`, `on`, `off` stay strings) and no
+    duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        pairs = [
+            (self.construct_object(key, deep=deep), self.construct_object(value, deep=deep))
+            for key, value in node.value
+        ]
+        try:
+            return _refuse_duplicates(pairs)
+        except ValueError as error:
+            raise yaml.constructor.ConstructorError(None, None, str(error), node.start_mark) from error
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
+    """`hf-zsharp-train`'s arguments: the recipe, overridden by a YAML/JSON config file, overridden by flags."""
+    return TrainArgumentParser().parse(argv)
+
+
+# What a previous run leaves in its output directory; finding one means "another run lives here".
+RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.md", "model.safetensors")
+
+
+def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
+    """Refuse, before any work, an output directory that cannot be written, or that holds another run (unless
+    asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
+    output_dir = Path(training_args.output_dir)
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"lies under {str(existing)!r}, which is a file"
+        raise ValueError(
+            f"Output directory {str(output_dir)!r} {where}; choose a directory with --output_dir."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"Output directory {str(output_dir)!r} cannot be written ({error.strerror or error} in "
+            f"{str(existing)!r}); choose another --output_dir."
+        ) from error
+    resume_last_checkpoint(training_args)
+    if not output_dir.is_dir() or training_args.resume_from_checkpoint:
+        return
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
+    if not training_args.overwrite_output_dir:
+        found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists()) + checkpoints
+        if found:
+            resume = " resume its last checkpoint with --resume_from_checkpoint last," if checkpoints else ""
+            raise ValueError(
+                f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose "
+                f"another --output_dir,{resume} or pass --overwrite_output_dir to write over it (files are "
+                "overwritten, never deleted)."
+            )
+    if checkpoints and training_args.save_total_limit:
+        raise ValueError(
+            f"Output directory {str(output_dir)!r} holds checkpoints of another run ({', '.join(checkpoints[:5])}) "
+            f"and --save_total_limit {training_args.save_total_limit} would let Trainer's checkpoint rotation "
+            "delete them. Choose another --output_dir, move them away, or drop --save_total_limit."
+        )
+
+
+def resume_last_checkpoint(training_args: ZSharpTrainingArguments) -> None:
+    """`--resume_from_checkpoint true` or `last`, as in the transformers examples: the last checkpoint of the
+    output directory (refused, before training, when there is none)."""
+    if str(training_args.resume_from_checkpoint).lower() not in ("true", "last"):
+        return
+    output_dir = training_args.output_dir
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise ValueError(
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: {str(output_dir)!r} holds no "
+            "checkpoint-* folder to resume from; pass a checkpoint folder, or leave the flag out."
+        )
+    training_args.resume_from_checkpoint = last

@@ -5,7 +5,7 @@ and flip, RandomResizedCrop and flip for fine-tunes, and normalisation.
 `Trainer` (or Accelerate) moved the batch to the device. Its random draws come from the device's global
 generator, which the two-pass step replays, so both passes of a sharpness-aware step see the same batch.
 Each operation draws from the distributions of the torchvision transform it replaces
-(`hf_zsharp.data.paper_transforms`, `processor_transforms`), one draw per image.
+(`hf_zsharp.image_data.paper_transforms`, `processor_transforms`), one draw per image.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from hf_zsharp.data import PIXELS
 
 # torchvision's RandomResizedCrop defaults: the crop's area fraction and aspect ratio ranges, and its tries.
 SCALE, RATIO, ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10
@@ -187,9 +189,9 @@ def augment_inputs(model: nn.Module, augment: BatchAugment) -> RemovableHandle:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args and torch.is_tensor(args[0]) and args[0].dtype == torch.uint8:
             return (augmented(module, args[0]), *args[1:]), kwargs
-        images = kwargs.get("pixel_values")
+        images = kwargs.get(PIXELS)
         if images is None or images.dtype != torch.uint8:
             return None
-        return args, {**kwargs, "pixel_values": augmented(module, images)}
+        return args, {**kwargs, PIXELS: augmented(module, images)}
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)

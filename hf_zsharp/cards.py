@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from enum import Enum
@@ -16,7 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import TrainingArguments
 
 from hf_zsharp.optim import METHODS
 
@@ -33,15 +36,20 @@ TAGS = ("zsharp", "sharpness-aware-minimization", "image-classification")
 FRAMEWORKS = ("torch", "transformers", "accelerate", "datasets", "hf_zsharp")
 
 _SECRET_KEY = re.compile(r"(token|secret|password)$", re.IGNORECASE)
-_HF_TOKEN_VALUE = re.compile(r"^hf_[A-Za-z0-9]{30,}$")
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+REDACTED = "<redacted>"
+# The row labels of the methods' options, by constructor argument (`MethodInfo.options` names their settings key).
+_OPTION_LABELS = {"percentile": "Z-score percentile Q_p", "radius": "Radius normalisation", "mask": "Mask"}
 # settings key -> row label, in table order: the sharpness-aware rows a method reads (every method reads rho and
 # the interval, each its own options; "none" reads none), then the rows of every run.
 _METHOD_ROWS = {
     "sam_rho": "rho (ascent radius)",
-    "zsharp_percentile": "Z-score percentile Q_p",
-    "sam_radius": "Radius normalisation",
-    "sam_mask": "Mask",
+    **{
+        key: _OPTION_LABELS[option]
+        for info in METHODS.values()
+        for option, key in info.options.items()
+        if option in _OPTION_LABELS
+    },
     "sam_interval": "Perturbation interval (steps)",
 }
 _RUN_ROWS = {
@@ -50,8 +58,10 @@ _RUN_ROWS = {
     "weight_decay": "Weight decay",
     "lr_scheduler_type": "Schedule",
     "num_train_epochs": "Epochs",
+    "max_steps": "Training steps",
     "per_device_train_batch_size": "Batch size per device",
     "gradient_accumulation_steps": "Gradient accumulation steps",
+    "world_size": "Processes",
     "seed": "Seed",
 }
 _METRIC_LABELS = {
@@ -59,13 +69,15 @@ _METRIC_LABELS = {
     "top5_accuracy": "Top-5 accuracy",
     "loss": "Evaluation loss",
     "train_loss": "Training loss (mean over the run)",
-    "epoch": "Epochs",
+    "epoch": "Epochs run",
 }
 
 
-def public_settings(settings: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """Training settings as a JSON-ready dict with every token/secret removed (keys ending in token or
-    secret, and any value shaped like a Hub token), from a dict, a `TrainingArguments` or another dataclass."""
+def public_settings(settings: Mapping[str, Any] | Any, secrets: Iterable[str] = ()) -> dict[str, Any]:
+    """Training settings as a JSON-ready dict with every token/secret removed, from a dict, a `TrainingArguments`
+    or another dataclass: keys ending in token, secret or password are dropped, values shaped like a Hub token
+    too, and any other value containing such a token, or one of the tokens in use (`tokens_in_use`), has it
+    replaced by REDACTED (e.g. a run name or path made with a token in it)."""
     if hasattr(settings, "to_dict") and dataclasses.is_dataclass(settings):
         raw = settings.to_dict()
     elif dataclasses.is_dataclass(settings) and not isinstance(settings, type):
@@ -74,27 +86,61 @@ def public_settings(settings: Mapping[str, Any] | Any) -> dict[str, Any]:
         raw = dict(settings)
     else:
         raise TypeError(f"settings must be a dict or a dataclass, got {type(settings).__name__}")
-    return _scrub(raw)
+    if isinstance(settings, TrainingArguments):
+        raw["world_size"] = settings.world_size  # processes, for the total batch size
+    return _scrub(raw, tokens_in_use(settings, [*secrets, *_secret_values(raw)]))
 
 
-def _scrub(value: Any) -> Any:
+def tokens_in_use(settings: Any = None, secrets: Iterable[Any] = ()) -> list[str]:
+    """The Hub tokens a run may hold: `secrets`, the settings' `hub_token` and the token of the environment or
+    login (`huggingface_hub.get_token`); longest first."""
+    hub_token = (
+        settings.get("hub_token") if isinstance(settings, Mapping) else getattr(settings, "hub_token", None)
+    )
+    found = {
+        value for value in (*secrets, hub_token, get_token()) if isinstance(value, str) and len(value) >= 8
+    }
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_tokens(text: str, tokens: Iterable[str]) -> str:
+    """`text` with each of `tokens`, and anything shaped like a Hub token, replaced by REDACTED."""
+    for token in tokens:
+        text = text.replace(token, REDACTED)
+    return _HF_TOKEN.sub(REDACTED, text)
+
+
+def _secret_values(value: Any) -> list[Any]:
+    """The values under secret keys, at any depth."""
+    if isinstance(value, Mapping):
+        return [
+            found
+            for k, v in value.items()
+            for found in ([v] if _SECRET_KEY.search(str(k)) else _secret_values(v))
+        ]
+    if isinstance(value, (list, tuple)):
+        return [found for v in value for found in _secret_values(v)]
+    return []
+
+
+def _scrub(value: Any, tokens: list[str]) -> Any:
     if isinstance(value, Mapping):
         return {
-            str(k): _scrub(v)
+            str(k): _scrub(v, tokens)
             for k, v in value.items()
             if not _SECRET_KEY.search(str(k)) and not _looks_like_token(v)
         }
     if isinstance(value, (list, tuple)):
-        return [_scrub(v) for v in value if not _looks_like_token(v)]
+        return [_scrub(v, tokens) for v in value if not _looks_like_token(v)]
     if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
+        return _scrub(value.value, tokens)
+    if isinstance(value, (str, Path)):
+        return redact_tokens(str(value), tokens)
     return value
 
 
 def _looks_like_token(value: Any) -> bool:
-    return isinstance(value, str) and bool(_HF_TOKEN_VALUE.match(value))
+    return isinstance(value, str) and bool(_HF_TOKEN.fullmatch(value))
 
 
 def save_zsharp_args(output_dir: str | Path, settings: Mapping[str, Any] | Any) -> Path:
@@ -261,12 +307,16 @@ def write_model_card(
         plot_training_curves(log_history, output_dir / CURVES_NAME)
     save_zsharp_args(output_dir, settings)
     path = output_dir / CARD_NAME
-    card.save(path)
+    path.write_text(redact_tokens(str(card), tokens_in_use(settings)), encoding="utf-8")
     return path
 
 
 def _is_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).exists()
 
 
 def _scores(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -335,12 +385,20 @@ def _settings_rows(settings: Mapping[str, Any], method: str) -> list[tuple[str, 
     rows = [("Method", f"`{method}`: {METHOD_TITLES[method]}")]
     read = {"sam_rho", "sam_interval", *METHODS[method].options.values()} if method in METHODS else set()
     labels = {key: label for key, label in _METHOD_ROWS.items() if key in read} | _RUN_ROWS
+    # --max_steps > 0 replaces the epochs (Trainer's rule); -1 or 0 leaves them.
+    del labels["num_train_epochs" if (settings.get("max_steps") or -1) > 0 else "max_steps"]
     for key, label in labels.items():
         if settings.get(key) is not None:
             value = _format(settings[key])
             if key == "lr_scheduler_type":
                 value += _warmup(settings)
             rows.append((label, value))
+    factors = [
+        settings.get(key)
+        for key in ("per_device_train_batch_size", "world_size", "gradient_accumulation_steps")
+    ]
+    if all(isinstance(factor, int) for factor in factors):
+        rows.append(("Total batch size", str(math.prod(factors))))
     if "bf16" in settings or "fp16" in settings:
         precision = "bf16 mixed" if settings.get("bf16") else "fp16 mixed" if settings.get("fp16") else "fp32"
         rows.append(("Precision", precision))

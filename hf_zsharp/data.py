@@ -1,9 +1,8 @@
-"""Image-classification data for training: load (Hub, local folders, embedded digits), check, decode, transform.
+"""Image-classification data for training: load (Hub, local folders, embedded digits), check, decode.
 
 `load_image_dataset` returns a `DatasetDict` with "train" and "eval" splits holding two columns: "image"
-(undecoded, `datasets.Image(decode=False)`) and "labels" (a `ClassLabel`, whose names are the classes). The
-per-image transforms here are the streaming path (`with_image_transforms`: decoded and augmented on access, in
-DataLoader workers) and the reference that `hf_zsharp.image_data`'s cached, batched path reproduces.
+(undecoded, `datasets.Image(decode=False)`) and "labels" (a `ClassLabel`, whose names are the classes).
+`hf_zsharp.image_data` turns them into what a model trains on.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,14 +20,13 @@ from typing import Any
 import datasets
 import numpy as np
 import PIL.Image
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features
-from torchvision.transforms import v2
 
 logger = logging.getLogger(__name__)
 
 DIGITS = "digits"
 IMAGE, LABELS = "image", "labels"  # the columns of a loaded dataset
+PIXELS = "pixel_values"  # the model input that a batch of images is passed as
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
 IMAGE_COLUMN_NAMES = ("img", "image")
 LABEL_COLUMN_NAMES = ("label", "fine_label", "labels", "coarse_label")
@@ -42,6 +39,12 @@ NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 _DECODER = datasets.Image()
+
+
+def dataset_key(dataset_name: str) -> str:
+    """The key of a dataset in per-dataset tables: the last part of its Hub id or path, lower-case letters and
+    digits only (`uoft-cs/cifar10`, `./CIFAR-10/` -> `cifar10`)."""
+    return re.sub(r"[^a-z0-9]", "", Path(dataset_name.rstrip("/")).name.lower())
 
 
 class DataError(ValueError):
@@ -83,42 +86,11 @@ def load_image_dataset(
             f"The train/validation split fraction must be between 0 and 1, got {train_val_split}."
         )
     raw = _load_raw(dataset_name, dataset_config, cache_dir)
-    splits = list(raw)
-    if train_split not in raw:
-        raise DataError(f"Dataset {dataset_name!r} has no split {train_split!r}; its splits are {splits}.")
-    features = raw[train_split].features
-    image_column = _resolve_image_column(features, image_column, dataset_name)
-    label_column = _resolve_label_column(features, label_column, dataset_name)
-    if image_column == label_column:
-        raise DataError(f"The image and label columns are both {image_column!r}; name them separately.")
-
-    if eval_split is not None and eval_split not in raw:
-        raise DataError(f"Dataset {dataset_name!r} has no split {eval_split!r}; its splits are {splits}.")
-    if eval_split is None and train_val_split is None:
-        eval_split = next((name for name in EVAL_SPLIT_NAMES if name in raw and name != train_split), None)
-        if eval_split is None:
-            raise DataError(
-                f"Dataset {dataset_name!r} has no evaluation split (found {splits}; looked for "
-                f"{', '.join(EVAL_SPLIT_NAMES)}). Name one with --eval_split, or hold out a fraction of "
-                f"{train_split!r} with --train_val_split (e.g. 0.1)."
-            )
-    kept = [train_split] if eval_split is None else [train_split, eval_split]
-    for name in kept:
-        if len(raw[name]) == 0:
-            raise DataError(f"Split {name!r} of {dataset_name!r} is empty; choose another split.")
-    for name in kept[1:]:
-        missing = [col for col in (image_column, label_column) if col not in raw[name].column_names]
-        if missing:
-            raise DataError(
-                f"Split {name!r} of {dataset_name!r} lacks column(s) {missing}; its columns are "
-                f"{raw[name].column_names}."
-            )
-    dataset = DatasetDict({name: raw[name].select_columns([image_column, label_column]) for name in kept})
-    dataset = _as_image_column(dataset, image_column, dataset_name)
-    dataset = _as_class_labels(dataset, label_column, dataset_name)
-    dataset = dataset.rename_columns(
-        {old: new for old, new in ((image_column, IMAGE), (label_column, LABELS)) if old != new}
+    kept = _choose_splits(raw, dataset_name, train_split, eval_split, train_val_split)
+    dataset, (image_column, label_column) = _normalize_columns(
+        raw, kept, dataset_name, image_column, label_column
     )
+    eval_split = kept[1] if len(kept) > 1 else None
 
     if eval_split is None:
         dataset = _hold_out(dataset[train_split], train_val_split, seed)
@@ -131,6 +103,7 @@ def load_image_dataset(
                 for split, ds in dataset.items()
             }
         )
+    warn_empty_classes(dataset["train"])
     logger.info(
         "Dataset %s: %d training and %d evaluation images, %d classes (image column %r, label column %r).",
         dataset_name,
@@ -141,6 +114,62 @@ def load_image_dataset(
         label_column,
     )
     return dataset
+
+
+def _choose_splits(
+    raw: DatasetDict,
+    dataset_name: str,
+    train_split: str,
+    eval_split: str | None,
+    train_val_split: float | None,
+) -> list[str]:
+    """The training split and, unless a fraction of it is held out, the evaluation split: named, or the first of
+    EVAL_SPLIT_NAMES; each must exist and hold examples."""
+    splits = list(raw)
+    for name in (train_split, eval_split):
+        if name is not None and name not in raw:
+            raise DataError(f"Dataset {dataset_name!r} has no split {name!r}; its splits are {splits}.")
+    if eval_split is None and train_val_split is None:
+        eval_split = next((name for name in EVAL_SPLIT_NAMES if name in raw and name != train_split), None)
+        if eval_split is None:
+            raise DataError(
+                f"Dataset {dataset_name!r} has no evaluation split (found {splits}; looked for "
+                f"{', '.join(EVAL_SPLIT_NAMES)}). Name one with --eval_split, or hold out a fraction of "
+                f"{train_split!r} with --train_val_split (e.g. 0.1)."
+            )
+    kept = [train_split] if eval_split is None else [train_split, eval_split]
+    for name in kept:
+        if len(raw[name]) == 0:
+            raise DataError(f"Split {name!r} of {dataset_name!r} is empty; choose another split.")
+    return kept
+
+
+def _normalize_columns(
+    raw: DatasetDict, kept: list[str], dataset_name: str, image_column: str | None, label_column: str | None
+) -> tuple[DatasetDict, tuple[str, str]]:
+    """The `kept` splits with two columns, "image" (undecoded) and "labels" (one `ClassLabel`), and the names the
+    image and label columns had (detected in the first split unless given)."""
+    features = raw[kept[0]].features
+    image_column = _resolve_column(
+        features, image_column, "image", datasets.Image, IMAGE_COLUMN_NAMES, dataset_name
+    )
+    label_column = _resolve_column(
+        features, label_column, "label", ClassLabel, LABEL_COLUMN_NAMES, dataset_name
+    )
+    if image_column == label_column:
+        raise DataError(f"The image and label columns are both {image_column!r}; name them separately.")
+    for name in kept[1:]:
+        missing = [col for col in (image_column, label_column) if col not in raw[name].column_names]
+        if missing:
+            raise DataError(
+                f"Split {name!r} of {dataset_name!r} lacks column(s) {missing}; its columns are "
+                f"{raw[name].column_names}."
+            )
+    dataset = DatasetDict({name: raw[name].select_columns([image_column, label_column]) for name in kept})
+    dataset = _as_image_column(dataset, image_column, dataset_name)
+    dataset = _as_class_labels(dataset, label_column, dataset_name)
+    renames = {old: new for old, new in ((image_column, IMAGE), (label_column, LABELS)) if old != new}
+    return dataset.rename_columns(renames), (image_column, label_column)
 
 
 def load_digits_dataset() -> DatasetDict:
@@ -245,39 +274,30 @@ def _looks_like_local_path(name: str) -> bool:
 # Columns and splits
 
 
-def _requested_column(features: Features, requested: str, kind: str, dataset_name: str) -> str:
-    """A column the user named, or a DataError that lists the columns that exist."""
-    if requested not in features:
-        raise DataError(
-            f"{kind} column {requested!r} not found in {dataset_name!r}; its columns are {list(features)}."
-        )
-    return requested
-
-
-def _resolve_image_column(features: Features, requested: str | None, dataset_name: str) -> str:
+def _resolve_column(
+    features: Features,
+    requested: str | None,
+    kind: str,
+    feature_type: type,
+    names: Sequence[str],
+    dataset_name: str,
+) -> str:
+    """The `kind` ("image" or "label") column: the one the user named, else the first of `names` holding a
+    `feature_type` feature, else the first `feature_type` feature, else the first of `names` present."""
     if requested is not None:
-        return _requested_column(features, requested, "Image", dataset_name)
-    found = next((name for name, feat in features.items() if isinstance(feat, datasets.Image)), None)
-    found = found or next((name for name in IMAGE_COLUMN_NAMES if name in features), None)
+        if requested not in features:
+            raise DataError(
+                f"{kind.capitalize()} column {requested!r} not found in {dataset_name!r}; its columns are "
+                f"{list(features)}."
+            )
+        return requested
+    typed = [name for name, feature in features.items() if isinstance(feature, feature_type)]
+    found = next((name for name in names if name in typed), None) or next(iter(typed), None)
+    found = found or next((name for name in names if name in features), None)
     if found is None:
         raise DataError(
-            f"No image column found in {dataset_name!r} (no Image feature, no column named "
-            f"{' or '.join(IMAGE_COLUMN_NAMES)}); its columns are {list(features)}. Name it with --image_column_name."
-        )
-    return found
-
-
-def _resolve_label_column(features: Features, requested: str | None, dataset_name: str) -> str:
-    if requested is not None:
-        return _requested_column(features, requested, "Label", dataset_name)
-    class_labels = [name for name, feat in features.items() if isinstance(feat, ClassLabel)]
-    found = next((name for name in LABEL_COLUMN_NAMES if name in class_labels), None)
-    found = found or next(iter(class_labels), None)
-    found = found or next((name for name in LABEL_COLUMN_NAMES if name in features), None)
-    if found is None:
-        raise DataError(
-            f"No label column found in {dataset_name!r} (no ClassLabel feature, no column named "
-            f"{', '.join(LABEL_COLUMN_NAMES)}); its columns are {list(features)}. Name it with --label_column_name."
+            f"No {kind} column found in {dataset_name!r} (no {feature_type.__name__} feature, no column named "
+            f"{' or '.join(names)}); its columns are {list(features)}. Name it with --{kind}_column_name."
         )
     return found
 
@@ -307,26 +327,28 @@ def _as_class_labels(dataset: DatasetDict, label_column: str, dataset_name: str)
         names = list(features[0].names)
         names += sorted({n for f in features[1:] for n in f.names} - set(names))
         for split, feature in zip(list(dataset), features):
-            _check_label_range(dataset[split], label_column, feature.num_classes, dataset_name, split)
+            _check_labels(dataset, split, label_column, feature.num_classes, dataset_name)
             if list(feature.names) != names:
                 dataset[split] = _renumber_labels(dataset[split], label_column, feature.names, names)
         return dataset
     dtypes = {getattr(feature, "dtype", None) for feature in features}
-    if dtypes <= {"string", "large_string"}:
-        names = sorted({str(v) for split in dataset.values() for v in split.unique(label_column)})
-        return dataset.cast_column(label_column, ClassLabel(names=names))
-    if not all(dtype is not None and re.fullmatch(r"u?int\d+", dtype) for dtype in dtypes):
+    if not (
+        dtypes <= {"string", "large_string"}
+        or all(dtype is not None and re.fullmatch(r"u?int\d+", dtype) for dtype in dtypes)
+    ):
         raise DataError(
             f"Column {label_column!r} of {dataset_name!r} holds {features[0]}, not class labels; name the label "
             "column with --label_column_name."
         )
-    values = {int(v) for split in dataset.values() for v in split.unique(label_column)}
-    if min(values) < 0:
-        raise DataError(
-            f"Column {label_column!r} of {dataset_name!r} has negative labels (unlabelled examples?); "
-            "choose another evaluation split with --eval_split or --train_val_split."
-        )
-    return dataset.cast_column(label_column, ClassLabel(names=[str(i) for i in range(max(values) + 1)]))
+    for split in dataset:
+        _check_labels(dataset, split, label_column, None, dataset_name)
+    values = sorted({v for split in dataset.values() for v in split.unique(label_column)})
+    names = (
+        [str(v) for v in values]
+        if dtypes <= {"string", "large_string"}
+        else [str(i) for i in range(values[-1] + 1)]
+    )
+    return dataset.cast_column(label_column, ClassLabel(names=names))
 
 
 def _renumber_labels(split: Dataset, label_column: str, old: Sequence[str], new: list[str]) -> Dataset:
@@ -344,18 +366,42 @@ def _renumber_labels(split: Dataset, label_column: str, old: Sequence[str], new:
     )
 
 
-def _check_label_range(
-    split: Dataset, label_column: str, num_classes: int, dataset_name: str, name: str
+def _check_labels(
+    dataset: DatasetDict, split: str, label_column: str, num_classes: int | None, dataset_name: str
 ) -> None:
-    """Refuse `ClassLabel` values outside 0..num_classes-1 (e.g. -1 for unlabelled examples) before training."""
-    bad = [v for v in split.unique(label_column) if v is None or not 0 <= v < num_classes]
-    if bad:
-        bad.sort(key=lambda v: -math.inf if v is None else v)
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise DataError(
-            f"Column {label_column!r} of {dataset_name!r} (split {name!r}) holds labels outside 0..{num_classes - 1} "
-            f"({num_classes} class names): {shown}. Fix the data, or choose another split with --eval_split or "
-            "--train_val_split (-1 usually marks unlabelled examples)."
+    """Refuse missing labels, and integer labels outside 0..num_classes-1 (no upper bound when None; e.g. -1 for
+    unlabelled examples), before training; the advice depends on whether `split` trains (the first split)."""
+    values = dataset[split].unique(label_column)
+    where = f"Column {label_column!r} of {dataset_name!r} (split {split!r})"
+    if None in values:
+        raise DataError(f"{where} has examples without a label (None); remove them or fill them in.")
+    bad = sorted(v for v in values if isinstance(v, int) and not 0 <= v < (num_classes or math.inf))
+    if not bad:
+        return
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    classes = f"0..{num_classes - 1} ({num_classes} class names)" if num_classes else "0 and above"
+    fix = (
+        "remove those examples (e.g. with Dataset.filter) before training"
+        if split == next(iter(dataset))
+        else "fix the data, or choose another evaluation split with --eval_split or --train_val_split"
+    )
+    raise DataError(
+        f"{where} holds labels outside {classes}: {shown} (-1 usually marks unlabelled examples); {fix}."
+    )
+
+
+def warn_empty_classes(train: Dataset) -> None:
+    """Warn, naming them, about classes without a training image (e.g. from gaps in integer labels)."""
+    names = train.features[LABELS].names
+    counts = np.bincount(np.asarray(train[LABELS][:], dtype=np.int64), minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        logger.warning(
+            "%d of %d classes have no training image: %s%s. The model still gets an output for each.",
+            len(empty),
+            len(names),
+            ", ".join(empty[:10]),
+            ", ..." if len(empty) > 10 else "",
         )
 
 
@@ -396,12 +442,40 @@ def _image_name(value: Any, index: int | None = None) -> str:
 
 
 def decode_image(value: dict[str, Any] | PIL.Image.Image, index: int | None = None) -> PIL.Image.Image:
-    """Decode one stored image ({"bytes", "path"} or already a PIL image) to RGB; greyscale/RGBA are converted."""
+    """Decode one stored image ({"bytes", "path"} or already a PIL image) to 8-bit RGB; greyscale/RGBA are
+    converted, and images of more than 8 bits per pixel are rescaled first (see `to_8_bits`)."""
     try:
         image = _DECODER.decode_example(value)
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            image = to_8_bits(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, ValueError, DecompressionBombError, ...)
         raise DataError(f"Could not decode image {_image_name(value, index)}: {err}") from err
+
+
+def to_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as 8-bit greyscale ("L"), scaled by its mode's range.
+
+    PIL's own conversion clips those values to 0..255 (a 16-bit ramp turns almost all white). 16-bit images are
+    divided by 257 (65535 -> 255). 32-bit integer images with values in 0..255 are kept, in 0..65535 are read as
+    16-bit; float images with values in [0, 1] are multiplied by 255, in [0, 255] kept. Any other image is
+    stretched from its own minimum to its maximum (NaN counts as the minimum).
+    """
+    pixels = np.asarray(image, dtype=np.float64)
+    finite = pixels[np.isfinite(pixels)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scale, offset = 255 / 65535, 0.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scale, offset = 255.0, 0.0
+    elif low >= 0 and high <= 255:
+        scale, offset = 1.0, 0.0
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scale, offset = 255 / 65535, 0.0
+    else:
+        scale, offset = 255 / (high - low) if high > low else 0.0, low
+    pixels = np.nan_to_num(pixels, nan=offset, posinf=high, neginf=low)
+    return PIL.Image.fromarray(np.clip(np.rint((pixels - offset) * scale), 0, 255).astype(np.uint8))
 
 
 def _decodable(batch: dict[str, list]) -> dict[str, list[bool]]:
@@ -448,105 +522,6 @@ def drop_undecodable_images(
     return dataset.select(np.flatnonzero(ok), keep_in_memory=True)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Transforms
-
-Transform = Callable[[PIL.Image.Image], torch.Tensor]
-
-
-class ResizeTo:
-    """Resize a PIL image to `size` x `size` unless it already has that size."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        if image.size == (self.size, self.size):
-            return image
-        return image.resize((self.size, self.size), PIL.Image.Resampling.BILINEAR)
-
-
-def _to_normalized_tensor(mean: Sequence[float] | None, std: Sequence[float] | None) -> list:
-    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if mean is not None and std is not None:
-        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
-    return steps
-
-
-def paper_transforms(
-    mean: Sequence[float], std: Sequence[float], image_size: int = 32, padding: int = 4
-) -> tuple[Transform, Transform]:
-    """The paper's recipe for from-scratch models: RandomCrop(size, padding 4) + horizontal flip, then normalise."""
-    train = v2.Compose(
-        [
-            ResizeTo(image_size),
-            v2.RandomCrop(image_size, padding=padding),
-            v2.RandomHorizontalFlip(),
-            *_to_normalized_tensor(mean, std),
-        ]
-    )
-    evaluation = v2.Compose([ResizeTo(image_size), *_to_normalized_tensor(mean, std)])
-    return train, evaluation
-
-
-def timm_transforms(data_config: dict[str, Any]) -> tuple[Transform, Transform]:
-    """timm's own train and eval transforms for a resolved data config (`timm.data.resolve_data_config`)."""
-    from timm.data import create_transform
-
-    return create_transform(**data_config, is_training=True), create_transform(
-        **data_config, is_training=False
-    )
-
-
-@dataclass(frozen=True)
-class ProcessorRecipe:
-    """What a pretrained model's image processor asks for: the crop (height, width), the evaluation resize
-    (shortest edge, or (height, width)) before the center crop, and the normalisation (None: scale only)."""
-
-    crop: tuple[int, int]
-    resize: int | tuple[int, int]
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-
-    def eval_geometry(self) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
-        """Resize then center crop: the deterministic part of the evaluation transform."""
-        return v2.Compose([v2.Resize(self.resize), v2.CenterCrop(self.crop)])
-
-
-def processor_recipe(image_processor: Any) -> ProcessorRecipe:
-    """The sizes and normalisation of a transformers image processor (crop_pct and crop_size included)."""
-    size = image_processor.size
-    shortest_edge = size.get("shortest_edge")
-    if shortest_edge:
-        crop = (shortest_edge, shortest_edge)
-        crop_pct = getattr(image_processor, "crop_pct", None)
-        resize: int | tuple[int, int] = int(shortest_edge / crop_pct) if crop_pct else shortest_edge
-    else:
-        crop = resize = (size["height"], size["width"])
-    crop_size = getattr(image_processor, "crop_size", None)
-    if crop_size and getattr(image_processor, "do_center_crop", False) and crop_size.get("height"):
-        crop = (crop_size["height"], crop_size["width"])
-    normalize = getattr(image_processor, "do_normalize", True)
-    mean = getattr(image_processor, "image_mean", None) if normalize else None
-    std = getattr(image_processor, "image_std", None) if normalize else None
-    return ProcessorRecipe(
-        crop, resize, None if mean is None else tuple(mean), None if std is None else tuple(std)
-    )
-
-
-def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
-    """Transforms matching a pretrained model's image processor: RandomResizedCrop + flip / resize + center crop.
-
-    transformers' timm wrapper processor (it carries a timm `data_config`) gets timm's transforms instead.
-    """
-    if hasattr(image_processor, "data_config"):
-        return timm_transforms(image_processor.data_config)
-    recipe = processor_recipe(image_processor)
-    to_tensor = _to_normalized_tensor(recipe.mean, recipe.std)
-    train = v2.Compose([v2.RandomResizedCrop(recipe.crop), v2.RandomHorizontalFlip(), *to_tensor])
-    return train, v2.Compose([recipe.eval_geometry(), *to_tensor])
-
-
 def normalization_stats(
     dataset_name: str, train_dataset: Dataset | None = None, max_images: int = 5000
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -554,7 +529,7 @@ def normalization_stats(
 
     The computed statistics use up to `max_images` training images (decoded to RGB, pixels in [0, 1]).
     """
-    key = re.sub(r"[^a-z0-9]", "", Path(dataset_name.rstrip("/")).name.lower())
+    key = dataset_key(dataset_name)
     if key in NORMALIZATION_STATS:
         return NORMALIZATION_STATS[key]
     if train_dataset is None:
@@ -578,43 +553,3 @@ def normalization_stats(
     std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
     std[std < 1e-6] = 1.0  # a constant channel: centre it, do not divide by (almost) zero
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
-
-
-class ImageClassificationTransform:
-    """Batch transform for `Dataset.set_transform`: decode to RGB, apply `transform`; yields pixel_values, labels."""
-
-    def __init__(self, transform: Transform):
-        self.transform = transform
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixel_values = [self.transform(decode_image(value)) for value in batch["pixel_values"]]
-        return {"pixel_values": pixel_values, "labels": batch[LABELS]}
-
-
-def with_image_transforms(
-    dataset: DatasetDict, train_transform: Transform, eval_transform: Transform
-) -> DatasetDict:
-    """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split.
-
-    The image column is renamed to the model's argument name (pixel_values), so that `Trainer`'s
-    `remove_unused_columns` keeps it; it still holds the stored images until the transform runs.
-    """
-    return DatasetDict(
-        {
-            split: ds.rename_column(IMAGE, "pixel_values").with_transform(
-                ImageClassificationTransform(train_transform if split == "train" else eval_transform)
-            )
-            for split, ds in dataset.items()
-        }
-    )
-
-
-def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack examples into a batch {"pixel_values": (B, C, H, W), "labels": (B,)}; a batch that a dataset
-    gathered whole (`hf_zsharp.image_data.CachedImages`, one item holding every example) passes as it is."""
-    if len(examples) == 1 and torch.is_tensor(labels := examples[0]["labels"]) and labels.ndim == 1:
-        return {"pixel_values": examples[0]["pixel_values"], "labels": labels}
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
-    }

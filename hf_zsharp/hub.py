@@ -1,35 +1,60 @@
-"""Push a ZSharp-trained model folder to the Hugging Face Hub in one commit, through an `HfApi` seam.
+"""What a run publishes: its model card, and with --push_to_hub one commit of the model folder to the Hub (through
+an `HfApi` seam), at the end and, with --hub_strategy, in the background at each checkpoint.
 
 Only what a user of the model needs is uploaded (weights, config, image processor, card, curves, settings and
 metrics), and of those only the files the run itself wrote (its manifest, from `snapshot` / `written_since`):
 optimizer states, `checkpoint-*` folders, `training_args.bin` and files that were already in the folder never
-leave the machine.
+leave the machine. Trainer's own push would upload every file of the folder, so the run keeps push_to_hub off
+for the Trainer and publishes through `RunOutputs` and `PushOnSave`, as the Trainer does otherwise: copying the
+model from the checkpoint, uploading with `HfApi.run_as_future`, skipping a push while the previous one runs.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import logging
+import shutil
 from collections.abc import Iterable
-from fnmatch import fnmatchcase
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.utils import validate_repo_id
+from transformers import TrainerCallback
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.trainer_utils import HubStrategy
 
+from hf_zsharp import cards
 from hf_zsharp.cards import CARD_NAME, CURVES_NAME, ZSHARP_ARGS_NAME
+from hf_zsharp.trainer import ZSharpTrainer
 
-UPLOAD_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
+logger = logging.getLogger(__name__)
+
+# What a model repo needs, by exact name; besides these, the weight shards named by the index and the model code
+# named by the config's auto_map (`model_repo_files`).
+MODEL_REPO_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
     "config.json",
     "preprocessor_config.json",
-    "*.py",  # the model code of the paper architectures (see hf_zsharp.models), for trust_remote_code
     CARD_NAME,
     CURVES_NAME,
     ZSHARP_ARGS_NAME,
-    "*results.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
 )
-_TEXT_SUFFIXES = (".json", ".md")
+# The record of what a run wrote to its output folder (and may publish): `push_to_hub` on the folder uploads it.
+MANIFEST_NAME = "zsharp_manifest.json"
+_BINARY_SUFFIXES = (
+    ".safetensors",
+    ".png",
+    ".pt",
+    ".pth",
+    ".bin",
+)  # every other uploaded file is read for tokens
 
 FolderState = dict[str, tuple[int, int, int]]
 
@@ -51,19 +76,45 @@ def written_since(folder: str | Path, before: FolderState) -> list[str]:
     return sorted(name for name, state in snapshot(folder).items() if before.get(name) != state)
 
 
-def files_to_upload(output_dir: str | Path, names: Iterable[str] | None = None) -> list[Path]:
-    """The top-level files of `output_dir` that match UPLOAD_PATTERNS, limited to `names` when given.
+def model_repo_files(folder: str | Path) -> list[str]:
+    """The names of the top-level files of `folder` that a model repo needs: MODEL_REPO_FILES, the weight shards
+    of the safetensors index, and the model code files of the config's `auto_map` with their relative imports."""
+    folder = Path(folder)
+    names = {name for name in MODEL_REPO_FILES if (folder / name).is_file()}
+    if "model.safetensors.index.json" in names:
+        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        names.update(index.get("weight_map", {}).values())
+    if "config.json" in names:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+        for references in auto_map.values():
+            for reference in references if isinstance(references, list) else [references]:
+                code = folder / f"{str(reference).rsplit('.', 1)[0]}.py"
+                if reference and "--" not in str(reference) and code.is_file():
+                    names.add(code.name)
+                    names.update(Path(path).name for path in get_relative_import_files(code))
+    return sorted(name for name in names if "/" not in name and (folder / name).is_file())
 
-    Sub-folders are never uploaded.
-    """
-    allowed = None if names is None else set(names)
-    return sorted(
-        path
-        for path in Path(output_dir).iterdir()
-        if path.is_file()
-        and (allowed is None or path.name in allowed)
-        and any(fnmatchcase(path.name, pattern) for pattern in UPLOAD_PATTERNS)
-    )
+
+def write_manifest(folder: str | Path, names: Iterable[str]) -> Path:
+    """Record in `folder` the files a run wrote there that a model repo needs (what `push_to_hub` uploads)."""
+    path = Path(folder) / MANIFEST_NAME
+    published = sorted(set(names) & set(model_repo_files(folder)))
+    path.write_text(json.dumps({"files": published}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def files_to_upload(output_dir: str | Path, names: Iterable[str] | None = None) -> list[Path]:
+    """The files of `output_dir` a push uploads: those of `names` (or, when None, of the folder's manifest) that a
+    model repo needs; in a folder without a manifest, every file a model repo needs (`model_repo_files`)."""
+    output_dir = Path(output_dir)
+    if names is None and (output_dir / MANIFEST_NAME).is_file():
+        try:
+            names = json.loads((output_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot read {str(output_dir / MANIFEST_NAME)!r}: {error}") from error
+    allowed = model_repo_files(output_dir)
+    chosen = allowed if names is None else set(names) & set(allowed)
+    return [output_dir / name for name in sorted(chosen)]
 
 
 def check_push_prerequisites(repo_id: str, token: str | None = None, api: HfApi | None = None) -> None:
@@ -103,8 +154,8 @@ def push_to_hub(
 ) -> str:
     """Create `repo_id` if needed and upload the model folder in one commit; returns the commit URL.
 
-    `files` is the run's manifest (names in `output_dir`, see `written_since`): only those of them that match
-    UPLOAD_PATTERNS are uploaded; None uploads every matching file. Refuses (ValueError) an upload without
+    `files` names what a run wrote (see `written_since`): those of them a model repo needs are uploaded; None
+    uploads the folder's manifest (`write_manifest`), or without one every file a model repo needs, by name. Refuses (ValueError) an upload without
     safetensors weights, config.json or model card, and any text file that contains the Hub token. `api`
     replaces the `HfApi` client (tests pass a recording fake).
     """
@@ -128,61 +179,200 @@ def push_to_hub(
             raise ValueError(
                 f"cannot push {str(output_dir)!r}: it has no {required}; write it with {hint} first"
             )
-    api = api if api is not None else HfApi()
-    _refuse_secrets(uploads, [token, getattr(api, "token", None), get_token()])
+    return _upload(
+        api,
+        uploads,
+        repo_id,
+        output_dir,
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        allow_patterns=[glob.escape(name) for name in sorted(names)],
+    )
 
+
+def _upload(
+    api: HfApi | None,
+    files: list[Path],
+    repo_id: str,
+    folder: Path,
+    *,
+    token: str | None,
+    private: bool | None,
+    revision: str | None,
+    **upload: Any,
+) -> str:
+    """Refuse `files` if one holds a token in use; else create the repo (and the `revision` branch) if needed and
+    upload `folder` with the `upload` patterns in one commit to `revision`; returns the commit URL."""
+    api = api if api is not None else HfApi()
+    _refuse_secrets(files, [token, getattr(api, "token", None), get_token()])
     api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
     info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        allow_patterns=[glob.escape(name) for name in sorted(names)],
-        commit_message=commit_message,
-        token=token,
-        repo_type="model",
-        revision=revision,
+        repo_id=repo_id, folder_path=folder, token=token, repo_type="model", revision=revision, **upload
     )
     return info.commit_url
 
 
-def push_checkpoint(
-    checkpoint: str | Path,
-    repo_id: str,
-    path_in_repo: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str = "Upload checkpoint",
-    api: HfApi | None = None,
-) -> str:
-    """Upload a Trainer checkpoint folder (weights, optimizer and scheduler states, RNG states, trainer state) to
-    `path_in_repo` in one commit, so that training can resume from the Hub; `training_args.bin` stays local."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ValueError(f"cannot push checkpoint {str(checkpoint)!r}: it is not a directory")
-    api = api if api is not None else HfApi()
-    files = [path for path in checkpoint.rglob("*") if path.is_file()]
-    _refuse_secrets(files, [token, getattr(api, "token", None), get_token()])
-    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=checkpoint,
-        path_in_repo=path_in_repo,
-        ignore_patterns=["training_args.bin"],
-        commit_message=commit_message,
-        token=token,
-        repo_type="model",
+def upload_advice(files: list[Path], repo_id: str, folder: str | Path, tokens: Iterable[str]) -> str:
+    """How to push `files` later with the `hf` CLI; a file holding one of `tokens` is never named (it is said to be
+    left out)."""
+    kept = [path for path in files if not _holds_token(path, tokens)]
+    advice = f"Push them later with: hf upload {repo_id} {folder} " + " ".join(
+        f"--include {path.name!r}" for path in kept
     )
-    return info.commit_url
+    if len(kept) < len(files):
+        advice += f" ({len(files) - len(kept)} file(s) holding a Hub token left out: remove the token first)"
+    return advice
+
+
+def _holds_token(path: Path, tokens: Iterable[str]) -> bool:
+    """Whether a text file (any file but weights, images and pickled states) contains one of `tokens`."""
+    return path.suffix not in _BINARY_SUFFIXES and any(
+        token.encode() in path.read_bytes() for token in tokens
+    )
 
 
 def _refuse_secrets(files: list[Path], secrets: list[object]) -> None:
-    """Raise before uploading if a card, settings or metrics file contains one of the Hub tokens in use."""
-    tokens = [secret.encode() for secret in secrets if isinstance(secret, str) and secret]
+    """Raise before uploading if a text file (any file but weights, images and pickled states) contains one of
+    the Hub tokens in use."""
+    tokens = [secret for secret in secrets if isinstance(secret, str) and secret]
     for path in files:
-        if path.suffix in _TEXT_SUFFIXES and any(token in path.read_bytes() for token in tokens):
+        if _holds_token(path, tokens):
             raise ValueError(
-                f"refusing to push: {path.name} contains the Hub token; rewrite it with "
-                "hf_zsharp.cards.write_model_card(), which removes tokens from the settings"
+                f"refusing to push: {path.name} contains a Hub token in use; remove it from the file (the settings "
+                "that hf_zsharp.cards.write_model_card() writes never hold one)"
             )
+
+
+class RunOutputs:
+    """What a run publishes: its model card (with curves) and, with --push_to_hub, the files it wrote.
+
+    The files present in `output_dir` before training are recorded at construction: only those the run wrote
+    (new or changed since) are ever pushed. Pushes during training run in the background (`HfApi.run_as_future`,
+    one at a time, in order); `wait` returns when the last one has ended.
+    """
+
+    def __init__(
+        self,
+        trainer: ZSharpTrainer,
+        repo_id: str | None,
+        *,
+        model_name: str,
+        base_model: str | None,
+        dataset_name: str,
+        dataset_split: str | None,
+    ) -> None:
+        self.trainer, self.args, self.repo_id = trainer, trainer.args, repo_id
+        self.card = {
+            "model_name": model_name,
+            "finetuned_from": base_model,
+            "dataset": dataset_name,
+            "dataset_split": dataset_split,
+            "repo_id": repo_id,
+        }
+        self.before = snapshot(self.args.output_dir)
+        self.api = HfApi() if repo_id is not None else None
+        self.in_progress: Future | None = None
+
+    def write_card(self, metrics: dict[str, Any]) -> None:
+        """The model card, training curves and settings, for the model in `output_dir` and these metrics; then the
+        manifest of the files the run wrote there (what `push_to_hub` on the folder uploads)."""
+        self.trainer.create_model_card(metrics=metrics, **self.card)
+        write_manifest(self.args.output_dir, written_since(self.args.output_dir, self.before))
+
+    def push(self, message: str, checkpoint: Path | None = None) -> str:
+        """One commit of the files this run wrote to `output_dir`, to --hub_revision; then `checkpoint`, when
+        given, in its folder ("last-checkpoint" for --hub_strategy checkpoint, its own name for all_checkpoints)."""
+        args = self.args
+        files = written_since(args.output_dir, self.before)
+        common = {"token": args.hub_token, "private": args.hub_private_repo, "revision": args.hub_revision}
+        url = push_to_hub(
+            args.output_dir, self.repo_id, files=files, commit_message=message, api=self.api, **common
+        )
+        if (
+            checkpoint is not None
+        ):  # weights, optimizer, scheduler and RNG states, so training can resume from it
+            _upload(
+                self.api,
+                [path for path in checkpoint.rglob("*") if path.is_file()],
+                self.repo_id,
+                checkpoint,
+                commit_message=message,
+                path_in_repo="last-checkpoint"
+                if args.hub_strategy == HubStrategy.CHECKPOINT
+                else checkpoint.name,
+                ignore_patterns=["training_args.bin"],
+                **common,
+            )
+        return url
+
+    def push_in_background(self, message: str, checkpoint: Path | None = None) -> None:
+        """`push` on the `HfApi`'s background thread; training goes on meanwhile."""
+        self.in_progress = self.api.run_as_future(self.push, message, checkpoint)
+        self.in_progress.add_done_callback(_log_failed_push)
+
+    def busy(self) -> bool:
+        """Whether a background push is still running."""
+        return self.in_progress is not None and not self.in_progress.done()
+
+    def wait(self) -> None:
+        """Return once the background push, if any, has ended (its failure is logged, not raised)."""
+        if self.in_progress is not None:
+            logger.info("Waiting for the push in progress to end.")
+            self.in_progress.exception()
+
+    def push_at_the_end(self) -> None:
+        """The final push; a failure says that the local results are safe and how to push them later."""
+        output_dir, repo_id = self.args.output_dir, self.repo_id
+        try:
+            url = self.push("Upload model trained with ZSharp")
+        except Exception as error:
+            files = files_to_upload(output_dir, written_since(output_dir, self.before))
+            tokens = cards.tokens_in_use(self.args)
+            raise RuntimeError(
+                f"Training finished and its results are saved in {output_dir!r}, but pushing them to {repo_id!r} "
+                f"failed: {error}. {upload_advice(files, repo_id, output_dir, tokens)}"
+            ) from error
+        logger.info("Pushed %s to %s", output_dir, url)
+
+
+def _log_failed_push(future: Future) -> None:
+    if future.exception() is not None:
+        logger.warning("A push during training failed (training goes on): %s", future.exception())
+
+
+def copy_model_files(checkpoint: Path, output_dir: str | Path) -> None:
+    """Copy the saved model of a Trainer checkpoint (weights, config, image processor) into `output_dir`, as
+    Trainer does before a push, instead of saving the model again."""
+    for name in model_repo_files(checkpoint):
+        shutil.copy(checkpoint / name, Path(output_dir) / name)
+
+
+class PushOnSave(TrainerCallback):
+    """--hub_strategy every_save / checkpoint / all_checkpoints: at every checkpoint, push the current model with
+    its card and curves (and the checkpoint itself for the last two) in the background, as Trainer does: a save
+    while the previous push still runs is not pushed (unless --hub_always_push). A failed push is logged, not
+    fatal: the push at the end reports for good."""
+
+    def __init__(self, outputs: RunOutputs) -> None:
+        self.outputs = outputs
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        if self.outputs.busy():
+            if not args.hub_always_push:
+                logger.info("Not pushing step %d: the previous push is still running.", state.global_step)
+                return
+            self.outputs.wait()
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        copy_model_files(checkpoint, args.output_dir)
+        evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
+        self.outputs.write_card(evaluations[-1] if evaluations else {})
+        pushed = (
+            checkpoint if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS) else None
+        )
+        self.outputs.push_in_background(f"Training in progress, step {state.global_step}", pushed)

@@ -4,8 +4,8 @@ device, or, for splits too large to cache (or of mixed image sizes), streamed th
 A cached split holds every image decoded (and resized to what the model takes) as one uint8 tensor in memory:
 a batch is one gather, and `hf_zsharp.augment.BatchAugment`, run inside the model's forward by
 `augment_inputs`, crops, flips and normalises it on the device. A streamed split decodes and transforms each
-image in the DataLoader workers (`hf_zsharp.data.with_image_transforms`) and yields float batches, which
-the augmentation leaves alone; the two kinds of split can be mixed.
+image in the DataLoader workers (`with_image_transforms`, the per-image transforms below, which the cached path
+reproduces) and yields float batches, which the augmentation leaves alone; the two kinds of split can be mixed.
 """
 
 from __future__ import annotations
@@ -22,19 +22,11 @@ import numpy as np
 import PIL.Image
 import torch
 from datasets import Dataset, DatasetDict
+from torchvision.transforms import v2
+from transformers import ViTImageProcessor
 
 from hf_zsharp.augment import BatchAugment
-from hf_zsharp.data import (
-    IMAGE,
-    LABELS,
-    ResizeTo,
-    collate_fn,
-    decode_image,
-    paper_transforms,
-    processor_recipe,
-    processor_transforms,
-    with_image_transforms,
-)
+from hf_zsharp.data import IMAGE, LABELS, PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +49,7 @@ class CachedImages(torch.utils.data.Dataset):
     """Decoded images (N, H, W, C) uint8 and their labels; yields `pixel_values` (C, H, W) and `labels`.
 
     `__getitems__` gathers a DataLoader batch with one indexing operation and hands it to the collator as a
-    single item (`hf_zsharp.data.collate_fn` passes it through).
+    single item (`collate_fn` passes it through).
     """
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int]) -> None:
@@ -68,11 +60,11 @@ class CachedImages(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.images[index].permute(2, 0, 1), "labels": self.labels[index]}
+        return {PIXELS: self.images[index].permute(2, 0, 1), LABELS: self.labels[index]}
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return [{"pixel_values": self.images[index].permute(0, 3, 1, 2), "labels": self.labels[index]}]
+        return [{PIXELS: self.images[index].permute(0, 3, 1, 2), LABELS: self.labels[index]}]
 
 
 def cache_budget() -> int:
@@ -83,6 +75,26 @@ def cache_budget() -> int:
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
         memory = 8 * 2**30
     return memory // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+MAX_IMAGE_SIZE = (
+    4096  # pixels a side: 16x the largest input of the paper's models (Tiny-ImageNet's 64 up to 256)
+)
+
+
+def check_image_size(image_size: int, batch_size: int, budget: int | None = None) -> None:
+    """Refuse, before any image is decoded, an `image_size` outside 1..MAX_IMAGE_SIZE, or one whose float32 batch
+    of `batch_size` images would not fit in `budget` bytes (default: `cache_budget()`)."""
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image_size must lie between 1 and {MAX_IMAGE_SIZE} pixels; got {image_size}.")
+    batch_bytes = batch_size * 3 * image_size**2 * 4
+    budget = cache_budget() if budget is None else budget
+    if batch_bytes > budget:
+        raise ValueError(
+            f"--image_size {image_size}: a batch of {batch_size} such images takes {batch_bytes / 2**30:.1f} GiB as "
+            f"float32 pixels, more than the {budget / 2**30:.1f} GiB this process may use for images; choose a "
+            "smaller --image_size or --per_device_train_batch_size."
+        )
 
 
 def decode_split(split: Dataset, geometry: Geometry | None, budget: int) -> torch.Tensor | None:
@@ -188,4 +200,156 @@ def processor_image_data(
         processor_transforms(image_processor),
         BatchAugment(recipe.mean, recipe.std, recipe.crop),
         budget,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Transforms
+
+Transform = Callable[[PIL.Image.Image], torch.Tensor]
+
+
+class ResizeTo:
+    """Resize a PIL image to `size` x `size` unless it already has that size."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        if image.size == (self.size, self.size):
+            return image
+        return image.resize((self.size, self.size), PIL.Image.Resampling.BILINEAR)
+
+
+def _to_normalized_tensor(mean: Sequence[float] | None, std: Sequence[float] | None) -> list:
+    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if mean is not None and std is not None:
+        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return steps
+
+
+def paper_transforms(
+    mean: Sequence[float], std: Sequence[float], image_size: int = 32, padding: int = 4
+) -> tuple[Transform, Transform]:
+    """The paper's recipe for from-scratch models: RandomCrop(size, padding 4) + horizontal flip, then normalise."""
+    train = v2.Compose(
+        [
+            ResizeTo(image_size),
+            v2.RandomCrop(image_size, padding=padding),
+            v2.RandomHorizontalFlip(),
+            *_to_normalized_tensor(mean, std),
+        ]
+    )
+    evaluation = v2.Compose([ResizeTo(image_size), *_to_normalized_tensor(mean, std)])
+    return train, evaluation
+
+
+def timm_transforms(data_config: dict[str, Any]) -> tuple[Transform, Transform]:
+    """timm's own train and eval transforms for a resolved data config (`timm.data.resolve_data_config`)."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=True), create_transform(
+        **data_config, is_training=False
+    )
+
+
+@dataclass(frozen=True)
+class ProcessorRecipe:
+    """What a pretrained model's image processor asks for: the crop (height, width), the evaluation resize
+    (shortest edge, or (height, width)) before the center crop, and the normalisation (None: scale only)."""
+
+    crop: tuple[int, int]
+    resize: int | tuple[int, int]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    def eval_geometry(self) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+        """Resize then center crop: the deterministic part of the evaluation transform."""
+        return v2.Compose([v2.Resize(self.resize), v2.CenterCrop(self.crop)])
+
+
+def processor_recipe(image_processor: Any) -> ProcessorRecipe:
+    """The sizes and normalisation of a transformers image processor (crop_pct and crop_size included)."""
+    size = image_processor.size
+    shortest_edge = size.get("shortest_edge")
+    if shortest_edge:
+        crop = (shortest_edge, shortest_edge)
+        crop_pct = getattr(image_processor, "crop_pct", None)
+        resize: int | tuple[int, int] = int(shortest_edge / crop_pct) if crop_pct else shortest_edge
+    else:
+        crop = resize = (size["height"], size["width"])
+    crop_size = getattr(image_processor, "crop_size", None)
+    if crop_size and getattr(image_processor, "do_center_crop", False) and crop_size.get("height"):
+        crop = (crop_size["height"], crop_size["width"])
+    normalize = getattr(image_processor, "do_normalize", True)
+    mean = getattr(image_processor, "image_mean", None) if normalize else None
+    std = getattr(image_processor, "image_std", None) if normalize else None
+    return ProcessorRecipe(
+        crop, resize, None if mean is None else tuple(mean), None if std is None else tuple(std)
+    )
+
+
+def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
+    """Transforms matching a pretrained model's image processor: RandomResizedCrop + flip / resize + center crop.
+
+    transformers' timm wrapper processor (it carries a timm `data_config`) gets timm's transforms instead.
+    """
+    if hasattr(image_processor, "data_config"):
+        return timm_transforms(image_processor.data_config)
+    recipe = processor_recipe(image_processor)
+    to_tensor = _to_normalized_tensor(recipe.mean, recipe.std)
+    train = v2.Compose([v2.RandomResizedCrop(recipe.crop), v2.RandomHorizontalFlip(), *to_tensor])
+    return train, v2.Compose([recipe.eval_geometry(), *to_tensor])
+
+
+class ImageClassificationTransform:
+    """Batch transform for `Dataset.set_transform`: decode to RGB, apply `transform`; yields pixel_values, labels."""
+
+    def __init__(self, transform: Transform):
+        self.transform = transform
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        pixel_values = [self.transform(decode_image(value)) for value in batch[PIXELS]]
+        return {PIXELS: pixel_values, LABELS: batch[LABELS]}
+
+
+def with_image_transforms(
+    dataset: DatasetDict, train_transform: Transform, eval_transform: Transform
+) -> DatasetDict:
+    """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split.
+
+    The image column is renamed to the model's argument name (pixel_values), so that `Trainer`'s
+    `remove_unused_columns` keeps it; it still holds the stored images until the transform runs.
+    """
+    return DatasetDict(
+        {
+            split: ds.rename_column(IMAGE, PIXELS).with_transform(
+                ImageClassificationTransform(train_transform if split == "train" else eval_transform)
+            )
+            for split, ds in dataset.items()
+        }
+    )
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack examples into a batch {"pixel_values": (B, C, H, W), "labels": (B,)}; a batch that a dataset
+    gathered whole (`hf_zsharp.image_data.CachedImages`, one item holding every example) passes as it is."""
+    if len(examples) == 1 and torch.is_tensor(labels := examples[0][LABELS]) and labels.ndim == 1:
+        return {PIXELS: examples[0][PIXELS], LABELS: labels}
+    return {
+        PIXELS: torch.stack([example[PIXELS] for example in examples]),
+        LABELS: torch.tensor([example[LABELS] for example in examples], dtype=torch.long),
+    }
+
+
+def paper_image_processor(
+    image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> ViTImageProcessor:
+    """An image processor with the evaluation preprocessing of the paper models (bilinear resize, scale to
+    [0, 1], normalise), saved with them so that `from_pretrained` users and pipelines preprocess alike."""
+    return ViTImageProcessor(
+        size={"height": image_size, "width": image_size},
+        resample=PIL.Image.Resampling.BILINEAR,
+        image_mean=list(mean),
+        image_std=list(std),
     )

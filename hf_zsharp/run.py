@@ -7,47 +7,47 @@ asked. Every argument problem it can detect is raised before training starts.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import os
 import re
-import tempfile
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-import PIL.Image
-import yaml
 from datasets import DatasetDict
 from torch.optim import Optimizer
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     PreTrainedModel,
     TrainerCallback,
-    ViTImageProcessor,
     set_seed,
 )
 from transformers.trainer_utils import HubStrategy
 
-from hf_zsharp import cards, hub
-from hf_zsharp.args import DataArguments, ModelArguments, ZSharpTrainingArguments
+from hf_zsharp import hub
+from hf_zsharp.args import (
+    DEFAULT_IMAGE_SIZES,
+    DataArguments,
+    ModelArguments,
+    ZSharpTrainingArguments,
+    check_output_dir,
+    model_kind,
+)
 from hf_zsharp.augment import augment_inputs
-from hf_zsharp.data import DIGITS, LABELS, load_image_dataset, normalization_stats
-from hf_zsharp.image_data import paper_image_data, processor_image_data
+from hf_zsharp.data import LABELS, dataset_key, load_image_dataset, normalization_stats
+from hf_zsharp.image_data import (
+    check_image_size,
+    paper_image_data,
+    paper_image_processor,
+    processor_image_data,
+)
 from hf_zsharp.metrics import compute_metrics
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.trainer import ZSharpTrainer
 
 logger = logging.getLogger(__name__)
-
-# What a previous run leaves in its output directory; finding one means "another run lives here".
-RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.md", "model.safetensors")
 
 
 @dataclass
@@ -59,161 +59,6 @@ class TrainingRun:
     trainer: ZSharpTrainer
     log_history: list[dict[str, Any]]
     dataset: DatasetDict
-
-
-# The recipe of `hf-zsharp-train`, on top of `TrainingArguments`' own defaults: every flag or config-file entry
-# overrides it. COMMON applies to every run; the learning-rate recipe depends on the kind of model.
-COMMON_RECIPE: dict[str, Any] = {
-    "output_dir": "outputs",
-    "per_device_train_batch_size": 32,
-    "eval_strategy": "epoch",
-    "logging_strategy": "epoch",
-    "save_strategy": "epoch",
-}
-KIND_RECIPES: dict[str, dict[str, Any]] = {
-    # The paper's models from scratch (the embedded default: ResNet-20 on digits, ~1 min on 2 CPU cores).
-    "from scratch": {
-        "num_train_epochs": 4,
-        "learning_rate": 3e-3,
-        "weight_decay": 5e-5,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 10,
-        "per_device_eval_batch_size": 256,
-    },
-    # Hub / local / timm checkpoints: the usual fine-tuning recipe of transformers' image-classification example.
-    "pretrained": {
-        "num_train_epochs": 3,
-        "learning_rate": 5e-5,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 0.1,
-        "per_device_eval_batch_size": 64,
-    },
-}
-DEFAULT_IMAGE_SIZES = {DIGITS: 16, "tinyimagenet": 64}  # paper models from scratch; 32 otherwise
-
-
-def model_kind(model_name_or_path: str) -> str:
-    """The kind of model: "from scratch" for the paper's models, "pretrained" for those loaded from a Hub id or
-    folder."""
-    return "from scratch" if model_name_or_path.lower() in PAPER_MODELS else "pretrained"
-
-
-def recipe_help() -> str:
-    """The default run and the recipe in words, for `--help`."""
-    titles = {
-        "from scratch": "paper models (from scratch)",
-        "pretrained": "pretrained models (Hub, folder, timm)",
-    }
-    lines = [
-        "Train or fine-tune an image classifier with ZSharp (or a SAM baseline). With no arguments: ResNet-20",
-        "from scratch on scikit-learn's digits, offline, on the CPU in about a minute, written to ./outputs.",
-        "",
-        "Defaults (on top of TrainingArguments' own; any flag or config-file entry overrides them):",
-    ]
-    for title, recipe in (("every run", COMMON_RECIPE), *((titles[k], r) for k, r in KIND_RECIPES.items())):
-        options = " ".join(f"--{k} {v}" for k, v in recipe.items())
-        lines += textwrap.wrap(options, 100, initial_indent=f"  {title}: ", subsequent_indent="    ")
-    return "\n".join(lines)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults in the help, and the description (the recipe) as written."""
-
-
-class TrainArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` over the model, data and training arguments, with the recipe as defaults.
-
-    `--help` lists the model, data and sharpness-aware options first, then the many `TrainingArguments` ones.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(
-            (ModelArguments, DataArguments, ZSharpTrainingArguments),
-            prog="hf-zsharp-train",
-            usage="%(prog)s [options] | %(prog)s CONFIG.yaml",
-            description=recipe_help(),
-            formatter_class=_HelpFormatter,
-        )
-        self.set_defaults(**COMMON_RECIPE)
-
-    def _add_dataclass_arguments(self, dtype: Any) -> None:
-        if dtype is not ZSharpTrainingArguments:
-            super()._add_dataclass_arguments(dtype)
-            return
-        hints = get_type_hints(dtype)
-        fields = [f for f in dataclasses.fields(dtype) if f.init]
-        for title, sam_first in (
-            ("Sharpness-aware options (ZSharpTrainingArguments)", True),
-            ("Training options (transformers.TrainingArguments)", False),
-        ):
-            group = self.add_argument_group(title)
-            for f in fields:
-                if f.name.startswith(("sam", "zsharp")) == sam_first:
-                    f.type = hints[f.name]
-                    self._parse_dataclass_field(group, f)
-
-    def parse(self, argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
-        """Parse flags, or one YAML/JSON config file as in the transformers examples, over the recipe."""
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-            config = _read_config(Path(argv[0]))
-            kind = model_kind(str(config.get("model_name_or_path", ModelArguments.model_name_or_path)))
-            return self.parse_dict({**COMMON_RECIPE, **KIND_RECIPES[kind], **config})
-        known, _ = self.parse_known_args(argv)
-        self.set_defaults(**KIND_RECIPES[model_kind(known.model_name_or_path)])
-        return self.parse_args_into_dataclasses(argv)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"Cannot read the config file {str(path)!r}: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
-    return config
-
-
-def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
-    """`hf-zsharp-train`'s arguments: the recipe above, overridden by flags or a YAML/JSON config file."""
-    return TrainArgumentParser().parse(argv)
-
-
-def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
-    """Refuse, before any work, an output directory that cannot be written, or that holds another run (unless
-    asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
-    output_dir = Path(training_args.output_dir)
-    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
-    if not existing.is_dir():
-        where = "is a file" if existing == output_dir else f"lies under {str(existing)!r}, which is a file"
-        raise ValueError(
-            f"Output directory {str(output_dir)!r} {where}; choose a directory with --output_dir."
-        )
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"Output directory {str(output_dir)!r} cannot be written ({error.strerror or error} in "
-            f"{str(existing)!r}); choose another --output_dir."
-        ) from error
-    if not output_dir.is_dir() or training_args.resume_from_checkpoint:
-        return
-    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
-    if not training_args.overwrite_output_dir:
-        found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists()) + checkpoints
-        if found:
-            raise ValueError(
-                f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose "
-                "another --output_dir, resume with --resume_from_checkpoint, or pass --overwrite_output_dir to "
-                "write over it (files are overwritten, never deleted)."
-            )
-    if checkpoints and training_args.save_total_limit:
-        raise ValueError(
-            f"Output directory {str(output_dir)!r} holds checkpoints of another run ({', '.join(checkpoints[:5])}) "
-            f"and --save_total_limit {training_args.save_total_limit} would let Trainer's checkpoint rotation "
-            "delete them. Choose another --output_dir, move them away, or drop --save_total_limit."
-        )
 
 
 def load_model(
@@ -255,19 +100,6 @@ def load_model(
     return model, processor, name
 
 
-def paper_image_processor(
-    image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
-) -> ViTImageProcessor:
-    """An image processor with the evaluation preprocessing of the paper models (bilinear resize, scale to
-    [0, 1], normalise), saved with them so that `from_pretrained` users and pipelines preprocess alike."""
-    return ViTImageProcessor(
-        size={"height": image_size, "width": image_size},
-        resample=PIL.Image.Resampling.BILINEAR,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
-
-
 def run_name(
     model_args: ModelArguments, data_args: DataArguments, training_args: ZSharpTrainingArguments
 ) -> str:
@@ -283,12 +115,13 @@ def run_training(
     *,
     callbacks: list[TrainerCallback] | None = None,
     optimizer_cls_and_kwargs: tuple[type[Optimizer], dict[str, Any]] | None = None,
+    trainer_cls: type[ZSharpTrainer] = ZSharpTrainer,
 ) -> TrainingRun:
     """Train and evaluate, then save model, metrics and model card to `output_dir` (and push if asked).
 
     Everything that can be checked is checked before training (output folder, Hub prerequisites, data);
     only the files this run wrote are pushed. `callbacks` and `optimizer_cls_and_kwargs` (the base optimizer)
-    go to the Trainer, for the reproduction's paper recipe.
+    go to the Trainer, of class `trainer_cls` (a `ZSharpTrainer`), for the reproduction's paper recipe.
     """
     check_output_dir(training_args)
     output_dir = training_args.output_dir
@@ -296,6 +129,10 @@ def run_training(
     repo_id = (training_args.hub_model_id or Path(output_dir).resolve().name) if push else None
     if push:
         hub.check_push_prerequisites(repo_id, training_args.hub_token)
+    if model_args.image_size is None:
+        model_args.image_size = DEFAULT_IMAGE_SIZES.get(dataset_key(data_args.dataset_name), 32)
+    if model_kind(model_args.model_name_or_path) == "from scratch":
+        check_image_size(model_args.image_size, training_args.per_device_train_batch_size)
     with training_args.main_process_first(desc="loading the dataset"):
         dataset = load_image_dataset(
             data_args.dataset_name,
@@ -311,9 +148,6 @@ def run_training(
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
-    if model_args.image_size is None:
-        key = re.sub(r"[^a-z0-9]", "", Path(data_args.dataset_name.rstrip("/")).name.lower())
-        model_args.image_size = DEFAULT_IMAGE_SIZES.get(key, 32)
     set_seed(training_args.seed)  # the model's initialisation depends on it
     model, processor, base_model = load_model(model_args, dataset["train"].features[LABELS].names)
     if processor is None:
@@ -325,7 +159,7 @@ def run_training(
     if data.augment is not None:  # cached splits: crop, flip and normalise each batch on the device
         augment_inputs(model, data.augment)
 
-    trainer = ZSharpTrainer(
+    trainer = trainer_cls(
         model=model,
         args=training_args,
         train_dataset=data.train,
@@ -336,7 +170,7 @@ def run_training(
         callbacks=callbacks,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
-    outputs = RunOutputs(
+    outputs = hub.RunOutputs(
         trainer,
         repo_id,
         model_name=repo_id.rsplit("/", 1)[-1] if repo_id else run_name(model_args, data_args, training_args),
@@ -345,8 +179,13 @@ def run_training(
         dataset_split=data_args.eval_split,
     )
     if push and training_args.hub_strategy != HubStrategy.END:
-        trainer.add_callback(PushOnSave(outputs))
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.add_callback(hub.PushOnSave(outputs))
+    if training_args.resume_from_checkpoint:
+        logger.info("Resuming training from the checkpoint %s.", training_args.resume_from_checkpoint)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        outputs.wait()  # the last background push reads the files the end of the run rewrites
     metrics = {**train_result.metrics, **trainer.evaluate()}
     trainer.save_model()
     trainer.log_metrics("all", metrics)
@@ -359,90 +198,3 @@ def run_training(
     return TrainingRun(
         metrics=metrics, trainer=trainer, log_history=list(trainer.state.log_history), dataset=dataset
     )
-
-
-class RunOutputs:
-    """What a run publishes: its model card (with curves) and, with --push_to_hub, the files it wrote.
-
-    The files present in `output_dir` before training are recorded at construction: only those the run wrote
-    (new or changed since) are ever pushed.
-    """
-
-    def __init__(
-        self,
-        trainer: ZSharpTrainer,
-        repo_id: str | None,
-        *,
-        model_name: str,
-        base_model: str | None,
-        dataset_name: str,
-        dataset_split: str | None,
-    ) -> None:
-        self.trainer, self.args, self.repo_id = trainer, trainer.args, repo_id
-        self.card = {
-            "model_name": model_name,
-            "base_model": base_model,
-            "dataset_name": dataset_name,
-            "dataset_split": dataset_split,
-            "repo_id": repo_id,
-        }
-        self.before = hub.snapshot(self.args.output_dir)
-
-    def write_card(self, metrics: dict[str, Any]) -> None:
-        """The model card, training curves and settings, for the model in `output_dir` and these metrics."""
-        cards.write_model_card(
-            self.args.output_dir,
-            settings=self.args,
-            metrics=metrics,
-            log_history=self.trainer.state.log_history,
-            **self.card,
-        )
-
-    def push(self, message: str, checkpoint: Path | None = None) -> str:
-        """One commit of the files this run wrote to `output_dir`; then `checkpoint`, when given, in its folder
-        ("last-checkpoint" for --hub_strategy checkpoint, its own name for all_checkpoints)."""
-        args = self.args
-        files = hub.written_since(args.output_dir, self.before)
-        common = {"token": args.hub_token, "private": args.hub_private_repo}
-        url = hub.push_to_hub(args.output_dir, self.repo_id, files=files, commit_message=message, **common)
-        if checkpoint is not None:
-            folder = "last-checkpoint" if args.hub_strategy == HubStrategy.CHECKPOINT else checkpoint.name
-            hub.push_checkpoint(checkpoint, self.repo_id, folder, commit_message=message, **common)
-        return url
-
-    def push_at_the_end(self) -> None:
-        """The final push; a failure says that the local results are safe and how to push them later."""
-        output_dir, repo_id = self.args.output_dir, self.repo_id
-        try:
-            url = self.push("Upload model trained with ZSharp")
-        except Exception as error:
-            files = hub.written_since(output_dir, self.before)
-            uploads = " ".join(f"--include {path.name!r}" for path in hub.files_to_upload(output_dir, files))
-            raise RuntimeError(
-                f"Training finished and its results are saved in {output_dir!r}, but pushing them to {repo_id!r} "
-                f"failed: {error}. Push them later with: hf upload {repo_id} {output_dir} {uploads}"
-            ) from error
-        logger.info("Pushed %s to %s", output_dir, url)
-
-
-class PushOnSave(TrainerCallback):
-    """--hub_strategy every_save / checkpoint / all_checkpoints: at every checkpoint, push the current model with
-    its card and curves (and the checkpoint itself for the last two). A failed push is logged, not fatal: the
-    push at the end reports for good."""
-
-    def __init__(self, outputs: RunOutputs) -> None:
-        self.outputs = outputs
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.outputs.trainer.save_model()
-        if not state.is_world_process_zero:
-            return
-        evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
-        self.outputs.write_card(evaluations[-1] if evaluations else {})
-        checkpoint = None
-        if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        try:
-            self.outputs.push(f"Training in progress, step {state.global_step}", checkpoint)
-        except Exception as error:
-            logger.warning("Push at step %d failed (training goes on): %s", state.global_step, error)

@@ -1,8 +1,8 @@
 """`ZSharpTrainer`: `Trainer` with the two-pass sharpness-aware step (ZSharp by default).
 
 Three things change from `Trainer`: the optimizer (the `optim` base optimizer wrapped by the chosen SAM method),
-`training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (ascent statistics); `_save` only undoes
-FSDP2's class swap so that saved models record their own code. Clipping, mixed precision, the LR scheduler,
+`training_step` (the two passes, see `hf_zsharp.two_pass`) and `log` (ascent statistics); `create_model_card`
+writes hf_zsharp's card, and `_save` only undoes FSDP2's class swap so that saved models record their own code. Clipping, mixed precision, the LR scheduler,
 checkpoints and callbacks are `Trainer`'s own.
 """
 
@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from transformers import Trainer
 
 from hf_zsharp.args import ZSharpTrainingArguments
+from hf_zsharp.cards import write_model_card
 from hf_zsharp.optim import SAM, create_sam_optimizer
 from hf_zsharp.two_pass import TwoPassStep, check_supported, unwrap_sam_optimizer
 
@@ -35,6 +36,7 @@ class ZSharpTrainer(Trainer):
                 f"{type(args).__name__}."
             )
         super().__init__(model=model, args=args, **kwargs)
+        check_fsdp2_batchnorm(self.model, self.accelerator)
         self._two_pass: TwoPassStep | None = None
         if args.sam != "none":
             check_supported(self.accelerator)
@@ -97,6 +99,35 @@ class ZSharpTrainer(Trainer):
         with _own_class(self.model) if self.is_fsdp_enabled else contextlib.nullcontext():
             super()._save(output_dir, state_dict)
 
+    def create_model_card(
+        self,
+        *,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_split: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        repo_id: str | None = None,
+        **ignored: Any,
+    ) -> None:
+        """hf_zsharp's card (method, settings, results, training curves; `cards.write_model_card`) instead of
+        Trainer's generic one, also for `push_to_hub`. `metrics` default to the last evaluation logged."""
+        if not self.is_world_process_zero():
+            return
+        if metrics is None:
+            metrics = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), {})
+        write_model_card(
+            self.args.output_dir,
+            settings=self.args,
+            metrics=metrics,
+            log_history=self.state.log_history,
+            model_name=model_name,
+            base_model=finetuned_from,
+            dataset_name=dataset[0] if isinstance(dataset, list) else dataset,
+            dataset_split=dataset_split,
+            repo_id=repo_id,
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the ascent statistics (means since the last training log) to the training logs."""
         if self._two_pass is not None and "loss" in logs:
@@ -122,3 +153,19 @@ def _own_class(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.__class__ = wrapper
+
+
+def check_fsdp2_batchnorm(model: nn.Module | None, accelerator: Any) -> None:
+    """Refuse, before training, bf16 mixed precision under FSDP2 for a model with BatchNorm: FSDP2 casts the
+    BatchNorm weights to bf16 beside float32 running statistics, and the first forward fails."""
+    if model is None or not getattr(accelerator, "is_fsdp2", False) or accelerator.mixed_precision != "bf16":
+        return
+    norms = sorted(
+        {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    )
+    if norms:
+        raise ValueError(
+            f"FSDP2 with bf16 mixed precision cannot train this model: it has {', '.join(norms)} layers, whose bf16 "
+            "weights FSDP2 would use beside float32 running statistics. Train it with --mixed_precision no "
+            "(accelerate launch) or without --bf16, or without FSDP."
+        )

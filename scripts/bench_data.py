@@ -1,5 +1,5 @@
 """Images/s of the training data path, alone and end to end: old (each image decoded and transformed in DataLoader
-workers, `hf_zsharp.data.with_image_transforms`, the streaming path) against new (decoded once into uint8
+workers, `hf_zsharp.image_data.with_image_transforms`, the streaming path) against new (decoded once into uint8
 tensors and augmented per batch inside the model, `hf_zsharp.image_data` + `hf_zsharp.augment`).
 
 Schemas, generated once into --data_dir with the Hub schemas of tests/fake_datasets.py: `cifar-paper` (32x32
@@ -85,9 +85,15 @@ def training_data(schema: str, path: str, folder: Path, cache_dir: str):
     """(train dataset, collator, batch augmentation or None) of the old or new path for a schema."""
     from transformers import ViTImageProcessor
 
-    from hf_zsharp.data import collate_fn, load_image_dataset, paper_transforms, processor_transforms
-    from hf_zsharp.data import with_image_transforms as streamed
-    from hf_zsharp.image_data import paper_image_data, processor_image_data
+    from hf_zsharp.data import load_image_dataset
+    from hf_zsharp.image_data import (
+        collate_fn,
+        paper_image_data,
+        paper_transforms,
+        processor_image_data,
+        processor_transforms,
+    )
+    from hf_zsharp.image_data import with_image_transforms as streamed
 
     dataset = load_image_dataset(str(folder), cache_dir=cache_dir)
     size = 64 if schema == "tiny-imagenet" else 32
@@ -174,7 +180,7 @@ def measure_training(train, collator, augment, args: argparse.Namespace) -> floa
 
 def run_child(schema: str, path: str, measure: str, args: argparse.Namespace) -> dict[str, float]:
     """One figure, in this process: images/s, and the seconds spent loading (and decoding) the data first."""
-    from hf_zsharp.data import collate_fn
+    from hf_zsharp.image_data import collate_fn
 
     if args.threads:
         torch.set_num_threads(args.threads)

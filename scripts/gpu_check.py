@@ -33,8 +33,7 @@ from transformers import TrainerCallback
 from hf_zsharp import SAM, ZSharp
 from hf_zsharp.args import ZSharpTrainingArguments
 from hf_zsharp.augment import BatchAugment
-from hf_zsharp.data import collate_fn
-from hf_zsharp.image_data import CachedImages
+from hf_zsharp.image_data import CachedImages, collate_fn
 from hf_zsharp.trainer import ZSharpTrainer
 
 ASCENT_GOAL, MEMORY_GOAL = 1.5, 0.15

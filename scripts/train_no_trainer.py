@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from hf_zsharp.augment import BatchAugment, augment_inputs
-from hf_zsharp.data import DIGITS, load_image_dataset, normalization_stats
+from hf_zsharp.data import DIGITS, LABELS, PIXELS, load_image_dataset, normalization_stats
 from hf_zsharp.image_data import paper_image_data
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.optim import METHODS, create_sam_optimizer
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     correct = total = 0
     with torch.no_grad():
         for batch in test_loader:
-            predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=-1)
-            predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
+            predictions = model(**{PIXELS: batch[PIXELS]}).logits.argmax(dim=-1)
+            predictions, labels = accelerator.gather_for_metrics((predictions, batch[LABELS]))
             correct += (predictions == labels).sum().item()
             total += labels.numel()
     # DDP keeps the replicas identical: check it on a checksum of every process's weights.

@@ -1,5 +1,7 @@
 """A recording stand-in for `huggingface_hub.HfApi`: what would be created and uploaded, with no network."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,14 +12,28 @@ class RecordingApi:
     """Stands in for HfApi: records calls and the bytes of every uploaded file; any other method fails.
 
     `whoami_error` is raised by `whoami` (an unreachable Hub, a rejected token); `upload_error` by the upload.
+    `upload_gate`, when set to a `threading.Event`, holds every upload until it is set (a slow network;
+    at most 30 s, then the upload fails).
     """
 
     def __init__(self, token=None, whoami_error=None, upload_error=None):
         self.token = token
         self.whoami_error = whoami_error
         self.upload_error = upload_error
+        self.upload_gate = None
         self.calls = []
         self.uploaded = {}
+        self._executor = ThreadPoolExecutor(
+            max_workers=1
+        )  # as HfApi: background jobs run one at a time, in order
+        self.background_threads = set()
+
+    def run_as_future(self, fn, *args, **kwargs):
+        def job():
+            self.background_threads.add(threading.get_ident())
+            return fn(*args, **kwargs)
+
+        return self._executor.submit(job)
 
     def whoami(self, token=None):
         self.calls.append(("whoami", token))
@@ -36,6 +52,8 @@ class RecordingApi:
         self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None, **kwargs
     ):
         """As HfApi.upload_folder: every file under the folder (recursively) that the patterns let through."""
+        if self.upload_gate is not None and not self.upload_gate.wait(timeout=30):
+            raise TimeoutError("the upload was held for 30 s")
         if self.upload_error is not None:
             raise self.upload_error
         files = uploaded_files(folder_path, allow_patterns, ignore_patterns)

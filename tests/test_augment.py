@@ -18,7 +18,7 @@ from hf_zsharp.augment import (
     random_resized_boxes,
     resized_crop_flip,
 )
-from hf_zsharp.data import paper_transforms
+from hf_zsharp.image_data import paper_transforms
 
 EPS = 2.0**-24  # float32's unit roundoff
 

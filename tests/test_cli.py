@@ -1,18 +1,23 @@
 """`hf-zsharp-train` end to end: generated datasets with the Hub schemas, tiny local models, the fake Hub."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 from fake_hub import RecordingApi
 from huggingface_hub import ModelCard
+from transformers import TrainerCallback
 
 from hf_zsharp import hub
-from hf_zsharp.cli import train_main
-from hf_zsharp.run import COMMON_RECIPE, parse_train_args
+from hf_zsharp.args import COMMON_RECIPE, parse_train_args
+from hf_zsharp.cli import choose_threads, train_main
+from hf_zsharp.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -149,6 +154,52 @@ def test_push_to_hub_uploads_the_model_and_card_without_the_token(tmp_path, fake
         if path.is_file() and path.suffix in (".json", ".md", ".txt"):
             assert TOKEN not in path.read_text(errors="ignore"), path
     assert "someone/zsharp-digits" in files["README.md"].decode()
+    assert json.loads((out / hub.MANIFEST_NAME).read_text())["files"] == sorted(
+        files
+    )  # what the run published
+
+
+def test_a_token_inside_another_setting_is_redacted_before_it_is_written(tmp_path, fake_hub):
+    out = tmp_path / "out"
+    train(
+        "--output_dir", out, *FAST, *SMALL, "--run_name", f"run-{TOKEN}-1",
+        "--push_to_hub", "--hub_model_id", "someone/zsharp-digits", "--hub_token", TOKEN,
+    )  # fmt: skip
+    assert json.loads((out / "zsharp_args.json").read_text())["run_name"] == "run-<redacted>-1"
+    assert "zsharp_args.json" in fake_hub.uploaded
+    assert all(TOKEN.encode() not in content for content in fake_hub.uploaded.values())
+    for path in out.glob("*"):
+        if path.is_file() and path.suffix in (".json", ".md"):
+            assert TOKEN not in path.read_text(), path
+
+
+def test_a_finished_run_says_where_its_results_are_and_the_card_states_steps_and_batch_once(tmp_path, capsys):
+    out = tmp_path / "out"
+    train("--output_dir", out, *FAST, *SMALL, "--num_train_epochs", "3")
+    summary = capsys.readouterr().out
+    assert f"Results in {out}: " in summary and "model.safetensors" in summary and "README.md" in summary
+    assert "training_curves.png" in summary and "eval_accuracy" in summary
+    assert "1 process(es), total batch size 8" in summary
+    card = (out / "README.md").read_text()
+    assert "| Training steps | 2 |" in card and "| Epochs |" not in card  # --max_steps replaces the epochs
+    assert "| Processes | 1 |" in card and "| Total batch size | 8 |" in card and "| Epochs run |" in card
+
+
+def test_small_models_on_the_cpu_take_one_thread_unless_omp_num_threads_is_set(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        choose_threads("resnet20", use_cpu=True)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        choose_threads("some/vit", use_cpu=True)  # a pretrained model keeps torch's default
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        choose_threads("resnet20", use_cpu=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_push_uploads_only_what_the_run_wrote(tmp_path, fake_hub):
@@ -179,9 +230,12 @@ def test_hub_strategy_pushes_the_model_card_and_checkpoints_as_trainer_does(tmp_
         "2",
     ]
     train(
-        "--output_dir", out, *FAST, *SMALL, *steps, "--push_to_hub", "--hub_token", TOKEN, "--hub_strategy", strategy
+        "--output_dir", out, *FAST, *SMALL, *steps, "--push_to_hub", "--hub_token", TOKEN, "--hub_strategy", strategy,
+        "--hub_revision", "zsharp-run", "--hub_always_push",
     )  # fmt: skip
     uploads = [call[2] for call in fake_hub.calls if call[0] == "upload_folder"]
+    assert {upload["revision"] for upload in uploads} == {"zsharp-run"}  # every upload, to the branch
+    assert all(call[2]["branch"] == "zsharp-run" for call in fake_hub.calls if call[0] == "create_branch")
     model_pushes = [u for u in uploads if u["path_in_repo"] is None]
     checkpoint_pushes = [u["path_in_repo"] for u in uploads if u["path_in_repo"] is not None]
     # One commit per save (steps 2 and 4) while training, then the final one.
@@ -201,6 +255,39 @@ def test_hub_strategy_pushes_the_model_card_and_checkpoints_as_trainer_does(tmp_
         } <= set(fake_hub.uploaded)
         assert f"{folder}/training_args.bin" not in fake_hub.uploaded
     assert all(TOKEN.encode() not in content for content in fake_hub.uploaded.values())
+
+
+def test_a_slow_push_during_training_does_not_hold_the_steps(tmp_path, fake_hub):
+    """As Trainer: checkpoint pushes run in the background, a save while one runs is not pushed, and the run waits
+    for the last push before its final one. The fake upload blocks until training has ended."""
+    fake_hub.upload_gate = threading.Event()
+    seen = {}
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = fake_hub.upload_gate.is_set()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            seen["uploads started during training"] = len(fake_hub.background_threads)
+            fake_hub.upload_gate.set()
+
+    steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1"]
+    argv = [
+        "--output_dir",
+        str(tmp_path / "out"),
+        *FAST,
+        *SMALL,
+        *steps,
+        "--push_to_hub",
+        "--hub_token",
+        TOKEN,
+    ]
+    model_args, data_args, training_args = parse_train_args([*argv, "--hub_strategy", "every_save"])
+    run_training(model_args, data_args, training_args, callbacks=[Watch()])
+    # Every step ended while the first push was still uploading; the saves at steps 2-4 were not pushed.
+    assert seen == {1: False, 2: False, 3: False, 4: False, "uploads started during training": 1}
+    messages = [call[2]["commit_message"] for call in fake_hub.calls if call[0] == "upload_folder"]
+    assert messages == ["Training in progress, step 1", "Upload model trained with ZSharp"]
 
 
 @pytest.mark.parametrize(
@@ -270,7 +357,8 @@ def assert_pipeline_reproduces_the_evaluation(out, dataset_name, count):
     import torch
     from transformers import pipeline
 
-    from hf_zsharp.data import decode_image, load_image_dataset, paper_transforms, processor_transforms
+    from hf_zsharp.data import decode_image, load_image_dataset
+    from hf_zsharp.image_data import paper_transforms, processor_transforms
 
     results = json.loads((out / "all_results.json").read_text())
     classifier = pipeline("image-classification", model=str(out), trust_remote_code=True)
@@ -321,19 +409,55 @@ def test_flags_apply_on_top_of_the_default_recipe(tmp_path, monkeypatch):
     assert (from_file.sam, from_file.num_train_epochs, from_file.learning_rate) == ("asam", 2, 3e-3)
 
 
+def test_a_config_file_and_flags_together_flags_win(tmp_path):
+    """As TRL's parser: `--config FILE` sets options, flags override them, the recipe fills in the rest."""
+    config = tmp_path / "run.yaml"
+    config.write_text("sam: asam\nnum_train_epochs: 2\nmodel_name_or_path: some/vit\nlearning_rate: 1.0e-3\n")
+    _, _, args = parse_train_args(["--config", str(config), "--num_train_epochs", "7", "--sam_rho", "0.2"])
+    assert (args.sam, args.num_train_epochs, args.sam_rho, args.learning_rate) == ("asam", 7, 0.2, 1e-3)
+    assert args.warmup_steps == 0.1  # the pretrained recipe, chosen by the file's model
+    (tmp_path / "bad.json").write_text('{"sam": "sam", "learning_rat": 0.1}')
+    with pytest.raises(ValueError, match="unknown options: learning_rat"):
+        parse_train_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_abbreviated_or_unknown_flags_are_refused_with_the_closest_option():
+    with pytest.raises(ValueError, match=r"--max_step \(did you mean --max_steps\?\)"):
+        parse_train_args(["--max_step", "2"])
+    with pytest.raises(ValueError, match=r"--learning-rat=0.1 \(did you mean --learning-rate\?\)"):
+        parse_train_args(["--learning-rat=0.1"])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("dup.json", '{"sam": "sam", "sam": "asam"}', "given more than once: sam"),
+        ("dup.yaml", "sam: sam\nseed: 1\nsam: asam\n", "given more than once: sam"),
+        ("type.yaml", "per_device_train_batch_size: 2.5\n", "gives per_device_train_batch_size: 2.5"),
+        ("type.json", '{"learning_rate": "fast"}', "gives learning_rate: 'fast'"),
+    ],
+)
+def test_a_bad_config_file_names_the_key(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_train_args(["--config", str(tmp_path / name)])
+
+
+def test_yaml_yes_stays_a_string_and_booleans_read_as_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("run_name: yes\nuse_cpu: true\nsam_sync_ascent: false\nseed: 3\n")
+    _, _, args = parse_train_args([str(tmp_path / "run.yaml")])
+    assert (args.run_name, args.use_cpu, args.sam_sync_ascent, args.seed) == ("yes", True, False, 3)
+
+
 def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys):
     with pytest.raises(SystemExit):
         train("--help")
     text = capsys.readouterr().out
-    order = [
-        text.index(title)
-        for title in ("Model options:", "Data options:", "Sharpness-aware options", "Training options")
-    ]
+    order = [text.index(title) for title in ("Model options:", "Data options:", "Training options")]
     assert order == sorted(order)
-    assert (
-        text.index("--sam_rho") < text.index("Training options") < text.index("--learning_rate LEARNING_RATE")
-    )
     recipe = text[: text.index("Model options:")]
+    assert "--sam_rho" in recipe and "--config" in text
+    assert text.index("--learning_rate LEARNING_RATE") < text.index("--sam_rho SAM_RHO")
     assert "--learning_rate 0.003" in recipe and "--learning_rate 5e-05" in recipe and "./outputs" in recipe
     assert len(text[: text.index("Training options")].splitlines()) < 150
 
@@ -349,6 +473,11 @@ def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys
         (["--zsharp_percentile", "1.5"], "zsharp_percentile"),
         (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
         (["--max_eval_samples", "-3"], "--max_eval_samples must be at least 1"),
+        (["--image_size", "100000"], "--image_size must lie between 1 and 4096 pixels; got 100000"),
+        (
+            ["--image_size", "4096", "--per_device_train_batch_size", "100000"],
+            "a batch of 100000 such images",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, argv, message):
@@ -371,6 +500,20 @@ def test_an_output_dir_with_another_run_is_refused_and_kept(tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         train("--output_dir", out, *FAST)
     assert (out / "notes.txt").read_text() == "mine" and (out / "trainer_state.json").read_text() == "{}"
+
+
+def test_resume_from_checkpoint_last_resumes_the_last_checkpoint_and_says_which(tmp_path, caplog):
+    out = tmp_path / "out"
+    steps = ["--save_strategy", "steps", "--save_steps", "1", "--max_train_samples", "16"]
+    with pytest.raises(SystemExit, match="holds no checkpoint-\\* folder"):
+        train("--output_dir", out, *FAST, *steps, "--resume_from_checkpoint", "last")
+    train("--output_dir", out, *FAST, *steps)  # checkpoints at steps 1 and 2
+    with pytest.raises(SystemExit, match="resume its last checkpoint with --resume_from_checkpoint last"):
+        train("--output_dir", out, *FAST, *steps)
+    with caplog.at_level(logging.INFO, logger="hf_zsharp.run"):
+        train("--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "true")
+    assert f"Resuming training from the checkpoint {out / 'checkpoint-2'}." in caplog.text
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
 
 
 @pytest.mark.parametrize(

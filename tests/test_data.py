@@ -23,16 +23,8 @@ from torch.utils.data import DataLoader
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 from transformers.models.timm_wrapper import TimmWrapperImageProcessor
 
-from hf_zsharp.data import (
-    NORMALIZATION_STATS,
-    DataError,
-    collate_fn,
-    load_image_dataset,
-    normalization_stats,
-    paper_transforms,
-    processor_transforms,
-    with_image_transforms,
-)
+from hf_zsharp.data import NORMALIZATION_STATS, DataError, load_image_dataset, normalization_stats
+from hf_zsharp.image_data import collate_fn, paper_transforms, processor_transforms, with_image_transforms
 
 
 @pytest.fixture
@@ -202,8 +194,34 @@ def test_a_class_with_a_single_example_is_held_out_unstratified_in_memory(load, 
 @pytest.mark.parametrize("bad", [7, -1])
 def test_class_labels_out_of_range_are_refused_before_training(load, tmp_path, bad):
     root = _saved(tmp_path / "r", {"train": [0, 1, 2], "test": [0, bad, 2, bad]}, ["a", "b", "c"])
-    with pytest.raises(DataError, match=rf"'label'.*split 'test'.*outside 0..2.*: {bad}\."):
+    with pytest.raises(
+        DataError, match=rf"'label'.*split 'test'.*outside 0..2.*: {bad} .*another evaluation"
+    ):
         load(root)
+
+
+@pytest.mark.parametrize("names", [None, ["a", "b", "c"]])
+def test_unlabelled_training_examples_are_refused_with_advice_for_the_training_split(load, tmp_path, names):
+    root = _saved(tmp_path / "t", {"train": [0, -1, 2, 1], "test": [0, 1, 2]}, names)
+    with pytest.raises(DataError, match=r"split 'train'.*: -1 .*remove those examples"):
+        load(root)
+
+
+@pytest.mark.parametrize("labels", [[0, None, 1], ["cat", None, "dog"]])
+def test_missing_labels_name_the_column_and_split(load, tmp_path, labels):
+    root = _saved(tmp_path / "n", {"train": labels, "test": labels[:1]})
+    with pytest.raises(
+        DataError, match=r"Column 'label' of .* \(split 'train'\) has examples without a label"
+    ):
+        load(root)
+
+
+def test_classes_without_training_images_are_named_in_a_warning(load, tmp_path, caplog):
+    root = _saved(tmp_path / "g", {"train": [0, 0, 3, 3], "test": [0, 3, 1]})  # integer labels with gaps
+    with caplog.at_level(logging.WARNING, logger="hf_zsharp.data"):
+        dataset = load(root)
+    assert dataset["train"].features["labels"].names == ["0", "1", "2", "3"]
+    assert "2 of 4 classes have no training image: 1, 2." in caplog.text
 
 
 def test_an_empty_saved_split_is_a_clear_error(load, tmp_path):
@@ -254,7 +272,7 @@ def test_missing_columns_list_the_existing_ones(load, cifar10_dir, cifar100_dir,
     unlabeled = datasets.Dataset.from_dict({"img": [PIL.Image.new("RGB", (8, 8))] * 2, "caption": ["a", "b"]})
     unlabeled.save_to_disk(str(tmp_path / "unlabeled"))
     with pytest.raises(DataError, match=r"No label column found.*\['img', 'caption'\]"):
-        load(tmp_path / "unlabeled")
+        load(tmp_path / "unlabeled", train_val_split=0.5)
     with pytest.raises(DataError, match=r"Column 'coarse_label' .* does not hold images"):
         load(cifar100_dir, image_column="coarse_label")
     with pytest.raises(DataError, match=r"both 'label'"):

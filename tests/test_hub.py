@@ -12,7 +12,14 @@ from huggingface_hub import ModelCard
 from safetensors.numpy import save_file
 
 from hf_zsharp.cards import write_model_card
-from hf_zsharp.hub import check_push_prerequisites, push_to_hub, snapshot, written_since
+from hf_zsharp.hub import (
+    check_push_prerequisites,
+    push_to_hub,
+    snapshot,
+    upload_advice,
+    write_manifest,
+    written_since,
+)
 
 FAKE_TOKEN = "hf_SECRETtoken123"
 REPO_ID = "someone/resnet20-zsharp"
@@ -93,7 +100,8 @@ def test_push_uploads_exactly_the_model_files_in_one_commit(model_dir):
 
 def test_push_to_revision_with_sharded_weights(model_dir):
     (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00001.safetensors")
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    index = {"weight_map": {"weight": "model-00001-of-00001.safetensors"}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     api = RecordingApi()
     push_to_hub(model_dir, REPO_ID, revision="zsharp-run", api=api)
     assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "upload_folder"]
@@ -139,7 +147,7 @@ def test_a_file_holding_the_token_is_never_uploaded(model_dir, monkeypatch, sour
     api = RecordingApi(token=FAKE_TOKEN if source == "api" else None)
     if source == "environment":
         monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    with pytest.raises(ValueError, match="README.md contains the Hub token"):
+    with pytest.raises(ValueError, match="README.md contains a Hub token"):
         push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN if source == "argument" else None, api=api)
     assert api.calls == []
 
@@ -161,16 +169,15 @@ def test_only_the_files_a_run_wrote_are_pushed(model_dir):
 
 
 def test_a_file_name_with_pattern_characters_is_uploaded_alone(model_dir):
-    (model_dir / "[1]results.json").write_text("{}")
-    (model_dir / "1results.json").write_text("{}")  # what the unescaped pattern '[1]results.json' would match
-    api = RecordingApi()
-    push_to_hub(
-        model_dir,
-        REPO_ID,
-        files=["[1]results.json", "model.safetensors", "config.json", "README.md"],
-        api=api,
+    (model_dir / "model.safetensors").rename(model_dir / "model[1].safetensors")
+    (model_dir / "model1.safetensors").write_bytes(
+        b"what the unescaped pattern 'model[1].safetensors' matches"
     )
-    assert set(api.uploaded) == {"[1]results.json", "model.safetensors", "config.json", "README.md"}
+    index = {"weight_map": {"weight": "model[1].safetensors"}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    api = RecordingApi()
+    push_to_hub(model_dir, REPO_ID, api=api)
+    assert "model[1].safetensors" in api.uploaded and "model1.safetensors" not in api.uploaded
 
 
 def test_push_prerequisites_are_checked_before_training(monkeypatch):
@@ -188,3 +195,37 @@ def test_push_prerequisites_are_checked_before_training(monkeypatch):
     api = RecordingApi()
     check_push_prerequisites(REPO_ID, FAKE_TOKEN, api=api)
     assert api.calls == [("whoami", FAKE_TOKEN)]
+
+
+def test_a_folder_push_uploads_the_manifest_or_only_what_a_model_repo_needs(model_dir):
+    """The user's own files in the folder never leave it: scripts, other results, other weights, a file with the
+    token. Without a manifest only the model repo's files go, by name (the model code named by auto_map too)."""
+    (model_dir / "my_script.py").write_text("print('mine')\n")
+    (model_dir / "notes.py").write_text(f"TOKEN = '{FAKE_TOKEN}'\n")
+    (model_dir / "customer_results.json").write_text('{"private": true}')
+    (model_dir / "old.safetensors").write_bytes(b"private weights")
+    (model_dir / "modeling_mine.py").write_text("from .layers import Block\n")
+    (model_dir / "layers.py").write_text("Block = None\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForImageClassification": "modeling_mine.MyClassifier"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    api = RecordingApi()
+    push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN, api=api)
+    assert set(api.uploaded) == EXPECTED | {"modeling_mine.py", "layers.py"}
+
+    write_manifest(model_dir, ["model.safetensors", "config.json", "README.md", "notes.py", "layers.py"])
+    api = RecordingApi()
+    push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN, api=api)
+    assert set(api.uploaded) == {"model.safetensors", "config.json", "README.md", "layers.py"}
+
+    (model_dir / "layers.py").write_text(f"Block = None  # {FAKE_TOKEN}\n")  # any uploaded text file is read
+    with pytest.raises(ValueError, match="layers.py contains a Hub token"):
+        push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN, api=RecordingApi())
+
+
+def test_the_advice_after_a_failed_push_never_names_a_file_holding_the_token(model_dir):
+    (model_dir / "zsharp_args.json").write_text(json.dumps({"run_name": f"run-{FAKE_TOKEN}"}))
+    files = [model_dir / name for name in ("config.json", "zsharp_args.json", "model.safetensors")]
+    advice = upload_advice(files, REPO_ID, model_dir, [FAKE_TOKEN])
+    assert "--include 'config.json'" in advice and "--include 'model.safetensors'" in advice
+    assert "zsharp_args.json" not in advice and "1 file(s) holding a Hub token left out" in advice

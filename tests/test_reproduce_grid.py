@@ -3,17 +3,21 @@ schedule. Nothing here trains."""
 
 import inspect
 import shlex
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from hf_zsharp.args import parse_train_args
 from hf_zsharp.optim import ASAM, FriendlySAM
 from hf_zsharp.reproduce.cli import make_plan
 from hf_zsharp.reproduce.grid import RunSpec, expand_grid
 from hf_zsharp.reproduce.presets import METHODS
-from hf_zsharp.reproduce.recipe import PaperLRSchedule, paper_lr_factor, paper_trainer_hooks
-from hf_zsharp.run import parse_train_args
+from hf_zsharp.reproduce.recipe import (
+    PaperRecipeTrainer,
+    paper_lr_factor,
+    paper_lr_scheduler,
+    paper_trainer_hooks,
+)
 
 
 def test_grid_order_and_folders(tmp_path):
@@ -194,24 +198,30 @@ def test_paper_lr_factor():
     assert paper_lr_factor(50 + 60 * steps, steps) == pytest.approx(0.75**2)
 
 
-def test_paper_lr_schedule_callback_reshapes_the_constant_schedule():
+def test_paper_lr_scheduler_follows_paper_lr_factor():
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.Adam([param], lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # Trainer's "constant"
-    args = SimpleNamespace(gradient_accumulation_steps=2)
-    PaperLRSchedule().on_train_begin(args, None, None, lr_scheduler=scheduler, train_dataloader=range(7))
-    steps_per_epoch = 4  # ceil(7 batches / 2)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / (5 * steps_per_epoch))
-    assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]  # what Trainer logs
-    lrs = []
-    for _ in range(40 * steps_per_epoch):
+    steps_per_epoch = 4
+    scheduler = paper_lr_scheduler(optimizer, steps_per_epoch)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(70 * steps_per_epoch):
         optimizer.step()
         scheduler.step()
         lrs.append(scheduler.get_last_lr()[0])
-    assert lrs[5 * steps_per_epoch - 2] == pytest.approx(1e-3)
-    assert lrs[35 * steps_per_epoch - 2] == pytest.approx(1e-3)
-    assert lrs[35 * steps_per_epoch - 1] == pytest.approx(0.75e-3)
-    with pytest.raises(ValueError, match="constant"):
-        PaperLRSchedule().on_train_begin(
-            args, None, None, lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), train_dataloader=[1]
-        )
+    expected = [1e-3 * paper_lr_factor(step, steps_per_epoch) for step in range(len(lrs))]
+    assert lrs == pytest.approx(expected, rel=1e-12)  # LinearLR's recursive warm-up rounds at 1e-16
+
+
+def test_paper_recipe_trainer_takes_the_steps_per_epoch_of_the_trainer(tmp_path):
+    """7 batches with 2 accumulation steps: 4 optimizer steps per epoch, as Trainer counts them."""
+    from tiny_training import TinyData, TinyNet, tiny_args
+
+    args = tiny_args(
+        str(tmp_path), max_steps=-1, num_train_epochs=6, per_device_train_batch_size=8,
+        gradient_accumulation_steps=2, lr_scheduler_type="linear", logging_steps=1,
+    )  # fmt: skip
+    trainer = PaperRecipeTrainer(model=TinyNet(), args=args, train_dataset=TinyData(56))
+    trainer.train()
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert trainer.steps_per_epoch == 4 and len(logged) == 24
+    assert logged == pytest.approx([1e-2 * paper_lr_factor(step, 4) for step in range(24)], rel=1e-12)

@@ -12,7 +12,7 @@ from transformers import HfArgumentParser, TrainerCallback, get_linear_schedule_
 
 from hf_zsharp.args import ZSharpTrainingArguments
 from hf_zsharp.optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_batchnorm_stats
-from hf_zsharp.trainer import ZSharpTrainer
+from hf_zsharp.trainer import ZSharpTrainer, check_fsdp2_batchnorm
 from hf_zsharp.two_pass import check_supported
 
 # Two float32 computations of the same training that round differently (fused or for-loop AdamW, batch 8 or 2 x 4,
@@ -552,3 +552,30 @@ def test_the_ascent_loss_increase_is_logged(tmp_path, accumulation):
     # Means of two steps; each a difference of two float32 losses near 1 (a few ulps), halves averaged when
     # accumulating: a few times 1e-7 at most.
     torch.testing.assert_close(logs, [sum(expected[:2]) / 2, sum(expected[2:]) / 2], rtol=0, atol=1e-6)
+
+
+def test_fsdp2_with_bf16_refuses_a_batchnorm_model_before_training():
+    """The known limitation is said in one line instead of `expected scalar type BFloat16 but found Float`."""
+    with_norm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    fsdp2_bf16 = SimpleNamespace(is_fsdp2=True, mixed_precision="bf16")
+    with pytest.raises(
+        ValueError, match="FSDP2 with bf16 mixed precision cannot train this model: it has BatchNorm2d"
+    ):
+        check_fsdp2_batchnorm(with_norm, fsdp2_bf16)
+    check_fsdp2_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2)), fsdp2_bf16)  # no BatchNorm
+    check_fsdp2_batchnorm(with_norm, SimpleNamespace(is_fsdp2=True, mixed_precision="no"))
+    check_fsdp2_batchnorm(with_norm, SimpleNamespace(is_fsdp2=False, mixed_precision="bf16"))
+
+
+def test_create_model_card_writes_the_hf_zsharp_card(tmp_path):
+    """Trainer.push_to_hub and users calling create_model_card get hf_zsharp's card, not Trainer's generic one."""
+    args = tiny_args(str(tmp_path), eval_strategy="steps", eval_steps=2, logging_steps=1, sam_rho=0.1)
+    trainer = ZSharpTrainer(
+        model=TinyNet(), args=args, train_dataset=TinyData(), eval_dataset=TinyData(16, 2)
+    )
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-zsharp", finetuned_from="someone/base", dataset="someone/data")
+    card = (tmp_path / "README.md").read_text()
+    assert "# tiny-zsharp" in card and "ZSharp (SAM with Z-score gradient filtering" in card
+    assert "| rho (ascent radius) | 0.1 |" in card and "| Evaluation loss |" in card
+    assert "base_model: someone/base" in card and (tmp_path / "training_curves.png").is_file()

@@ -8,8 +8,7 @@ from torch import nn
 
 from hf_zsharp.args import ZSharpTrainingArguments
 from hf_zsharp.augment import BatchAugment, augment_inputs
-from hf_zsharp.data import collate_fn
-from hf_zsharp.image_data import CachedImages
+from hf_zsharp.image_data import CachedImages, collate_fn
 from hf_zsharp.trainer import ZSharpTrainer
 
 EPS = 2.0**-24  # float32's unit roundoff

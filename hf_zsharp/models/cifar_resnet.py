@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutput
+from transformers import PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
 
-from .outputs import classification_output
+from .outputs import PaperCNNForImageClassification, PaperCNNPreTrainedModel
 
 
 class CifarResNetConfig(PretrainedConfig):
@@ -71,13 +71,11 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNetPreTrainedModel(PreTrainedModel):
+class CifarResNetPreTrainedModel(PaperCNNPreTrainedModel):
     """Weight initialisation of the original CIFAR ResNet code (Kaiming-normal conv and linear weights)."""
 
     config_class = CifarResNetConfig
     base_model_prefix = "resnet"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
     _no_split_modules = ["BasicBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -87,10 +85,6 @@ class CifarResNetPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         else:
             super()._init_weights(module)
-
-    def get_input_embeddings(self) -> None:
-        """An image model without input embeddings (Accelerate's FSDP2 preparation asks every model for them)."""
-        return None
 
 
 class CifarResNetModel(CifarResNetPreTrainedModel):
@@ -115,15 +109,10 @@ class CifarResNetModel(CifarResNetPreTrainedModel):
     def forward(
         self, pixel_values: torch.Tensor, return_dict: bool | None = None
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
-        hidden = self.layers(F.relu(self.bn(self.conv(pixel_values))))
-        pooled = self.pool(hidden).flatten(1)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if not return_dict:
-            return hidden, pooled
-        return BaseModelOutputWithPoolingAndNoAttention(last_hidden_state=hidden, pooler_output=pooled)
+        return self.pooled_output(self.layers(F.relu(self.bn(self.conv(pixel_values)))), return_dict)
 
 
-class CifarResNetForImageClassification(CifarResNetPreTrainedModel):
+class CifarResNetForImageClassification(PaperCNNForImageClassification, CifarResNetPreTrainedModel):
     """CIFAR ResNet with a linear classifier; cross-entropy loss when `labels` are given."""
 
     def __init__(self, config: CifarResNetConfig):
@@ -131,14 +120,3 @@ class CifarResNetForImageClassification(CifarResNetPreTrainedModel):
         self.resnet = CifarResNetModel(config)
         self.classifier = nn.Linear(config.widths[-1], config.num_labels)
         self.post_init()
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> ImageClassifierOutput | tuple:
-        pooled = self.resnet(pixel_values, return_dict=True).pooler_output
-        logits = self.classifier(pooled)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return classification_output(logits, labels, return_dict)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutput
+from transformers import PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
 
-from .outputs import classification_output
+from .outputs import PaperCNNForImageClassification, PaperCNNPreTrainedModel
 
 # Output channels of each 3x3 conv; "M" is a 2x2 max-pool (VGG configurations A, B, D and E).
 VGG_LAYOUTS: dict[int, list[int | str]] = {
@@ -62,13 +62,11 @@ class CifarVGGConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class CifarVGGPreTrainedModel(PreTrainedModel):
+class CifarVGGPreTrainedModel(PaperCNNPreTrainedModel):
     """Weight initialisation of torchvision's VGG (Kaiming-normal convs, N(0, 0.01) classifier)."""
 
     config_class = CifarVGGConfig
     base_model_prefix = "vgg"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
@@ -79,10 +77,6 @@ class CifarVGGPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         else:
             super()._init_weights(module)
-
-    def get_input_embeddings(self) -> None:
-        """An image model without input embeddings (Accelerate's FSDP2 preparation asks every model for them)."""
-        return None
 
 
 class CifarVGGModel(CifarVGGPreTrainedModel):
@@ -109,15 +103,10 @@ class CifarVGGModel(CifarVGGPreTrainedModel):
     def forward(
         self, pixel_values: torch.Tensor, return_dict: bool | None = None
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
-        hidden = self.features(pixel_values)
-        pooled = self.pool(hidden).flatten(1)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if not return_dict:
-            return hidden, pooled
-        return BaseModelOutputWithPoolingAndNoAttention(last_hidden_state=hidden, pooler_output=pooled)
+        return self.pooled_output(self.features(pixel_values), return_dict)
 
 
-class CifarVGGForImageClassification(CifarVGGPreTrainedModel):
+class CifarVGGForImageClassification(PaperCNNForImageClassification, CifarVGGPreTrainedModel):
     """VGG-BN with one linear classifier; cross-entropy loss when `labels` are given."""
 
     def __init__(self, config: CifarVGGConfig):
@@ -125,13 +114,3 @@ class CifarVGGForImageClassification(CifarVGGPreTrainedModel):
         self.vgg = CifarVGGModel(config)
         self.classifier = nn.Linear(512, config.num_labels)
         self.post_init()
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> ImageClassifierOutput | tuple:
-        logits = self.classifier(self.vgg(pixel_values, return_dict=True).pooler_output)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return classification_output(logits, labels, return_dict)

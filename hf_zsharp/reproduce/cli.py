@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from hf_zsharp.args import parse_train_args
 from hf_zsharp.models import PAPER_MODELS
 from hf_zsharp.reproduce import report
 from hf_zsharp.reproduce.grid import COMMAND, Plan, RunSpec, check_names, expand_grid, short_name
 from hf_zsharp.reproduce.presets import METHODS, PRESETS
 from hf_zsharp.reproduce.records import code_version, load_record, write_record
 from hf_zsharp.reproduce.runner import train_one
-from hf_zsharp.run import parse_train_args
 
 # Training flags the grid sets per run, and the reproduction option that sets them instead.
 GRID_FLAGS = {

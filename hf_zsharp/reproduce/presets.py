@@ -73,7 +73,7 @@ class Preset:
 
 # The paper's recipe (from its code; RESULTS.md lists where the presets deviate): batch 256, fp32,
 # Adam(1e-3, 0.9/0.999, 1e-8) with coupled L2 5e-5 and a 5-epoch warm-up then StepLR(30, 0.75). Adam and the schedule come from `recipe.paper_trainer_hooks`;
-# the constant schedule below is what `PaperLRSchedule` reshapes. 10 % of the training split is held out for
+# `recipe.PaperRecipeTrainer` builds the schedule in place of the constant one below. 10 % of the training split is held out for
 # validation (the paper has none).
 PAPER_TRAIN_ARGS = (
     "--image_size", "32",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import TrainerCallback
+from torch.optim.lr_scheduler import LinearLR, SequentialLR, StepLR
+
+from hf_zsharp.trainer import ZSharpTrainer
 
 
 def paper_lr_factor(
@@ -19,48 +20,43 @@ def paper_lr_factor(
     return gamma ** ((step - warmup_steps) // (step_epochs * steps_per_epoch))
 
 
-class PaperLRSchedule(TrainerCallback):
-    """Turns `Trainer`'s constant schedule (`lr_scheduler_type="constant"`) into `paper_lr_factor`."""
+def paper_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    warmup_epochs: int = 5,
+    step_epochs: int = 30,
+    gamma: float = 0.75,
+) -> SequentialLR:
+    """`paper_lr_factor` from torch's schedulers: LinearLR over the warm-up, then StepLR."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    warmup = LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1)
+    decay = StepLR(optimizer, step_size=step_epochs * steps_per_epoch, gamma=gamma)
+    return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 
-    def __init__(self, warmup_epochs: int = 5, step_epochs: int = 30, gamma: float = 0.75) -> None:
-        self.warmup_epochs = warmup_epochs
-        self.step_epochs = step_epochs
-        self.gamma = gamma
 
-    def on_train_begin(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        lr_scheduler: Any = None,
-        train_dataloader: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        # Accelerate may wrap the scheduler (AcceleratedScheduler keeps it as `.scheduler`).
-        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-        if not isinstance(scheduler, LambdaLR):
-            raise ValueError(
-                f"PaperLRSchedule needs lr_scheduler_type='constant' (a LambdaLR); got {type(scheduler).__name__}."
-            )
-        batches = len(train_dataloader)
-        accumulation = args.gradient_accumulation_steps
-        steps_per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+class PaperRecipeTrainer(ZSharpTrainer):
+    """`ZSharpTrainer` with the paper's learning-rate schedule (`paper_lr_scheduler`) in place of
+    `lr_scheduler_type`; the steps per epoch are the Trainer's own count."""
 
-        def factor(step: int) -> float:
-            return paper_lr_factor(step, steps_per_epoch, self.warmup_epochs, self.step_epochs, self.gamma)
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
+        values = super().set_initial_training_values(args, dataloader)
+        self.steps_per_epoch = values[1]  # num_update_steps_per_epoch
+        return values
 
-        scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
-        for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * factor(scheduler.last_epoch)
-        # What `get_last_lr()` (and so Trainer's "learning_rate" log) reports until the scheduler's next step.
-        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = paper_lr_scheduler(optimizer or self.optimizer, self.steps_per_epoch)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
 
 def paper_trainer_hooks(training_args: Any) -> dict[str, Any]:
-    """`run_training` extras for the paper's recipe: torch.optim.Adam (coupled L2) and `PaperLRSchedule`."""
+    """`run_training` extras for the paper's recipe: torch.optim.Adam (coupled L2) and `PaperRecipeTrainer`."""
     adam = {
         "lr": training_args.learning_rate,
         "betas": (training_args.adam_beta1, training_args.adam_beta2),
         "eps": training_args.adam_epsilon,
     }
-    return {"optimizer_cls_and_kwargs": (torch.optim.Adam, adam), "callbacks": [PaperLRSchedule()]}
+    return {"optimizer_cls_and_kwargs": (torch.optim.Adam, adam), "trainer_cls": PaperRecipeTrainer}
