@@ -3,7 +3,9 @@
 `top_share(scores, q)` finds, for every row of a (B, N) score matrix, the entries whose score exceeds
 the row's `torch.quantile(row, q)` (linear interpolation), exactly and without sorting the row, as
 positions: the caller can build the mask and save just the moved entries for an exact restore.
-`tests/test_selection.py` checks it against `torch.quantile`.
+`top_shares` does the same for many matrices of different widths at once, in O(1) ops per matrix: the
+accelerator path, where every op is a kernel launch. `tests/test_selection.py` checks both against
+`torch.quantile`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def quantile_rank(n: int, q: float) -> tuple[int, float]:
     return low, rank - low
 
 
+def row_by_row(device: torch.device) -> bool:
+    """Whether ZSharp selects tensor by tensor with the exact NumPy prefilter (the CPU) rather than batched with
+    `topk` (accelerators)."""
+    return device.type == "cpu"
+
+
 def top_share(scores: Tensor, q: float) -> list[tuple[Tensor, Tensor]]:
     """Per row of `scores` (B, N): the entries whose score exceeds the row's `torch.quantile(row, q)`.
 
@@ -40,13 +48,47 @@ def top_share(scores: Tensor, q: float) -> list[tuple[Tensor, Tensor]]:
     n = scores.shape[1]
     low, weight = quantile_rank(n, q)
     k = n - low
-    if scores.device.type == "cpu" and n >= _PREFILTER_MIN_N and k <= n // 8:
+    if row_by_row(scores.device) and n >= _PREFILTER_MIN_N and k <= n // 8:
         return [_kept_prefiltered(row, low, weight) for row in scores]
     values, index = torch.topk(scores, k, dim=1, sorted=False)
     below = values.min(dim=1).values
     above = values.kthvalue(2, dim=1).values if weight > 0 else below
     keep = values > torch.lerp(below, above, weight).unsqueeze(1)
     return list(zip(index, keep))
+
+
+def top_shares(matrices: list[Tensor], qs: list[float]) -> tuple[Tensor, Tensor, list[int]]:
+    """`top_share`'s accelerator form for many (B_i, N_i) score matrices (float32) at once, pooled row after row:
+    the positions of each row's top k = N - floor(q (N - 1)) scores, whether each is above the row's
+    `torch.quantile(row, q)` (q from `qs`, one per matrix), and k per row.
+
+    Per matrix: one `topk`, and one more for the two order statistics the quantile interpolates (the two smallest
+    of the top k); then the thresholds and the keep flags of all rows in a few ops. No host sync.
+    """
+    tops, where, pairs, weights, counts = [], [], [], [], []
+    for scores, q in zip(matrices, qs):
+        rows, n = scores.shape
+        low, weight = quantile_rank(n, q)
+        values, index = scores.topk(n - low, dim=1, sorted=False)
+        pair = values.topk(2, dim=1, largest=False).values if n - low > 1 else values.expand(rows, 2)
+        tops.append(values)
+        where.append(index)
+        pairs.append(pair)
+        weights += [weight] * rows
+        counts += [n - low] * rows
+    device = matrices[0].device
+    pair = flat(pairs).view(-1, 2)
+    weight = torch.tensor(weights, dtype=torch.float32, device=device)
+    threshold = torch.lerp(pair[:, 0], pair[:, 1], weight)  # torch.quantile's float32 lerp
+    top = flat(tops)
+    repeats = torch.tensor(counts, device=device)
+    keep = top > threshold.repeat_interleave(repeats, output_size=top.numel())
+    return flat(where), keep, counts
+
+
+def flat(tensors: list[Tensor]) -> Tensor:
+    """The entries of `tensors` (each in its logical order) one after the other in a new 1-D tensor: one op."""
+    return torch._chunk_cat(tensors, 0, 1).view(-1)
 
 
 def _kept_prefiltered(row: Tensor, low: int, weight: float) -> tuple[Tensor, Tensor]:
