@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import selection
 from .sharded import local, process_group, whole_norms
 
 EPS = 1e-12
@@ -316,18 +317,34 @@ class SAM(Optimizer):
             torch._foreach_add_(params, torch._foreach_mul(values, alpha))
 
     def _apply_sparse(self, moves: SparseMoves) -> None:
-        """Chosen entries: scale the pooled values in one op, then one `take` (save) and one `put_` per tensor."""
+        """Chosen entries: scale the pooled values (one foreach op), then save and add per tensor (`_gather`,
+        `_add_at`)."""
         params = [local(p) for p in moves.params]
-        device = moves.values.device
-        counts = torch.tensor(moves.counts, device=device)
-        scale = torch.tensor(moves.alphas, dtype=torch.float32, device=device)
-        values = moves.values * scale.repeat_interleave(counts, output_size=moves.values.numel())
+        values = torch._foreach_mul(moves.values.split(moves.counts), moves.alphas)  # float32, as the norms
+        if values[0].dtype != params[0].dtype:
+            values = torch.cat(values).to(params[0].dtype).split(moves.counts)
         index = moves.index.split(moves.counts)
-        old = [p.take(i) for p, i in zip(params, index)]
+        old = [_gather(p, i) for p, i in zip(params, index)]
         small = max(p.numel() for p in params) < 2**31  # int32 positions: half the memory held until restore
         self._saved.append((params, moves.index.int() if small else moves.index, moves.counts, old))
-        for p, i, v in zip(params, index, values.to(params[0].dtype).split(moves.counts)):
-            p.put_(i, v, accumulate=True)
+        for p, i, v in zip(params, index, values):
+            _add_at(p, i, v)
+
+
+def _gather(param: Tensor, index: Tensor) -> Tensor:
+    """`param`'s entries at logical flat positions `index` (int64). `take` needs no view (on an accelerator a view
+    is an op of its own); on the CPU `index_select` on a flat view of a contiguous tensor runs ~5x faster."""
+    if selection.row_by_row(param.device) and param.is_contiguous():
+        return param.view(-1).index_select(0, index)
+    return param.take(index)
+
+
+def _add_at(param: Tensor, index: Tensor, values: Tensor) -> None:
+    """Add `values` to `param`'s entries at logical flat positions `index` (distinct), as `_gather` chooses."""
+    if selection.row_by_row(param.device) and param.is_contiguous():
+        param.view(-1).index_add_(0, index, values)
+    else:
+        param.put_(index, values, accumulate=True)
 
 
 class Skips:

@@ -49,12 +49,25 @@ def top_share(scores: Tensor, q: float) -> list[tuple[Tensor, Tensor]]:
     low, weight = quantile_rank(n, q)
     k = n - low
     if row_by_row(scores.device) and n >= _PREFILTER_MIN_N and k <= n // 8:
-        return [_kept_prefiltered(row, low, weight) for row in scores]
+        return [
+            _kept_prefiltered(row, np.float32(0), low, weight) for row in scores
+        ]  # scores >= 0: |s - 0| = s
     values, index = torch.topk(scores, k, dim=1, sorted=False)
     below = values.min(dim=1).values
     above = values.kthvalue(2, dim=1).values if weight > 0 else below
     keep = values > torch.lerp(below, above, weight).unsqueeze(1)
     return list(zip(index, keep))
+
+
+def top_share_centred(row: Tensor, center: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """`top_share` of one CPU row's scores |row - center| (float32 `row`, a float32 one-entry `center`; the
+    scores as torch computes them), without forming the scores when the row is long (the prefilter)."""
+    n = row.numel()
+    low, weight = quantile_rank(n, q)
+    if n >= _PREFILTER_MIN_N and n - low <= n // 8:
+        return _kept_prefiltered(row, center.numpy().reshape(()), low, weight)
+    ((index, keep),) = top_share((row - center.reshape(())).abs_().unsqueeze(0), q)
+    return index, keep
 
 
 def top_shares(matrices: list[Tensor], qs: list[float]) -> tuple[Tensor, Tensor, list[int]]:
@@ -91,29 +104,47 @@ def flat(tensors: list[Tensor]) -> Tensor:
     return torch._chunk_cat(tensors, 0, 1).view(-1)
 
 
-def _kept_prefiltered(row: Tensor, low: int, weight: float) -> tuple[Tensor, Tensor]:
-    """Exact kept entries of one long CPU row: rank only the entries above a sampled lower bound.
+def _kept_prefiltered(row: Tensor, center: np.float32, low: int, weight: float) -> tuple[Tensor, Tensor]:
+    """Exact kept entries of one long CPU row, scores |row - center|: rank only the entries above a sampled bound.
 
-    CPU `torch.topk` costs ~20 passes over the row; a comparison plus `flatnonzero` costs ~3, and NumPy's
-    (on the same memory, no copy) run about twice as fast as torch's for these steps. The bound is a sample
+    CPU `torch.topk` costs ~20 passes over the row; the candidates (scores >= the bound) cost two comparisons of
+    the row against center +- bound and a `flatnonzero` (NumPy, on the same memory, about twice as fast as
+    torch's CPU kernels for these), and the scores are formed for the candidates only. The bound is a sample
     quantile (fixed sample positions, no global RNG use) with a four-sigma margin; if it is not below the
     quantile after all, every entry becomes a candidate, so the result is exact either way.
     """
-    scores = row.numpy()
-    n = scores.size
+    values = row.numpy()
+    n = values.size
     share = (n - low) / n
     margin = 4 * math.sqrt(share * (1 - share) / _SAMPLE_SIZE)
     j = max(0, math.floor((1 - share - margin) * _SAMPLE_SIZE) - 1)
-    bound = np.partition(scores[_sample_positions(n)], j)[j]
-    candidates = np.flatnonzero(scores >= bound)
+    bound = np.partition(np.abs(values[_sample_positions(n)] - center), j)[j]
+    candidates, scores = _at_least(values, center, bound)
     if candidates.size < n - low:
-        candidates = np.arange(n)
-    values = scores[candidates]
+        candidates, scores = np.arange(n), np.abs(values - center)
     rank = low - (n - candidates.size)  # position of the quantile's lower neighbour among candidates
-    pair = np.partition(values, [rank, rank + 1] if weight > 0 else rank)
-    threshold = _lerp(pair[rank], pair[rank + 1] if weight > 0 else pair[rank], weight)
-    index = torch.from_numpy(candidates[values > threshold])
+    part = np.partition(scores, rank)
+    threshold = _lerp(part[rank], part[rank + 1 :].min() if weight > 0 else part[rank], weight)
+    index = torch.from_numpy(candidates[scores > threshold])
     return index, torch.ones_like(index, dtype=torch.bool)
+
+
+def _at_least(values: np.ndarray, center: np.float32, bound: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and scores of the entries whose float32 score |values - center| is >= `bound`, exactly.
+
+    A score >= bound needs |x - center| >= bound (1 - 2^-24) - 2^-150 in exact arithmetic (float32 rounding), so
+    x >= hi or x <= lo with the slack below finds a superset in two comparisons of the raw values; the exact
+    scores of that superset (a few % of the row) then decide.
+    """
+    c, b = float(center), float(bound)
+    slack = (abs(c) + abs(b)) * 2.0**-20 + 2.0**-140
+    hi, lo = np.float32(c + b - slack), np.float32(c - b + slack)
+    hi = np.nextafter(hi, np.float32(-np.inf)) if hi > c + b - slack else hi  # round outwards
+    lo = np.nextafter(lo, np.float32(np.inf)) if lo < c - b + slack else lo
+    superset = np.flatnonzero((values >= hi) | (values <= lo)) if lo < hi else np.arange(values.size)
+    scores = np.abs(values[superset] - center)
+    above = scores >= bound
+    return superset[above], scores[above]
 
 
 def _lerp(below: np.float32, above: np.float32, weight: float) -> np.float32:

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from . import selection
 from .sam import EPS, SAM, Ascent, Move, SparseMoves, check_argument, fetch, norms
-from .selection import flat, top_share, top_shares
+from .selection import flat, top_share, top_share_centred, top_shares
 from .sharded import (
     exact_top_share,
     global_sums,
@@ -55,20 +55,6 @@ class Selection:
     counts: list[int]
     norm: Tensor
     kept: Tensor
-
-    @staticmethod
-    def join(selections: list[Selection]) -> Selection:
-        """One pool of several selections (one apply for all of them)."""
-        if len(selections) == 1:
-            return selections[0]
-        return Selection(
-            [p for s in selections for p in s.params],
-            torch.cat([s.values for s in selections]),
-            torch.cat([s.index for s in selections]),
-            [c for s in selections for c in s.counts],
-            torch.cat([s.norm for s in selections]),
-            torch.cat([s.kept for s in selections]),
-        )
 
     def moves(
         self, rows: list[int], alphas: list[float], norms: list[float], kept: list[float]
@@ -194,8 +180,8 @@ class ZSharp(SAM):
             return []
         if selection.row_by_row(filtered[0].device):
             if self.defaults["mask"] == "random":
-                return [Selection.join([self._select_row(p) for p in filtered])]
-            return [Selection.join(_map_threads(self._select_row, filtered))]
+                return [self._select_row(p) for p in filtered]
+            return _map_threads(self._select_row, filtered)
         chunks: dict[tuple, list[list[Tensor]]] = defaultdict(list)
         for bucket in _same_shape(filtered, self._group):
             chunks[bucket[0].device, bucket[0].grad.dtype].append(bucket)
@@ -264,15 +250,14 @@ class ZSharp(SAM):
         """Filter one tensor's gradient (the CPU path): its exactly kept entries, their norm and count."""
         grad = param.grad.reshape(-1)
         row = grad.unsqueeze(0).float()
-        mask = self.defaults["mask"]
-        if mask == "zscore":
-            scores = (row - row.sum(dim=1, keepdim=True) / row.shape[1]).abs_()
-        elif mask == "magnitude":
-            scores = row.abs()
+        mask, q = self.defaults["mask"], self._group(param)["percentile"]
+        if mask == "random":
+            draw = torch.rand(row.shape, generator=self._generator(row.device), device=row.device)
+            ((index, keep),) = top_share(draw, q)
         else:
-            scores = torch.rand(row.shape, generator=self._generator(row.device), device=row.device)
-        ((index, keep),) = top_share(scores, self._group(param)["percentile"])
-        del row, scores
+            center = row.sum(dim=1, keepdim=True) / row.shape[1] if mask == "zscore" else row.new_zeros(1)
+            index, keep = top_share_centred(row[0], center, q)
+        del row
         values = grad.index_select(0, index).float() * keep
         return Selection([param], values, index, [index.numel()], values.norm()[None], keep.sum()[None])
 

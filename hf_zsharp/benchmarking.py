@@ -1,0 +1,139 @@
+"""Measuring helpers shared by scripts/ and the tests: aten op counts and bytes, device syncs, peak memory, timm
+parameter sets with gradients, synthetic images.
+
+An op counted by `OpCount` is one dispatch of an aten operator below autograd: on an accelerator at least one
+kernel launch (~4-8 us of host time each), so a step's op count predicts its launch overhead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# Ops that read or write only the indexed entries: their bytes are the index and the moved values, not the tensor.
+_GATHERS = {"take", "index_select", "gather"}
+_SCATTERS = {"put_", "put", "index_put_", "index_add_", "index_copy_", "scatter_", "scatter_add_"}
+
+
+class OpCount(TorchDispatchMode):
+    """Count the aten ops run inside `with OpCount() as count:` (`count.ops` by name, `count.total`) and estimate
+    the bytes they touch (`count.bytes`): every tensor read plus every tensor written, whole for dense ops, the
+    index and the moved entries for gathers and scatters, nothing for views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.bytes = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        self.bytes += _bytes_touched(func, name, args, kwargs or {}, out)
+        return out
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+def _bytes_touched(func: Any, name: str, args: tuple, kwargs: dict, out: Any) -> int:
+    schema = func._schema
+    if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        return 0  # a view
+    tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    if name in _GATHERS:
+        return 2 * _nbytes(out) + sum(_nbytes(t) for t in tensors[1:] if not t.is_floating_point())
+    if name in _SCATTERS:
+        return sum(_nbytes(t) for t in tensors[1:]) * 2
+    written = [
+        a for a, arg in zip(args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write
+    ]
+    return _nbytes(tensors) + (_nbytes(written) if not schema.returns else _nbytes(out))
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that host clocks time it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def process_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (e.g. "VmRSS", "VmHWM") in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_reset(device: torch.device) -> int:
+    """Reset the peak-memory mark; returns the current bytes (CUDA: allocated; CPU: resident)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    reset_peak_rss()
+    return process_status_bytes("VmRSS")
+
+
+def peak_memory(device: torch.device) -> int:
+    """The peak bytes since `peak_memory_reset` (CUDA: allocated; CPU: resident)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else process_status_bytes("VmHWM")
+
+
+def timm_params(
+    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> list[torch.nn.Parameter]:
+    """The parameters of timm model `name` (random init, no download) with standard normal gradients."""
+    import timm
+
+    torch.manual_seed(seed)
+    params = list(timm.create_model(name, pretrained=False).to(device=device, dtype=dtype).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """`count` random normal images (3 x size x size) and labels, fixed seed, on `device`, one example per index."""
+
+    def __init__(
+        self, count: int, size: int = 32, num_labels: int = 10, device: torch.device | str = "cpu"
+    ) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(count, 3, size, size, generator=generator).to(device)
+        self.labels = torch.randint(num_labels, (count,), generator=generator).to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+class SyntheticBatches(SyntheticImages):
+    """`SyntheticImages` fetched a whole batch at a time (`__getitems__`, as `CachedImages`), for
+    `hf_zsharp.data.collate_fn`: synthetic data that costs the step almost nothing."""
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        index = torch.as_tensor(indices, device=self.labels.device) % len(self.labels)
+        return [{"pixel_values": self.pixels[index], "labels": self.labels[index]}]
