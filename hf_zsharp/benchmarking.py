@@ -7,7 +7,11 @@ kernel launch (~4-8 us of host time each), so a step's op count predicts its lau
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -58,6 +62,58 @@ def _bytes_touched(func: Any, name: str, args: tuple, kwargs: dict, out: Any) ->
         a for a, arg in zip(args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write
     ]
     return _nbytes(tensors) + (_nbytes(written) if not schema.returns else _nbytes(out))
+
+
+def count_host_reads(run: Callable[[], Any]) -> list[str]:
+    """The tensor-to-Python reads (a host-device sync each on an accelerator) hf_zsharp's code makes in `run()`."""
+    reads: list[str] = []
+    package = f"{os.sep}hf_zsharp{os.sep}"
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(name: str) -> Callable:
+        def read(self: torch.Tensor, *args: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if package in caller and not caller.endswith("benchmarking.py"):
+                reads.append(name)
+            return originals[name](self, *args)
+
+        return read
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counted(name))
+        run()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return reads
+
+
+def held_bytes(optimizer: Any, params: list[torch.nn.Parameter]) -> int:
+    """Bytes of every tensor storage reachable from `optimizer` (attributes, state) that is neither a parameter nor
+    a gradient: what it holds, e.g. between `first_step` and `second_step`."""
+    excluded = {t.untyped_storage().data_ptr() for p in params for t in (p, p.grad) if t is not None}
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [optimizer]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in excluded and obj.numel() > 0:
+                found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+            stack.extend(vars(obj).values())
+    return sum(found.values())
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -137,3 +193,17 @@ class SyntheticBatches(SyntheticImages):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         index = torch.as_tensor(indices, device=self.labels.device) % len(self.labels)
         return [{"pixel_values": self.pixels[index], "labels": self.labels[index]}]
+
+
+@contextlib.contextmanager
+def accelerator_code_path() -> Iterator[None]:
+    """Run ZSharp's accelerator code path on any device (batched `topk` selection, no CPU prefilter): how the op
+    counts of a GPU step are measured on CPU tensors."""
+    from hf_zsharp.optim import selection
+
+    row_by_row = selection.row_by_row
+    selection.row_by_row = lambda device: False
+    try:
+        yield
+    finally:
+        selection.row_by_row = row_by_row

@@ -14,7 +14,7 @@ from reference import BUILDERS, model_with_grads
 from test_optim_reference import assert_moved_by, grads_of
 
 from hf_zsharp import ASAM, SAM, FriendlySAM, ZSharp
-from hf_zsharp.benchmarking import OpCount, timm_params
+from hf_zsharp.benchmarking import OpCount, accelerator_code_path, timm_params
 from hf_zsharp.optim import selection
 
 # Ops per parameter tensor of one two-pass step (issue 19); ASAM and Friendly-SAM share SAM's moves.
@@ -22,8 +22,9 @@ BUDGET = {SAM: 1.2, ASAM: 1.2, FriendlySAM: 1.2, ZSharp: 2.5}
 
 
 @pytest.fixture
-def accelerator_path(monkeypatch):
-    monkeypatch.setattr(selection, "row_by_row", lambda device: False)
+def accelerator_path():
+    with accelerator_code_path():
+        yield
 
 
 @pytest.fixture(scope="module", params=["vit_base_patch16_224", "resnet50"])
@@ -35,7 +36,9 @@ def timm_set(request):
 def test_two_pass_step_op_budget(timm_set, cls, accelerator_path) -> None:
     name, params = timm_set
     optimizer = cls(params, torch.optim.AdamW, lr=1e-6, fused=True)
-    for _ in range(2 if cls is FriendlySAM else 1):  # the base optimizer's state (and Friendly-SAM's momentum)
+    for _ in range(
+        2 if cls is FriendlySAM else 1
+    ):  # the base optimizer's state (and Friendly-SAM's momentum)
         optimizer.first_step()
         optimizer.second_step()
     with OpCount() as count:
