@@ -21,12 +21,15 @@ from torch.utils._pytree import tree_leaves
 # Ops that read or write only the indexed entries: their bytes are the index and the moved values, not the tensor.
 _GATHERS = {"take", "index_select", "gather"}
 _SCATTERS = {"put_", "put", "index_put_", "index_add_", "index_copy_", "scatter_", "scatter_add_"}
+_UNINITIALISED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
 class OpCount(TorchDispatchMode):
     """Count the aten ops run inside `with OpCount() as count:` (`count.ops` by name, `count.total`) and estimate
-    the bytes they touch (`count.bytes`): every tensor read plus every tensor written, whole for dense ops, the
-    index and the moved entries for gathers and scatters, nothing for views."""
+    the bytes they touch (`count.bytes`): every tensor argument read (except `out=`; tensors changed in place are
+    read and written) plus every tensor written, whole for dense ops; for gathers and scatters the index and the
+    moved entries; nothing for views and uninitialised allocations. An estimate: e.g. `copy_` counts its
+    destination as read. Like every dispatch mode it sees only its own thread: count single-threaded code."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,17 +54,22 @@ def _nbytes(tree: Any) -> int:
 
 def _bytes_touched(func: Any, name: str, args: tuple, kwargs: dict, out: Any) -> int:
     schema = func._schema
-    if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
-        return 0  # a view
-    tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    if (
+        any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+        or name in _UNINITIALISED
+    ):
+        return 0  # a view, or memory handed out untouched
+    given = dict(zip((a.name for a in schema.arguments), args)) | kwargs
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    inputs = [v for k, v in given.items() if k != "out"]  # tensors changed in place are read too
     if name in _GATHERS:
-        return 2 * _nbytes(out) + sum(_nbytes(t) for t in tensors[1:] if not t.is_floating_point())
+        return 2 * _nbytes(out) + sum(
+            _nbytes(t) for t in tree_leaves(inputs[1:]) if isinstance(t, torch.Tensor)
+        )
     if name in _SCATTERS:
-        return sum(_nbytes(t) for t in tensors[1:]) * 2
-    written = [
-        a for a, arg in zip(args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write
-    ]
-    return _nbytes(tensors) + (_nbytes(written) if not schema.returns else _nbytes(out))
+        return 2 * sum(_nbytes(t) for t in tree_leaves(inputs[1:]) if isinstance(t, torch.Tensor))
+    outputs = [given[k] for k in written] if written else out
+    return _nbytes(inputs) + _nbytes(outputs)
 
 
 def count_host_reads(run: Callable[[], Any]) -> list[str]:

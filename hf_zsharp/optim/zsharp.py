@@ -277,14 +277,16 @@ class ZSharp(SAM):
                 torch.rand((len(b), n), generator=generator, device=device) for b, n in zip(buckets, widths)
             ]
         else:
-            if mask == "zscore":
-                pieces = [piece.view(len(b), n) for piece, b, n in zip(grads.split(sizes), buckets, widths)]
-                row_numel = torch.tensor([n for b, n in zip(buckets, widths) for _ in b], device=device)
-                means = torch.cat([piece.sum(dim=1) for piece in pieces]) / row_numel
-                scores = (grads - means.repeat_interleave(row_numel, output_size=grads.numel())).abs_()
+            if mask == "zscore":  # |g - mean| per row, the mean as the CPU path forms it
+                scores = torch.empty_like(grads)
+                rows = [piece.view(len(b), n) for piece, b, n in zip(scores.split(sizes), buckets, widths)]
+                for piece, row, n in zip(grads.split(sizes), rows, widths):
+                    piece = piece.view(row.shape)
+                    torch.sub(piece, piece.sum(dim=1, keepdim=True) / n, out=row)
+                scores.abs_()
             else:
                 scores = grads.abs()
-            rows = [piece.view(len(b), n) for piece, b, n in zip(scores.split(sizes), buckets, widths)]
+                rows = [piece.view(len(b), n) for piece, b, n in zip(scores.split(sizes), buckets, widths)]
             del scores
         index, keep, counts = top_shares(rows, [self._group(b[0])["percentile"] for b in buckets])
         del rows
