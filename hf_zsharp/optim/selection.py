@@ -91,12 +91,19 @@ def top_shares(matrices: list[Tensor], qs: list[float]) -> tuple[Tensor, Tensor,
         counts += [n - low] * rows
     device = matrices[0].device
     pair = flat(pairs).view(-1, 2)
-    weight = torch.tensor(weights, dtype=torch.float32, device=device)
+    weight = on_device(weights, torch.float32, device)
     threshold = torch.lerp(pair[:, 0], pair[:, 1], weight)  # torch.quantile's float32 lerp
     top = flat(tops)
-    repeats = torch.tensor(counts, device=device)
+    repeats = on_device(counts, torch.int64, device)
     keep = top > threshold.repeat_interleave(repeats, output_size=top.numel())
     return flat(where), keep, counts
+
+
+def on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list as a tensor on `device` with no host sync: on accelerators pinned and copied asynchronously
+    (a plain copy from pageable memory would wait for the device's queue)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor if device.type == "cpu" else tensor.pin_memory().to(device, non_blocking=True)
 
 
 def flat(tensors: list[Tensor]) -> Tensor:

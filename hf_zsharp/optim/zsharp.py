@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from . import selection
 from .sam import EPS, SAM, Ascent, Move, SparseMoves, check_argument, fetch, norms
-from .selection import flat, top_share, top_share_centred, top_shares
+from .selection import flat, on_device, top_share, top_share_centred, top_shares
 from .sharded import (
     exact_top_share,
     global_sums,
@@ -290,12 +290,11 @@ class ZSharp(SAM):
             del scores
         index, keep, counts = top_shares(rows, [self._group(b[0])["percentile"] for b in buckets])
         del rows
-        starts = torch.tensor(
-            list(accumulate([0] + [n for b, n in zip(buckets, widths) for _ in b][:-1])), device=device
+        starts = on_device(
+            list(accumulate([0] + [n for b, n in zip(buckets, widths) for _ in b][:-1])), torch.int64, device
         )
-        positions = index + starts.repeat_interleave(
-            torch.tensor(counts, device=device), output_size=index.numel()
-        )
+        repeats = on_device(counts, torch.int64, device)
+        positions = index + starts.repeat_interleave(repeats, output_size=index.numel())
         values = grads.take(positions) * keep
         norm = torch.stack(torch._foreach_norm(values.split(counts)))
         kept = torch.stack(torch._foreach_norm(keep.float().split(counts), 1))
