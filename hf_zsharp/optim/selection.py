@@ -100,10 +100,12 @@ def top_shares(matrices: list[Tensor], qs: list[float]) -> tuple[Tensor, Tensor,
 
 
 def on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host list as a tensor on `device` with no host sync: on accelerators pinned and copied asynchronously
-    (a plain copy from pageable memory would wait for the device's queue)."""
+    """A host list as a tensor on `device`; on CUDA pinned and copied asynchronously, with no host sync (a copy
+    from pageable memory would wait for the device's queue)."""
     tensor = torch.tensor(values, dtype=dtype)
-    return tensor if device.type == "cpu" else tensor.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def flat(tensors: list[Tensor]) -> Tensor:
