@@ -63,8 +63,8 @@ class Selection:
         if len(rows) == len(self.params):
             values, index = self.values, self.index
         else:
-            values = torch.cat([self.values.split(self.counts)[i] for i in rows])
-            index = torch.cat([self.index.split(self.counts)[i] for i in rows])
+            pieces, positions = self.values.split(self.counts), self.index.split(self.counts)
+            values, index = torch.cat([pieces[i] for i in rows]), torch.cat([positions[i] for i in rows])
         return SparseMoves(
             [self.params[i] for i in rows],
             values,
