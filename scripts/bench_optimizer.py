@@ -223,53 +223,36 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_child(method: str, n_params: float, dtype: torch.dtype) -> dict:
-    """One method in a fresh process (so the allocator is not warmed by another method): held bytes, RSS growth."""
-    params = linear_stack_params(n_params, "cpu", dtype)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+def memory_of(method: str, n_params: float, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Held bytes, growth and peak growth across `first_step`: on the CPU the process RSS (run it in a fresh process,
+    so that the allocator is not warmed by another method), on CUDA the allocator's counts."""
+    cuda = device.startswith("cuda")
+    params = linear_stack_params(n_params, device, dtype)
     optimizer = build_optimizer(method, params)
     # One untimed ascent + restore first: lazily created state and allocator caches are not counted as growth.
     optimizer.first_step()
     optimizer.restore()
-    rss_before = rss_bytes()
-    peak_known = reset_peak_rss()
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    peak_known = cuda or reset_peak_rss()
     optimizer.first_step()
     held = held_bytes(optimizer, params)
-    peak = process_status_bytes("VmHWM") if peak_known else float("nan")
-    rss_after = rss_bytes()
+    synchronize(device)
+    if cuda:
+        after, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    else:
+        peak = process_status_bytes("VmHWM") if peak_known else float("nan")
+        after = rss_bytes()
     optimizer.restore()
     return {
         "method": method,
         "n_params": sum(p.numel() for p in params),
-        "param_bytes": param_bytes,
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "held_bytes": held,
-        "rss_growth_bytes": rss_after - rss_before,
-        "peak_growth_bytes": peak - rss_before,
-    }
-
-
-def memory_cuda(method: str, n_params: float, dtype: torch.dtype, device: str) -> dict:
-    params = linear_stack_params(n_params, device, dtype)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    optimizer = build_optimizer(method, params)
-    optimizer.first_step()
-    optimizer.restore()
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    optimizer.first_step()
-    held = held_bytes(optimizer, params)
-    torch.cuda.synchronize(device)
-    grown = torch.cuda.memory_allocated(device) - base
-    peak = torch.cuda.max_memory_allocated(device) - base
-    optimizer.restore()
-    return {
-        "method": method,
-        "n_params": sum(p.numel() for p in params),
-        "param_bytes": param_bytes,
-        "held_bytes": held,
-        "allocated_growth_bytes": grown,
-        "peak_growth_bytes": peak,
+        "growth_bytes": after - before,
+        "peak_growth_bytes": peak - before,
     }
 
 
@@ -395,10 +378,9 @@ def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
                 )
                 rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             else:
-                rows.append(memory_cuda(method, n_params, dtype, device))
+                rows.append(memory_of(method, n_params, dtype, device))
                 gc.collect()
                 torch.cuda.empty_cache()
-        growth_key = "rss_growth_bytes" if device == "cpu" else "allocated_growth_bytes"
         growth_name = "RSS growth" if device == "cpu" else "allocated growth"
         header = f"{'device':6} {'method':8} {'param MB':>9} {'held MB':>8} {'held/param':>10} {growth_name + ' MB':>20} {'ratio':>6}"
         header += f" {'peak MB':>8} {'peak ratio':>10}"
@@ -407,7 +389,7 @@ def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
             pb = row["param_bytes"]
             line = (
                 f"{device:6} {row['method']:8} {pb / 2**20:9.1f} {row['held_bytes'] / 2**20:8.1f} "
-                f"{row['held_bytes'] / pb:10.4f} {row[growth_key] / 2**20:20.1f} {row[growth_key] / pb:6.3f}"
+                f"{row['held_bytes'] / pb:10.4f} {row['growth_bytes'] / 2**20:20.1f} {row['growth_bytes'] / pb:6.3f}"
             )
             line += f" {row['peak_growth_bytes'] / 2**20:8.1f} {row['peak_growth_bytes'] / pb:10.3f}"
             print(line, flush=True)
@@ -464,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.memory_params, DTYPES[args.dtype])))
+        print(json.dumps(memory_of(args.memory_child, args.memory_params, DTYPES[args.dtype])))
         return
     timed = not (args.skip_speed and args.skip_second_step)
     if timed and "cpu" in args.device and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
