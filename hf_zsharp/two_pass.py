@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.optim import Optimizer
 
-from hf_zsharp.optim import SAM, FriendlySAM, frozen_batchnorm_stats
+from hf_zsharp.optim import ASCENT_STATISTICS, SAM, frozen_batchnorm_stats
 from hf_zsharp.optim.sharded import is_sharded
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]
@@ -72,6 +72,48 @@ def unwrap_sam_optimizer(optimizer: Optimizer) -> SAM:
     return inner
 
 
+class StepLog:
+    """What the two-pass steps since the last `pop` did, for the logs: the sums of the optimizer's ascent statistics
+    over the perturbed steps, their loss increases (on the device: no sync), and the steps a GradScaler skipped
+    (counted here: the optimizer is never called then)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(ASCENT_STATISTICS, 0.0)
+        self.perturbed = 0
+        self.increases = torch.zeros(
+            2
+        )  # sum of the finite loss increases, their count (float32: MPS has no float64)
+        self.scaler_skips = 0
+
+    def ascent(self, stats: dict[str, float]) -> None:
+        """Add one perturbed step's ascent statistics."""
+        self.perturbed += 1
+        for key in self.sums:
+            self.sums[key] += stats[key]
+
+    def increase(self, increase: torch.Tensor) -> None:
+        """Add a step's loss increase on the device (no host sync); a non-finite one is left out."""
+        finite = increase.isfinite()
+        update = torch.stack([torch.where(finite, increase, 0.0), finite.float()])
+        self.increases = self.increases.to(update.device) + update
+
+    def pop(self, optimizer_skips: int) -> dict[str, float]:
+        """The means since the last call with `sam_` keys (empty if nothing happened), and reset."""
+        skipped = optimizer_skips + self.scaler_skips
+        if not self.perturbed and not skipped:
+            return {}
+        stats = {f"sam_{k}": v / self.perturbed for k, v in self.sums.items()} if self.perturbed else {}
+        total, count = self.increases.tolist()
+        if count:
+            stats["sam_loss_increase"] = total / count
+        stats["sam_skipped_steps"] = float(skipped)
+        self.reset()
+        return stats
+
+
 class TwoPassStep:
     """Runs micro-batches under the two-pass rule and keeps the ascent statistics for logging.
 
@@ -104,12 +146,7 @@ class TwoPassStep:
         self.loss_shares = loss_shares
         self.optimizer_steps = 0
         self._pending: list[tuple[Callable[[], torch.Tensor], RngState, torch.Tensor]] = []
-        self._stat_sums = {"perturbation_norm": 0.0, "kept_fraction": 0.0}
-        self._increases = torch.zeros(
-            2
-        )  # sum of the finite loss increases, their count (float32: MPS has no float64)
-        self._perturbed = 0
-        self._scaler_skips = 0
+        self.log = StepLog()
         self._scaler_decides = False  # whether a GradScaler's verdict on the last step is still to be counted
 
     def __call__(self, forward_backward: Callable[[], torch.Tensor], perturb: bool = True) -> torch.Tensor:
@@ -127,7 +164,7 @@ class TwoPassStep:
             if sync:
                 # A skip left by a two-pass step that never reached optimizer.step() (a GradScaler skipped it)
                 # must not skip this plain step.
-                self.optimizer._skip_base_step = False
+                self.optimizer.skips.take_base_step()
                 self.optimizer_steps += 1
                 self._scaler_decides = self._scaler_enabled()
             return forward_backward()
@@ -150,29 +187,15 @@ class TwoPassStep:
         a GradScaler); reading the optimizer's device-side count is this call's one host sync.
         """
         self._count_scaler_skip()
-        skipped = self.optimizer.pop_skipped_steps() + self._scaler_skips
-        if not self._perturbed and not skipped:
-            return {}
-        stats = (
-            {f"sam_{k}": v / self._perturbed for k, v in self._stat_sums.items()} if self._perturbed else {}
-        )
-        total, count = self._increases.tolist()
-        if count:
-            stats["sam_loss_increase"] = total / count
-        stats["sam_skipped_steps"] = float(skipped)
-        self._increases = torch.zeros_like(self._increases)
-        self._stat_sums = dict.fromkeys(self._stat_sums, 0.0)
-        self._perturbed = self._scaler_skips = 0
-        return stats
+        return self.log.pop(self.optimizer.pop_skipped_steps())
 
     def _first_pass_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.sync_ascent else self.accelerator.no_sync(self.model)
 
     def _ascend_and_rerun(self) -> None:
         optimizer = self.optimizer
-        if isinstance(optimizer, FriendlySAM) and self._scaler_enabled():
-            # Friendly-SAM's gradient EMA mixes steps with different loss scales: give it true gradients.
-            # (SAM/ASAM/ZSharp directions are scale-invariant and use the scaled gradients as they are.)
+        if not optimizer.scale_invariant and self._scaler_enabled():
+            # E.g. Friendly-SAM's gradient EMA mixes steps with different loss scales: give it true gradients.
             grads = [
                 p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
             ]
@@ -183,10 +206,8 @@ class TwoPassStep:
         if not self._all_replicas(perturbed):
             self._skip_on_this_replica(perturbed)
             return
-        self._perturbed += 1
+        self.log.ascent(optimizer.ascent_stats)
         self._scaler_decides = self._scaler_enabled()
-        for key in self._stat_sums:
-            self._stat_sums[key] += optimizer.ascent_stats[key]
         after_first_pass = _rng_state(self.accelerator.device)
         try:
             self.model.zero_grad(set_to_none=True)
@@ -197,16 +218,10 @@ class TwoPassStep:
                     _set_rng_state(rng, self.accelerator.device)
                     with self.accelerator.no_sync(self.model) if i < last else contextlib.nullcontext():
                         increase += forward_backward().float() - first_loss.float()
-            self._add_increase(increase if self.loss_shares else increase / len(self._pending))
+            self.log.increase(increase if self.loss_shares else increase / len(self._pending))
         finally:
             _set_rng_state(after_first_pass, self.accelerator.device)
             optimizer.restore()
-
-    def _add_increase(self, increase: torch.Tensor) -> None:
-        """Accumulate a step's loss increase on the device (no host sync); non-finite ones are left out."""
-        finite = increase.isfinite()
-        update = torch.stack([torch.where(finite, increase, 0.0), finite.float()])
-        self._increases = self._increases.to(update.device) + update
 
     def _scaler_enabled(self) -> bool:
         scaler = self.accelerator.scaler
@@ -215,7 +230,7 @@ class TwoPassStep:
     def _count_scaler_skip(self) -> None:
         """Count the last step if a GradScaler skipped it: the optimizer, never called then, cannot count it."""
         if self._scaler_decides and self.accelerator.optimizer_step_was_skipped:
-            self._scaler_skips += 1
+            self.log.scaler_skips += 1
         self._scaler_decides = False
 
     def _all_replicas(self, perturbed: bool) -> bool:

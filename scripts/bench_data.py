@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_zsharp.benchmarking import SyntheticBatches
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fake_datasets: the Hub schemas
 
 SCHEMAS = ("cifar-paper", "cifar-processor", "tiny-imagenet")
@@ -49,22 +51,6 @@ class TinyCNN(nn.Module):
         logits = self.head(torch.relu(self.conv(pixel_values)).mean(dim=(2, 3)))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return {"loss": loss, "logits": logits}
-
-
-class Preprocessed(torch.utils.data.Dataset):
-    """Random normalised float images (at most 2048, drawn again each epoch), a whole batch per fetch (as
-    `CachedImages`): the `model` measure's data."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self.pixels = torch.randn(count, 3, size, size)
-        self.labels = torch.randint(10, (count,))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        index = torch.as_tensor(indices)
-        return [{"pixel_values": self.pixels[index], "labels": self.labels[index]}]
 
 
 def write_data(root: Path, schema: str, count: int) -> Path:
@@ -188,7 +174,7 @@ def run_child(schema: str, path: str, measure: str, args: argparse.Namespace) ->
     start = time.perf_counter()
     if measure == "model":
         size = 224 if schema == "cifar-processor" else 64 if schema == "tiny-imagenet" else 32
-        train, collator, augment = Preprocessed(min(args.images, 2048), size), collate_fn, None
+        train, collator, augment = SyntheticBatches(min(args.images, 2048), size), collate_fn, None
     else:
         folder = write_data(Path(args.data_dir), schema, args.images)
         train, collator, augment = training_data(schema, path, folder, str(Path(args.data_dir) / "cache"))

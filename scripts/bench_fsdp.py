@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from hf_zsharp import create_sam_optimizer
+from hf_zsharp.benchmarking import peak_memory, peak_memory_reset, synchronize
 
 # The collectives counted, with the argument whose size a ring algorithm sends (w - 1) / w of per rank (twice
 # for an all-reduce).
@@ -64,30 +65,6 @@ def phase(name: str):
         yield
     finally:
         PHASE["name"] = previous
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_reset(device: torch.device) -> int:
-    """Reset the peak-memory mark; the current bytes (CUDA: allocated; CPU: resident)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS:")
-
-
-def peak_memory(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status("VmHWM:")
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
 
 
 def build(args, device: torch.device, shard: bool) -> torch.nn.Module:

@@ -1,7 +1,12 @@
-"""Benchmark the ascent step (first_step) of hf_zsharp's ZSharp and SAM against the paper's code style.
+"""Benchmark the ascent step (first_step) of hf_zsharp's ZSharp and SAM against the paper's code style and the
+per-tensor SAM most people use.
 
+Ops: per two-pass step (`first_step` + `second_step`, `torch.optim.AdamW(fused=True)` as the base, ZSharp on its
+accelerator code path) of SAM, ASAM, Friendly-SAM and ZSharp on timm ViT-B/16 and ResNet-50 parameter sets, the
+aten ops (each a kernel launch on an accelerator) and the bytes they touch (`hf_zsharp.benchmarking.OpCount`).
 Speed: median wall time of `first_step` on the parameter sets of timm models (random init, random
-gradients); the restore runs outside the timed region. Second step: median wall time of `second_step`
+gradients); the restore runs outside the timed region. `yardstick` is the standard per-tensor SAM ascent (as
+davda54/sam writes it, in our own words): a fixed reference that does not move when hf_zsharp's SAM gets faster. Second step: median wall time of `second_step`
 (restore, non-finite gradient check, AdamW step) of SAM and ZSharp against the AdamW step alone and the
 check alone, with AdamW's foreach and fused implementations; and the host reads (device syncs) each step
 makes per method and base optimizer. Memory: on a ~50M-parameter stack of Linear
@@ -12,6 +17,7 @@ method) or the CUDA allocator's growth and peak (GPU), each as a ratio to the pa
     python scripts/bench_optimizer.py                       # CPU, plus CUDA when available
     python scripts/bench_optimizer.py --models vit_small_patch16_224 --repeats 7 --device cpu
     python scripts/bench_optimizer.py --models vit_small_patch16_224 --skip-speed --skip-memory  # second step
+    python scripts/bench_optimizer.py --skip-speed --skip-second-step --skip-memory                # ops only
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import ctypes
 import gc
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -31,10 +38,21 @@ from collections.abc import Iterable
 import torch
 
 from hf_zsharp import SAM, ZSharp, create_sam_optimizer
+from hf_zsharp.benchmarking import (
+    OpCount,
+    accelerator_code_path,
+    count_host_reads,
+    held_bytes,
+    process_status_bytes,
+    reset_peak_rss,
+    synchronize,
+    timm_params,
+)
 from hf_zsharp.optim.sam import non_finite
 
 MODELS = ("resnet18", "vit_small_patch16_224", "vit_base_patch16_224")
-METHODS = ("zsharp", "sam", "naive")
+OPS_MODELS = ("vit_base_patch16_224", "resnet50")
+METHODS = ("zsharp", "sam", "yardstick", "naive")
 # Speed runs use a steady-state glibc heap: freed blocks up to 32 MiB are reused rather than unmapped, as in
 # a training loop after its first steps; otherwise fresh page faults land on whichever method runs first.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
@@ -89,24 +107,39 @@ class NaiveZSharp:
         self.state.clear()
 
 
+class PerTensorSAM:
+    """The SAM ascent as most SAM code writes it (davda54/sam's `first_step`, in our words): the global norm from
+    per-tensor norms, then for each weight a saved copy and an in-place add of rho * g / norm."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], rho: float = 0.05):
+        self.params, self.rho = list(params), rho
+        self.saved: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params if p.grad is not None]), p=2)
+        scale = self.rho / (norm + 1e-12)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            self.saved[p] = p.data.clone()
+            p.add_(p.grad * scale.to(p))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, old in self.saved.items():
+            p.data.copy_(old)
+        self.saved.clear()
+
+
 def build_optimizer(method: str, params: list[torch.nn.Parameter]):
     if method == "zsharp":
         return ZSharp(params, base_optimizer=torch.optim.SGD, lr=0.1)
     if method == "sam":
         return SAM(params, base_optimizer=torch.optim.SGD, lr=0.1)
+    if method == "yardstick":
+        return PerTensorSAM(params)
     return NaiveZSharp(params)
-
-
-def model_params(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
-    """The parameters of a timm model (random init) with random gradients."""
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False).to(device=device, dtype=dtype)
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.randn_like(p)
-    return params
 
 
 def linear_stack_params(n_params: float, device: str, dtype: torch.dtype, width: int = 2048) -> list:
@@ -118,11 +151,6 @@ def linear_stack_params(n_params: float, device: str, dtype: torch.dtype, width:
     for p in params:
         p.grad = torch.randn_like(p)
     return params
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def time_ascents(optimizers: dict, device: str, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -176,31 +204,6 @@ def time_second_steps(
     return times
 
 
-def count_host_reads(run) -> list[str]:
-    """The tensor-to-Python reads (a host-device sync each on an accelerator) hf_zsharp's code makes in `run()`."""
-    reads: list[str] = []
-    package = f"{os.sep}hf_zsharp{os.sep}"
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counted(name: str):
-        def read(self, *args):
-            if package in sys._getframe(1).f_code.co_filename:
-                reads.append(name)
-            return originals[name](self, *args)
-
-        return read
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, counted(name))
-        run()
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-    return reads
-
-
 def host_reads_per_step(method: str, base: str) -> tuple[int, int]:
     """Host reads of `first_step` and of `second_step`, after one warm-up step (fused SGD then has its buffers)."""
     params = linear_stack_params(2e5, "cpu", torch.float32, width=64)
@@ -209,38 +212,6 @@ def host_reads_per_step(method: str, base: str) -> tuple[int, int]:
     optimizer.first_step()
     optimizer.second_step()
     return len(count_host_reads(optimizer.first_step)), len(count_host_reads(optimizer.second_step))
-
-
-def reachable_tensors(root, params: set[int]) -> dict[int, int]:
-    """Bytes of every tensor storage reachable from an optimizer's attributes and state (params, grads excluded)."""
-    found: dict[int, int] = {}
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in params and obj.numel() > 0:
-                found[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
-            stack.extend(vars(obj).values())
-    return found
-
-
-def held_bytes(optimizer, params: list[torch.nn.Parameter]) -> int:
-    """Bytes of all tensors the optimizer holds right after first_step (its base SGD keeps no state)."""
-    excluded = {p.untyped_storage().data_ptr() for p in params}
-    excluded |= {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
-    optimizer.first_step()
-    return sum(reachable_tensors(optimizer, excluded).values())
 
 
 def rss_bytes() -> int:
@@ -252,90 +223,94 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
-def memory_child(method: str, n_params: float, dtype: torch.dtype) -> dict:
-    """One method in a fresh process (so the allocator is not warmed by another method): held bytes, RSS growth."""
-    params = linear_stack_params(n_params, "cpu", dtype)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+def memory_of(method: str, n_params: float, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Held bytes, growth and peak growth across `first_step`: on the CPU the process RSS (run it in a fresh process,
+    so that the allocator is not warmed by another method), on CUDA the allocator's counts."""
+    cuda = device.startswith("cuda")
+    params = linear_stack_params(n_params, device, dtype)
     optimizer = build_optimizer(method, params)
     # One untimed ascent + restore first: lazily created state and allocator caches are not counted as growth.
     optimizer.first_step()
     optimizer.restore()
-    rss_before = rss_bytes()
-    peak_known = reset_peak_rss()
-    held = held_bytes(optimizer, params)
-    peak = peak_rss_bytes() if peak_known else float("nan")
-    rss_after = rss_bytes()
-    optimizer.restore()
-    return {
-        "method": method,
-        "n_params": sum(p.numel() for p in params),
-        "param_bytes": param_bytes,
-        "held_bytes": held,
-        "rss_growth_bytes": rss_after - rss_before,
-        "peak_growth_bytes": peak - rss_before,
-    }
-
-
-def memory_cuda(method: str, n_params: float, dtype: torch.dtype, device: str) -> dict:
-    params = linear_stack_params(n_params, device, dtype)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    optimizer = build_optimizer(method, params)
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    peak_known = cuda or reset_peak_rss()
     optimizer.first_step()
-    optimizer.restore()
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
     held = held_bytes(optimizer, params)
-    torch.cuda.synchronize(device)
-    grown = torch.cuda.memory_allocated(device) - base
-    peak = torch.cuda.max_memory_allocated(device) - base
+    synchronize(device)
+    if cuda:
+        after, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    else:
+        peak = process_status_bytes("VmHWM") if peak_known else float("nan")
+        after = rss_bytes()
     optimizer.restore()
     return {
         "method": method,
         "n_params": sum(p.numel() for p in params),
-        "param_bytes": param_bytes,
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "held_bytes": held,
-        "allocated_growth_bytes": grown,
-        "peak_growth_bytes": peak,
+        "growth_bytes": after - before,
+        "peak_growth_bytes": peak - before,
     }
 
 
-def run_speed(models: list[str], devices: list[str], dtype: torch.dtype, repeats: int, warmup: int) -> None:
+def run_ops(models: list[str]) -> None:
+    """Ops and bytes touched per two-pass step of each method on the accelerator code path (CPU tensors)."""
+    print(
+        "\n## Ops per two-pass step (first_step + second_step), AdamW(fused=True) base, accelerator code path"
+    )
+    print(
+        f"{'model':22} {'tensors':>7} {'method':8} {'ops':>6} {'ops/tensor':>10} {'MB touched':>10} {'/ params':>8}"
+    )
+    for name in models:
+        params = timm_params(name)
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        for method in ("sam", "asam", "fsam", "zsharp"):
+            optimizer = create_sam_optimizer(method, params, torch.optim.AdamW, lr=1e-6, fused=True)
+            with accelerator_code_path():
+                for _ in range(2):  # the base optimizer's state, Friendly-SAM's momentum
+                    optimizer.first_step()
+                    optimizer.second_step()
+                with OpCount() as count:
+                    optimizer.first_step()
+                    optimizer.second_step()
+            print(
+                f"{name:22} {len(params):7} {method:8} {count.total:6} {count.total / len(params):10.2f} "
+                f"{count.bytes / 1e6:10.0f} {count.bytes / param_bytes:8.2f}",
+                flush=True,
+            )
+        del params
+        gc.collect()
+
+
+def run_speed(
+    models: list[str], devices: list[str], dtype: torch.dtype, repeats: int, warmup: int, methods: list[str]
+) -> None:
     print(
         f"\n## Ascent step (first_step) in ms: median (min) of {repeats} after {warmup} warm-up, dtype {dtype}"
     )
+    ratios = [("zsharp", "sam"), ("zsharp", "yardstick"), ("naive", "zsharp")]
+    ratios = [(a, b) for a, b in ratios if a in methods and b in methods]
     print(
-        f"{'device':6} {'model':22} {'params':>7} {'zsharp':>15} {'sam':>15} {'naive':>15} "
-        f"{'zsharp/sam':>10} {'naive/zsharp':>12}"
+        f"{'device':6} {'model':22} {'params':>7} "
+        + " ".join(f"{m:>15}" for m in methods)
+        + " "
+        + " ".join(f"{a + '/' + b:>16}" for a, b in ratios)
     )
     for device in devices:
         for name in models:
-            params = model_params(name, device, dtype)
-            optimizers = {method: build_optimizer(method, params) for method in METHODS}
+            params = timm_params(name, device, dtype)
+            optimizers = {method: build_optimizer(method, params) for method in methods}
             times = time_ascents(optimizers, device, repeats, warmup)
             med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
             low = {m: 1e3 * min(t) for m, t in times.items()}
-            cells = " ".join(f"{f'{med[m]:.0f} ({low[m]:.0f})':>15}" for m in METHODS)
+            cells = " ".join(f"{f'{med[m]:.0f} ({low[m]:.0f})':>15}" for m in methods)
             n = sum(p.numel() for p in params)
             print(
                 f"{device:6} {name:22} {n / 1e6:6.1f}M {cells} "
-                f"{med['zsharp'] / med['sam']:10.2f} {med['naive'] / med['zsharp']:12.2f}",
+                + " ".join(f"{med[a] / med[b]:16.2f}" for a, b in ratios),
                 flush=True,
             )
             del optimizers, params
@@ -353,7 +328,7 @@ def run_second_step(
     for device in devices:
         for name in models:
             for base in SECOND_STEP_BASES:
-                params = model_params(name, device, dtype)
+                params = timm_params(name, device, dtype)
                 times = time_second_steps(params, base, device, repeats, warmup)
                 med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
                 low = {m: 1e3 * min(t) for m, t in times.items()}
@@ -381,7 +356,7 @@ def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
     )
     for device in devices:
         rows = []
-        for method in METHODS:
+        for method in ("zsharp", "sam", "naive"):
             if device == "cpu":
                 child = subprocess.run(
                     [
@@ -403,10 +378,9 @@ def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
                 )
                 rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             else:
-                rows.append(memory_cuda(method, n_params, dtype, device))
+                rows.append(memory_of(method, n_params, dtype, device))
                 gc.collect()
                 torch.cuda.empty_cache()
-        growth_key = "rss_growth_bytes" if device == "cpu" else "allocated_growth_bytes"
         growth_name = "RSS growth" if device == "cpu" else "allocated growth"
         header = f"{'device':6} {'method':8} {'param MB':>9} {'held MB':>8} {'held/param':>10} {growth_name + ' MB':>20} {'ratio':>6}"
         header += f" {'peak MB':>8} {'peak ratio':>10}"
@@ -415,10 +389,17 @@ def run_memory(devices: list[str], dtype_name: str, n_params: float) -> None:
             pb = row["param_bytes"]
             line = (
                 f"{device:6} {row['method']:8} {pb / 2**20:9.1f} {row['held_bytes'] / 2**20:8.1f} "
-                f"{row['held_bytes'] / pb:10.4f} {row[growth_key] / 2**20:20.1f} {row[growth_key] / pb:6.3f}"
+                f"{row['held_bytes'] / pb:10.4f} {row['growth_bytes'] / 2**20:20.1f} {row['growth_bytes'] / pb:6.3f}"
             )
             line += f" {row['peak_growth_bytes'] / 2**20:8.1f} {row['peak_growth_bytes'] / pb:10.3f}"
             print(line, flush=True)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return next(line for line in f if line.startswith("model name")).split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -436,10 +417,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--memory-params", type=float, default=50e6, help="size of the memory-test model")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods of the speed runs"
+    )
+    parser.add_argument(
+        "--ops-models", nargs="+", default=list(OPS_MODELS), help="timm models of the op counts"
+    )
+    parser.add_argument("--skip-ops", action="store_true", help="no op counts")
     parser.add_argument("--skip-speed", action="store_true", help="no ascent-speed measurement")
     parser.add_argument("--skip-memory", action="store_true", help="no memory measurement")
     parser.add_argument("--skip-second-step", action="store_true", help="no second-step measurement")
-    parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=("zsharp", "sam", "naive"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -458,15 +446,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.memory_params, DTYPES[args.dtype])))
+        print(json.dumps(memory_of(args.memory_child, args.memory_params, DTYPES[args.dtype])))
         return
     timed = not (args.skip_speed and args.skip_second_step)
     if timed and "cpu" in args.device and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **STEADY_MALLOC})
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, devices {args.device}")
+    import numpy
+    import timm
+
+    print(
+        f"{cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
+        f"timm {timm.__version__}, NumPy {numpy.__version__}, Python {platform.python_version()}; "
+        f"threads {torch.get_num_threads()}, devices {args.device}"
+    )
+    if not args.skip_ops:
+        run_ops(args.ops_models)
     if not args.skip_speed:
-        run_speed(args.models, args.device, DTYPES[args.dtype], args.repeats, args.warmup)
+        run_speed(args.models, args.device, DTYPES[args.dtype], args.repeats, args.warmup, args.methods)
     if not args.skip_second_step:
         run_second_step(args.models, args.device, DTYPES[args.dtype], args.repeats, args.warmup)
     if not args.skip_memory:

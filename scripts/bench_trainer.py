@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from hf_zsharp.benchmarking import SyntheticImages, process_status_bytes, reset_peak_rss
+
 CONFIGS = {
     "adamw": {},
     "sam": {"sam": "sam"},
@@ -30,33 +32,6 @@ CONFIGS = {
 # Issue 3's targets: (numerator, denominator, minimum throughput ratio).
 TARGETS = [("zsharp", "sam", 0.97), ("zsharp", "adamw", 0.48), ("zsharp_interval5", "adamw", 0.80)]
 MEMORY_TARGET = 0.15  # zsharp's peak <= AdamW's + 0.15 x parameter bytes
-
-
-class SyntheticImages(torch.utils.data.Dataset):
-    def __init__(self, n: int, num_labels: int = 10, image_size: int = 32) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.pixels = torch.randn(n, 3, image_size, image_size, generator=g)
-        self.labels = torch.randint(num_labels, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def run_one(
@@ -90,8 +65,8 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
         base_memory = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        base_memory = _rss_bytes("VmRSS")
+        reset_peak_rss()
+        base_memory = process_status_bytes("VmRSS")
     model = build_model(model_name, num_labels=10)
     n_params = sum(p.numel() for p in model.parameters())
     if config == "adamw":
@@ -112,7 +87,7 @@ def run_one(
 
     trainer.add_callback(Clock())
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if cuda else process_status_bytes("VmHWM")
 
     def median_rate(clock: list[float]) -> float:
         ends = [clock[warmup - 1 + i * window] for i in range(windows + 1)]

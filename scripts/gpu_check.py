@@ -1,5 +1,11 @@
 """The GPU figures BENCHMARKS.md lacks, in one run (a few minutes on one GPU; the goal is under 8):
 
+0. two-pass step (issue 19): for CIFAR ResNet-56 at batch 128 and ViT-B/16 at batch 64, bf16 autocast, with
+   `torch.optim.AdamW(fused=True)` (alone, and as the base of SAM and ZSharp): the step time (CUDA events), the
+   optimizer's share of it (its own events around `step` / `first_step` + `second_step`), the kernels per step
+   and per optimizer part (profiler), the peak memory and the host syncs per step (hf_zsharp's tensor-to-host
+   reads, and on CUDA every sync torch's sync debug mode reports). BENCHMARKS.md predicts these from op counts;
+   this run tests the prediction;
 1. ascent: the median time of ZSharp's and SAM's `first_step` on the parameter sets of ViT-B/16 and
    ResNet-50 (timm, random init and gradients), fp32 and bf16; goal ZSharp <= 1.5x SAM;
 2. memory: what each optimizer holds between `first_step` and `second_step` (tensors reachable from it) and,
@@ -11,7 +17,7 @@
    device and augmented there (`hf_zsharp.augment.BatchAugment`): the paper's 32 px crop, and
    RandomResizedCrop from 32 px to 224 px (a ViT fine-tune).
 
-Prints Markdown tables (and writes them as JSON with --json).
+Prints Markdown tables (and writes them as JSON with --json); exits non-zero if any figure is missing.
 
     python scripts/gpu_check.py                                   # on cuda
     python scripts/gpu_check.py --device cpu --small              # the CPU test's settings
@@ -24,16 +30,26 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+import warnings
+from functools import partial
 
 import torch
-from bench_optimizer import reachable_tensors  # scripts/ is on sys.path when this runs as a script
 from transformers import TrainerCallback
 
 from hf_zsharp import SAM, ZSharp
 from hf_zsharp.args import ZSharpTrainingArguments
 from hf_zsharp.augment import BatchAugment
+from hf_zsharp.benchmarking import (
+    SyntheticBatches,
+    count_host_reads,
+    held_bytes,
+    synchronize,
+    timm_params,
+)
 from hf_zsharp.image_data import CachedImages, collate_fn
+from hf_zsharp.models import build_model
 from hf_zsharp.trainer import ZSharpTrainer
 
 ASCENT_GOAL, MEMORY_GOAL = 1.5, 0.15
@@ -41,26 +57,181 @@ OPTIMIZERS = {"zsharp": ZSharp, "sam": SAM}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+STEP_METHODS = ("adamw", "sam", "zsharp")
 
 
-def timm_params(name: str, device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """The parameters of a timm model (random init) with random gradients."""
-    import timm
+def step_models(small: bool) -> list[tuple[str, torch.nn.Module, int, int]]:
+    """(name, model, batch, image size): CIFAR ResNet-56 at batch 128 and ViT-B/16 at batch 64 (--small: tiny)."""
+    from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    params = list(timm.create_model(name, pretrained=False).to(device=device, dtype=dtype).parameters())
-    for p in params:
-        p.grad = torch.randn_like(p)
-    return params
+    if small:
+        vit = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, num_labels=10)  # fmt: skip
+        return [
+            ("resnet20", build_model("resnet20", 10), 8, 32),
+            ("vit_tiny", ViTForImageClassification(vit), 8, 32),
+        ]
+    vit = ViTConfig(num_labels=10)  # ViT-B/16: 224 px, 12 layers of width 768
+    return [
+        ("resnet56", build_model("resnet56", 10), 128, 32),
+        ("vit_b16", ViTForImageClassification(vit), 64, 224),
+    ]
 
 
-def held_bytes(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> int:
-    """Bytes of the tensors reachable from `optimizer` that are neither parameters nor gradients."""
-    excluded = {t.untyped_storage().data_ptr() for p in params for t in (p, p.grad) if t is not None}
-    return sum(reachable_tensors(optimizer, excluded).values())
+class Timer:
+    """Elapsed ms between two marks: CUDA events on CUDA (no sync inside the step), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> object:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start: object, end: object) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+
+def two_pass_step(model, optimizer, method: str, batch: dict, device: torch.device, timer: Timer) -> tuple:
+    """One optimizer step (two passes for SAM and ZSharp) in bf16 autocast; the marks around it and its optimizer."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    start = timer.mark()
+    with autocast:
+        loss = model(**batch).loss
+    loss.backward()
+    if method == "adamw":
+        opt_start = timer.mark()
+        optimizer.step()
+        opt_end = timer.mark()
+        optimizer.zero_grad(set_to_none=True)
+        return start, opt_start, opt_end, opt_end
+    opt_start = timer.mark()
+    optimizer.first_step(zero_grad=True)
+    opt_mid = timer.mark()
+    with autocast:
+        model(**batch).loss.backward()
+    opt_resume = timer.mark()
+    optimizer.second_step(zero_grad=True)
+    end = timer.mark()
+    return start, opt_start, end, (opt_mid, opt_resume)
+
+
+def kernels_in(profile) -> int:
+    """Device kernels in a profile (CUDA); on the CPU, the top-level aten ops (each would be a kernel on a GPU)."""
+    events = profile.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:
+        return len(kernels)
+    return sum(
+        1
+        for e in events
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def check_two_pass(device: torch.device, small: bool, steps: int) -> list[dict]:
+    """Step ms, the optimizer's share, kernels per step and per optimizer part, peak memory and host syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = []
+    for name, model, batch_size, size in step_models(small):
+        model.to(device)
+        generator = torch.Generator().manual_seed(0)
+        batch = {
+            "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator).to(device),
+            "labels": torch.randint(10, (batch_size,), generator=generator).to(device),
+        }
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        for method in STEP_METHODS:
+            model.load_state_dict(initial)
+            kwargs = {"lr": 1e-4, "fused": True}
+            optimizer = (
+                torch.optim.AdamW(model.parameters(), **kwargs)
+                if method == "adamw"
+                else {"sam": SAM, "zsharp": ZSharp}[method](model.parameters(), torch.optim.AdamW, **kwargs)
+            )
+            timer = Timer(device)
+            for _ in range(3):  # warm-up: allocator, cuDNN choices, optimizer state
+                two_pass_step(model, optimizer, method, batch, device, timer)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            step_ms, opt_ms = [], []
+            for _ in range(steps):
+                start, opt_start, end, middle = two_pass_step(model, optimizer, method, batch, device, timer)
+                step_ms.append(timer.ms(start, end))
+                if method == "adamw":
+                    opt_ms.append(timer.ms(opt_start, middle))
+                else:  # first_step, and second_step after the second pass
+                    opt_ms.append(timer.ms(opt_start, middle[0]) + timer.ms(middle[1], end))
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            synchronize(device)
+            with profile(activities=activities) as whole:
+                two_pass_step(model, optimizer, method, batch, device, timer)
+                synchronize(device)
+            step = partial(two_pass_step, model, optimizer, method, batch, device, timer)
+            reads, syncs = host_syncs(step, device)
+            rows.append(
+                {
+                    "model": name,
+                    "method": method,
+                    "step_ms": statistics.median(step_ms),
+                    "optimizer_ms": statistics.median(opt_ms),
+                    "optimizer_share": statistics.median(opt_ms) / statistics.median(step_ms),
+                    "kernels_per_step": kernels_in(whole),
+                    "optimizer_kernels": optimizer_kernels(
+                        model, optimizer, method, batch, device, activities
+                    ),
+                    "peak_GiB": peak if device.type == "cuda" else 0.0,
+                    "host_reads": reads,
+                    "cuda_syncs": syncs,
+                }
+            )
+            del optimizer
+        model.cpu()
+    return rows
+
+
+def optimizer_kernels(
+    model, optimizer, method: str, batch: dict, device: torch.device, activities: list
+) -> int:
+    """Kernels of the optimizer part of one step alone (`step`, or `first_step` + `second_step`)."""
+    from torch.profiler import profile
+
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        model(**batch).loss.backward()
+    synchronize(device)
+    with profile(activities=activities) as part:
+        if method == "adamw":
+            optimizer.step()
+        else:
+            optimizer.first_step()
+            optimizer.second_step()
+        synchronize(device)
+    optimizer.zero_grad(set_to_none=True)
+    return kernels_in(part)
+
+
+def host_syncs(step, device: torch.device) -> tuple[int, int | None]:
+    """hf_zsharp's tensor-to-host reads in `step()`, and on CUDA every sync the sync debug mode warns about."""
+    if device.type != "cuda":
+        return len(count_host_reads(step)), 0
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reads = count_host_reads(step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return len(reads), sum("synchroniz" in str(w.message) for w in caught)
 
 
 def check_ascent(models: list[str], device: torch.device, repeats: int) -> list[dict]:
@@ -127,27 +298,6 @@ class Clock(TrainerCallback):
         self.times.append(time.perf_counter())
 
 
-class RepeatedBatch(torch.utils.data.Dataset):
-    """One batch of random images, already on the device and fetched whole (as `CachedImages`) for every index:
-    synthetic training data that costs the step nothing."""
-
-    def __init__(
-        self, length: int, batch: int, size: int, device: torch.device, num_labels: int = 10
-    ) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.length = length
-        self.batch = {
-            "pixel_values": torch.randn(batch, 3, size, size, generator=generator).to(device),
-            "labels": torch.randint(num_labels, (batch,), generator=generator).to(device),
-        }
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        return [self.batch]
-
-
 def check_trainer(device: torch.device, small: bool, batch: int, steps: int, warmup: int) -> list[dict]:
     """Steps/s of ZSharpTrainer with sam none (AdamW), sam and zsharp on a ViT-B/16-sized model, bf16 on CUDA."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -175,7 +325,7 @@ def check_trainer(device: torch.device, small: bool, batch: int, steps: int, war
             logging_steps=10**6,
             disable_tqdm=True,
         )
-        dataset = RepeatedBatch((warmup + steps) * batch, batch, config.image_size, device)
+        dataset = SyntheticBatches(batch, config.image_size, device=device)
         trainer = ZSharpTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_fn)
         clock = Clock(device)
         trainer.add_callback(clock)
@@ -251,10 +401,12 @@ def main(argv: list[str] | None = None) -> dict:
     models = ["test_vit", "test_resnet"] if args.small else ["vit_base_patch16_224", "resnet50"]
     start = time.perf_counter()
     results = {
+        "two_pass": check_two_pass(device, args.small, 3 if args.small else 20),
         "ascent": check_ascent(models, device, repeats=2 if args.small else 10),
         "trainer": check_trainer(device, args.small, 8 if args.small else 64, 2 if args.small else 20, 2),
         "data": check_data(device, 512 if args.small else 20_000, 2 if args.small else 50),
     }
+    print(markdown("Two-pass step, bf16 autocast, AdamW(fused=True) base", results["two_pass"]))
     print(
         markdown(
             "Ascent (first_step) and held / peak memory as multiples of the parameter bytes",
@@ -273,6 +425,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(results, file, indent=1)
+    missing = [
+        f"{section}: {key}"
+        for section, rows in results.items()
+        for row in rows
+        for key, v in row.items()
+        if v is None
+    ]
+    missing = [
+        m for m in missing if device.type == "cuda" or "peak" not in m
+    ]  # the CPU has no allocator peak
+    if missing:
+        print(f"\nMissing figures: {', '.join(sorted(set(missing)))}", file=sys.stderr)
+        raise SystemExit(1)
     return results
 
 

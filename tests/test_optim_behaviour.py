@@ -404,22 +404,24 @@ def test_fp16_tiny_gradients_match_reference(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_an_error_in_first_step_restores_the_weights_and_saves_nothing(method: str, monkeypatch) -> None:
+@pytest.mark.parametrize("where", ["after_every_move", "between_groups"])
+def test_an_error_in_first_step_restores_the_weights_and_saves_nothing(
+    method: str, where: str, monkeypatch
+) -> None:
+    """An error after some or all moves were applied (the whole-tensor group first, then ZSharp's sparse pool)."""
     model = model_with_grads("cnn")
     optimizer = build(method, model)
     saved = snapshot(model)
-    apply, applied = optimizer._apply, []
+    name = "_apply" if where == "after_every_move" or method != "zsharp" else "_apply_sparse"
+    apply = getattr(optimizer, name)
 
-    def fail_at_the_third_move(move) -> None:
-        if len(applied) == 2:
-            raise RuntimeError("injected")
-        applied.append(move)
-        apply(move)
+    def fail_after_applying(moves) -> None:
+        apply(moves)
+        raise RuntimeError("injected")
 
-    monkeypatch.setattr(optimizer, "_apply", fail_at_the_third_move)
+    monkeypatch.setattr(optimizer, name, fail_after_applying)
     with pytest.raises(RuntimeError, match="injected"):
         optimizer.first_step()
-    assert len(applied) == 2
     assert_bit_identical(model, saved)
     monkeypatch.undo()
     assert optimizer.first_step() is True  # not stuck in "first_step() called twice"

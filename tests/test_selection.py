@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_zsharp.optim import selection
-from hf_zsharp.optim.selection import quantile_rank, top_share
+from hf_zsharp.optim.selection import quantile_rank, top_share, top_share_centred, top_shares
 
 
 def reference_kept(row: torch.Tensor, q: float) -> torch.Tensor:
@@ -57,3 +57,27 @@ def test_rank_like_torch_quantile():
     low, weight = quantile_rank(590_000, 0.95)
     assert low == 560_499 and 0 < weight < 1
     assert quantile_rank(70_001, 0.9)[0] == 62_999  # q in float32 puts torch's rank just below 63000
+
+
+@pytest.mark.parametrize("q", [0.5, 0.95, 0.99])
+def test_top_shares_matches_quantile_definition(q):
+    """The accelerator kernel: several matrices of different widths at once, with ties, zeros and a 1-entry row."""
+    generator = torch.Generator().manual_seed(0)
+    ties = torch.zeros(2, 5000)
+    ties[:, :300] = torch.rand(2, 300, generator=generator) + 1
+    ties[:, 300:600] = 0.5
+    matrices = [torch.randn(3, 1000, generator=generator).abs(), ties, torch.rand(1, 1), torch.rand(4, 7)]
+    qs = [q, 0.95, q, 0.9]
+    index, keep, counts = top_shares(matrices, qs)
+    rows = [(row, mq) for m, mq in zip(matrices, qs) for row in m]
+    assert len(counts) == len(rows) and sum(counts) == index.numel() == keep.numel()
+    for (row, mq), i, k in zip(rows, index.split(counts), keep.split(counts)):
+        torch.testing.assert_close(kept(i, k), reference_kept(row, mq), rtol=0, atol=0)
+
+
+def test_centred_prefilter_matches_the_scores_it_does_not_form():
+    """|row - center| in float32 (as torch forms it) on the prefilter path, against the formed scores."""
+    row = torch.randn(200_000, generator=torch.Generator().manual_seed(3)) * 1e-3 + 0.25
+    center = row.sum(dim=0, keepdim=True) / row.numel()
+    index, keep = top_share_centred(row, center, 0.95)
+    torch.testing.assert_close(kept(index, keep), reference_kept((row - center).abs(), 0.95), rtol=0, atol=0)

@@ -10,11 +10,12 @@ import torch
 from torch.optim import Optimizer
 
 from .batchnorm import frozen_batchnorm_stats
-from .sam import ASAM, SAM, FriendlySAM
+from .sam import ASAM, ASCENT_STATISTICS, SAM, FriendlySAM
 from .zsharp import MASKS, RADII, ZSharp
 
 __all__ = [
     "ASAM",
+    "ASCENT_STATISTICS",
     "MASKS",
     "METHODS",
     "RADII",

@@ -6,7 +6,10 @@ One step of sharpness-aware minimization is two forward/backward passes:
     loss(w + e).backward();  optimizer.second_step(zero_grad=True)  # restore w, base step with g(w + e)
 
 The variants differ only in the perturbation e, computed by `_moves`; everything else (saving and
-restoring the moved entries, skipping on non-finite gradients, state dicts) lives in `SAM`.
+restoring the moved entries, skipping on non-finite gradients, state dicts) lives in `SAM`. Moves, saves and
+restores are horizontally fused: one `torch._foreach_*` op per group of whole-tensor moves (same device, dtype and
+step size), and for the moves of chosen entries (ZSharp) one `take` and one `put_` per tensor on a pool of
+positions scaled in one op; a step costs O(parameter tensors + shapes) kernels, not O(ops x tensors).
 
 Under FSDP2 the parameters and gradients are DTensor shards: every statistic of the ascent is the whole tensor's,
 reduced across ranks in one collective per step (three for ZSharp, see `sharded`), and each rank moves and
@@ -28,14 +31,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import selection
 from .sharded import local, process_group, whole_norms
 
 EPS = 1e-12
+# The statistics `first_step` leaves in `ascent_stats` (logged by the two-pass step with a `sam_` prefix).
+ASCENT_STATISTICS = ("perturbation_norm", "kept_fraction")
 
 
 @dataclass
 class Move:
-    """One parameter's share of the ascent: `alpha * values` is added at flat positions `index` (all if None).
+    """One parameter's share of the ascent: `alpha * values` is added to the whole tensor.
 
     `norm` is the norm of `values` (a host float), used for the logged perturbation norm.
     """
@@ -44,14 +50,48 @@ class Move:
     values: Tensor
     alpha: float
     norm: float
-    index: Tensor | None = None
-    kept: int | None = None
+
+
+@dataclass
+class SparseMoves:
+    """Moves of chosen entries of several tensors, pooled: tensor i adds `alphas[i]` times its `counts[i]` values
+    (the next slice of `values`, float32) at the logical flat positions in the same slice of `index` (int64).
+
+    `norms[i]` is the norm of tensor i's values and `kept[i]` how many of them are kept (the others are zeros
+    that ride along: a fixed-size top-k on accelerators), host numbers for the logged statistics.
+    """
+
+    params: list[Tensor]
+    values: Tensor
+    index: Tensor
+    counts: list[int]
+    alphas: list[float]
+    norms: list[float]
+    kept: list[int]
+
+
+@dataclass
+class Ascent:
+    """A step's perturbation: whole-tensor moves and pools of sparse ones."""
+
+    dense: list[Move]
+    sparse: list[SparseMoves]
+
+    def stats(self) -> dict[str, float]:
+        """Norm of the whole perturbation and the share of entries it moved (ASCENT_STATISTICS), for logging."""
+        squares = [(m.alpha * m.norm) ** 2 for m in self.dense]
+        squares += [(a * n) ** 2 for s in self.sparse for a, n in zip(s.alphas, s.norms)]
+        numel = sum(m.param.numel() for m in self.dense) + sum(
+            p.numel() for s in self.sparse for p in s.params
+        )
+        kept = sum(m.param.numel() for m in self.dense) + sum(sum(s.kept) for s in self.sparse)
+        return dict(zip(ASCENT_STATISTICS, (math.sqrt(sum(squares)), kept / max(numel, 1))))
 
 
 def fetch(*tensors: Tensor) -> list[list[float]]:
     """Copy several small tensors to the host in one transfer: every host-device sync of a step goes here."""
     device = tensors[0].device
-    flat = torch.cat([t.detach().reshape(-1).float().to(device) for t in tensors]).tolist()
+    flat = torch.cat([(t if t.dim() == 1 else t.reshape(-1)).to(device) for t in tensors]).tolist()
     out, start = [], 0
     for t in tensors:
         out.append(flat[start : start + t.numel()])
@@ -86,6 +126,9 @@ class SAM(Optimizer):
     """
 
     default_rho = 0.05
+    # Whether the ascent is the same for gradients scaled by any positive factor (a GradScaler's loss scale); if
+    # not, the two-pass step unscales the first-pass gradients before `first_step`.
+    scale_invariant = True
 
     def __init__(
         self,
@@ -112,13 +155,13 @@ class SAM(Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self.skipped_perturbation = False
-        self._skip_base_step = False
+        self.skips = Skips()
         self.ascent_stats: dict[str, float] = {}
-        self._saved: list[tuple[Tensor, Tensor | None, Tensor]] = []
+        # Per applied group: its tensors, then (dense) None, None and their copies, or (sparse) the positions
+        # (int32 when they fit), per-tensor counts and the old values.
+        self._saved: list[tuple[list[Tensor], Tensor | None, list[int] | None, list[Tensor]]] = []
         self._groups: dict[int, dict[str, Any]] = {}
         self._process_group = None  # FSDP2's, when the parameters are sharded (set by each first_step)
-        self._skipped = 0  # steps first_step skipped (known on the host)
-        self._skipped_on_device: Tensor | None = None  # steps second_step skipped (a device count)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
@@ -132,30 +175,29 @@ class SAM(Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         params = [p for p in params if p.numel()]  # empty tensors move nothing
         self._process_group = process_group(params)
-        moves = self._moves(params) if params else []
-        self.skipped_perturbation = self._skip_base_step = moves is None
-        if moves is None:
-            self._skipped += 1
-        else:
+        ascent = self._moves(params) if params else Ascent([], [])
+        self.skipped_perturbation = ascent is None
+        self.skips.ascent(perturbed=ascent is not None)
+        if ascent is not None:
             try:
-                for move in moves:
-                    self._apply(move)
+                self._apply(ascent)
             except BaseException:
                 self.restore()
                 raise
-            self.ascent_stats = _stats(moves)
+            self.ascent_stats = ascent.stats()
         if zero_grad:
             self.zero_grad()
         return not self.skipped_perturbation
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back exactly the entries `first_step` moved (no-op when nothing is perturbed)."""
-        for param, index, old in self._saved:
+        """Put back exactly the entries `first_step` moved (no-op when nothing is perturbed), last moved first."""
+        for params, index, counts, old in reversed(self._saved):
             if index is None:
-                param.copy_(old)
+                torch._foreach_copy_(params, old)
             else:
-                param.view(-1).index_put_((index,), old)
+                for param, positions, values in zip(params, index.long().split(counts), old):
+                    param.put_(positions, values)
         self._saved = []
 
     @torch.no_grad()
@@ -168,9 +210,8 @@ class SAM(Optimizer):
         sync (the `found_inf` protocol GradScaler uses); any other base optimizer reads it (one transfer).
         """
         self.restore()
-        if not self._skip_base_step:
+        if self.skips.take_base_step():
             self._base_step_if_finite()
-        self._skip_base_step = False
         if zero_grad:
             self.zero_grad()
 
@@ -184,8 +225,7 @@ class SAM(Optimizer):
         group = process_group(params)
         if group is not None:  # FSDP2: each rank checks its shards; all skip if one finds a non-finite entry
             torch.distributed.all_reduce(found_inf, torch.distributed.ReduceOp.MAX, group=group)
-        count = self._skipped_on_device
-        self._skipped_on_device = found_inf if count is None else count + found_inf
+        self.skips.second_pass(found_inf)
         base = self.base_optimizer
         if _skips_on_device(base):
             base.found_inf = found_inf
@@ -198,9 +238,7 @@ class SAM(Optimizer):
 
     def pop_skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (either pass) since the last call; reads the device count."""
-        on_device, self._skipped_on_device = self._skipped_on_device, None
-        skipped, self._skipped = self._skipped, 0
-        return skipped + (0 if on_device is None else int(fetch(on_device)[0][0]))
+        return self.skips.pop()
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """With `closure` (zero grads, forward, backward, return loss): the full two-pass step.
@@ -230,7 +268,7 @@ class SAM(Optimizer):
         self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
 
-    def _moves(self, params: list[Tensor]) -> list[Move] | None:
+    def _moves(self, params: list[Tensor]) -> Ascent | None:
         """SAM's perturbation for `params` (all with gradients), or None if the gradients are not finite."""
         grads = [local(p.grad) for p in params]
         (host_norms,) = self._norms(params, grads)
@@ -245,15 +283,13 @@ class SAM(Optimizer):
 
     def _global_moves(
         self, params: list[Tensor], directions: list[Tensor], direction_norms: list[float]
-    ) -> list[Move] | None:
+    ) -> Ascent | None:
         """e = rho * d / ||d|| with one norm over all tensors; None when that norm is not finite."""
         total = math.sqrt(sum(n * n for n in direction_norms))
         if not math.isfinite(total):
             return None
-        return [
-            Move(p, d, self._rho(p) / (total + EPS), n)
-            for p, d, n in zip(params, directions, direction_norms)
-        ]
+        alphas = [self._rho(p) / (total + EPS) for p in params]
+        return Ascent([Move(*move) for move in zip(params, directions, alphas, direction_norms)], [])
 
     def _rho(self, param: Tensor) -> float:
         return self._group(param)["rho"]
@@ -262,27 +298,92 @@ class SAM(Optimizer):
         """The param group holding `param` (indexed at the start of each `first_step`)."""
         return self._groups[id(param)]
 
-    def _apply(self, move: Move) -> None:
-        """Save what `move` overwrites (of this rank's shard, under FSDP2), then add the perturbation."""
-        param = local(move.param)
-        if move.index is None:
-            self._saved.append((param, None, param.clone()))
-            if abs(move.alpha) <= torch.finfo(param.dtype).max:
-                param.add_(move.values.to(param.dtype), alpha=move.alpha)
-            else:  # e.g. fp16 with gradients near zero: alpha = rho / ||g|| overflows, rho * g / ||g|| does not
-                param.add_(move.values * move.alpha)
-        else:
-            flat = param.view(-1)
-            self._saved.append((param, move.index, flat.index_select(0, move.index)))
-            flat.index_add_(0, move.index, (move.values * move.alpha).to(param.dtype))
+    def _apply(self, ascent: Ascent) -> None:
+        """Save what `ascent` overwrites (of this rank's shards, under FSDP2), then add the perturbation."""
+        for moves in _fusable(ascent.dense):
+            self._apply_dense(moves)
+        for moves in ascent.sparse:
+            self._apply_sparse(moves)
+
+    def _apply_dense(self, moves: list[Move]) -> None:
+        """Whole-tensor moves of one device, dtype and step size: one copy and one add (foreach ops)."""
+        params = [local(m.param) for m in moves]
+        values = [m.values.to(p.dtype) for m, p in zip(moves, params)]
+        self._saved.append((params, None, None, torch._foreach_clone(params)))
+        alpha = moves[0].alpha
+        if abs(alpha) <= torch.finfo(params[0].dtype).max:
+            torch._foreach_add_(params, values, alpha=alpha)
+        else:  # e.g. fp16 with gradients near zero: alpha = rho / ||g|| overflows, rho * g / ||g|| does not
+            torch._foreach_add_(params, torch._foreach_mul(values, alpha))
+
+    def _apply_sparse(self, moves: SparseMoves) -> None:
+        """Chosen entries: scale the pooled values (one foreach op), then save and add per tensor (`_gather`,
+        `_add_at`)."""
+        params = [local(p) for p in moves.params]
+        values = torch._foreach_mul(moves.values.split(moves.counts), moves.alphas)  # float32, as the norms
+        if values[0].dtype != params[0].dtype:
+            values = torch.cat(values).to(params[0].dtype).split(moves.counts)
+        index = moves.index.split(moves.counts)
+        old = [_gather(p, i) for p, i in zip(params, index)]
+        small = max(p.numel() for p in params) < 2**31  # int32 positions: half the memory held until restore
+        self._saved.append((params, moves.index.int() if small else moves.index, moves.counts, old))
+        for p, i, v in zip(params, index, values):
+            _add_at(p, i, v)
 
 
-def _stats(moves: list[Move]) -> dict[str, float]:
-    """Norm of the whole perturbation and the share of entries it moved, for logging."""
-    norm = math.sqrt(sum((m.alpha * m.norm) ** 2 for m in moves))
-    numel = sum(m.param.numel() for m in moves)
-    kept = sum(m.param.numel() if m.kept is None else m.kept for m in moves)
-    return {"perturbation_norm": norm, "kept_fraction": kept / max(numel, 1)}
+def _gather(param: Tensor, index: Tensor) -> Tensor:
+    """`param`'s entries at logical flat positions `index` (int64). `take` needs no view (on an accelerator a view
+    is an op of its own); on the CPU `index_select` on a flat view of a contiguous tensor runs ~5x faster."""
+    if selection.row_by_row(param.device) and param.is_contiguous():
+        return param.view(-1).index_select(0, index)
+    return param.take(index)
+
+
+def _add_at(param: Tensor, index: Tensor, values: Tensor) -> None:
+    """Add `values` to `param`'s entries at logical flat positions `index` (distinct), as `_gather` chooses."""
+    if selection.row_by_row(param.device) and param.is_contiguous():
+        param.view(-1).index_add_(0, index, values)
+    else:
+        param.put_(index, values, accumulate=True)
+
+
+class Skips:
+    """The skip bookkeeping of the two-pass step: whether `second_step` must skip the base step (its `first_step`
+    found non-finite gradients), and the steps skipped since the last `pop` (first passes counted on the host,
+    second passes on the device: no sync until read)."""
+
+    def __init__(self) -> None:
+        self.skip_base_step = False
+        self.first_pass = 0
+        self.on_device: Tensor | None = None
+
+    def ascent(self, perturbed: bool) -> None:
+        """Record a `first_step`: a skipped ascent skips the base step of its `second_step`."""
+        self.skip_base_step = not perturbed
+        self.first_pass += not perturbed
+
+    def take_base_step(self) -> bool:
+        """Whether the base step may run (no skip pending); clears a pending skip either way."""
+        skip, self.skip_base_step = self.skip_base_step, False
+        return not skip
+
+    def second_pass(self, found_inf: Tensor) -> None:
+        """Count a second-pass skip flag (a device float, 1.0 when the base step is skipped)."""
+        self.on_device = found_inf if self.on_device is None else self.on_device + found_inf
+
+    def pop(self) -> int:
+        """Steps skipped (either pass) since the last call; reads the device count (one transfer)."""
+        on_device, self.on_device = self.on_device, None
+        first_pass, self.first_pass = self.first_pass, 0
+        return first_pass + (0 if on_device is None else int(fetch(on_device)[0][0]))
+
+
+def _fusable(moves: list[Move]) -> list[list[Move]]:
+    """`moves` in groups that one foreach op can apply: same device, parameter and value dtypes, step size."""
+    groups: dict[tuple, list[Move]] = {}
+    for m in moves:
+        groups.setdefault((m.param.device, m.param.dtype, m.values.dtype, m.alpha), []).append(m)
+    return list(groups.values())
 
 
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -307,6 +408,17 @@ def _position(params: list[Tensor], param: Tensor) -> int:
     return next(i for i, p in enumerate(params) if p is param)
 
 
+def _by_hyperparameter(
+    optimizer: SAM, params: list[Tensor], name: str, momenta: list[Tensor | None]
+) -> dict[float, list[int]]:
+    """Positions of the parameters that have a momentum, by their group's value of `name` (one foreach op each)."""
+    positions: dict[float, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, momenta)):
+        if m is not None:
+            positions.setdefault(optimizer._group(p)[name], []).append(i)
+    return positions
+
+
 class ASAM(SAM):
     """Adaptive SAM (Kwon et al., 2021): e = rho * T^2 g / ||T g|| with T = |w| + eta.
 
@@ -327,24 +439,31 @@ class ASAM(SAM):
         check_argument(eta >= 0, "eta", f"must be >= 0, got {eta}")
         super().__init__(params, base_optimizer, rho, method_defaults={"eta": eta}, **base_kwargs)
 
-    def _moves(self, params: list[Tensor]) -> list[Move] | None:
-        scales = [self._scale(p) for p in params]
+    def _moves(self, params: list[Tensor]) -> Ascent | None:
         grads = [local(p.grad) for p in params]
-        scaled = [g if t is None else g * t for g, t in zip(grads, scales)]
-        directions = [g if t is None else g * t for g, t in zip(scaled, scales)]
+        scaled, directions = list(grads), list(grads)
+        for eta, positions in self._adapted(params).items():  # T g and T^2 g, T = |w| + eta, foreach ops
+            scales = torch._foreach_abs([local(params[i]) for i in positions])
+            torch._foreach_add_(scales, eta)
+            tg = torch._foreach_mul([grads[i] for i in positions], scales)
+            for i, x, y in zip(positions, tg, torch._foreach_mul(tg, scales)):
+                scaled[i], directions[i] = x, y
         host_scaled, host_dirs = self._norms(params, scaled, directions)
         total = math.sqrt(sum(n * n for n in host_scaled))
         if not math.isfinite(total):
             return None
-        return [Move(p, d, self._rho(p) / (total + EPS), n) for p, d, n in zip(params, directions, host_dirs)]
+        alphas = [self._rho(p) / (total + EPS) for p in params]
+        return Ascent([Move(*move) for move in zip(params, directions, alphas, host_dirs)], [])
 
-    def _scale(self, param: Tensor) -> Tensor | None:
-        """T = |w| + eta for adapted parameters, None (T = 1) otherwise."""
-        group = self._group(param)
-        names = group.get("param_names")
-        if names is not None and "weight" not in names[_position(group["params"], param)]:
-            return None
-        return local(param).abs() + group["eta"]
+    def _adapted(self, params: list[Tensor]) -> dict[float, list[int]]:
+        """Positions of the parameters T applies to, by their group's eta (T = 1 for the others)."""
+        positions: dict[float, list[int]] = {}
+        for i, p in enumerate(params):
+            group = self._group(p)
+            names = group.get("param_names")
+            if names is None or "weight" in names[_position(group["params"], p)]:
+                positions.setdefault(group["eta"], []).append(i)
+        return positions
 
 
 class FriendlySAM(SAM):
@@ -352,6 +471,8 @@ class FriendlySAM(SAM):
 
     As in the authors' code, the first step uses d = g and starts m = g.
     """
+
+    scale_invariant = False  # the EMA mixes steps with different loss scales: it needs true gradients
 
     def __init__(
         self,
@@ -400,19 +521,24 @@ class FriendlySAM(SAM):
             if momentum is not None and float(started)
         }
 
-    def _moves(self, params: list[Tensor]) -> list[Move] | None:
+    def _moves(self, params: list[Tensor]) -> Ascent | None:
         grads = [local(p.grad) for p in params]
         momenta = [local(self.momentum.get(p)) for p in params]
-        directions = [
-            g if m is None else g - self._group(p)["sigma"] * m for p, g, m in zip(params, grads, momenta)
-        ]
+        directions = list(grads)
+        for sigma, positions in _by_hyperparameter(self, params, "sigma", momenta).items():
+            differences = torch._foreach_sub(
+                [grads[i] for i in positions], torch._foreach_mul([momenta[i] for i in positions], sigma)
+            )
+            for i, d in zip(positions, differences):
+                directions[i] = d
         grad_norms, direction_norms = self._norms(params, grads, directions)
         if not all(map(math.isfinite, grad_norms)):  # the momentum must not take in non-finite gradients
             return None
-        for p, g, m in zip(params, grads, momenta):
+        for lmbda, positions in _by_hyperparameter(self, params, "lmbda", momenta).items():
+            ms = [momenta[i] for i in positions]
+            torch._foreach_mul_(ms, lmbda)
+            torch._foreach_add_(ms, [grads[i] for i in positions], alpha=1 - lmbda)
+        for p, m in zip(params, momenta):
             if m is None:
                 self.momentum[p] = p.grad.clone()  # a DTensor under FSDP2: saved sharded
-            else:
-                lmbda = self._group(p)["lmbda"]
-                m.mul_(lmbda).add_(g, alpha=1 - lmbda)
         return self._global_moves(params, directions, direction_norms)

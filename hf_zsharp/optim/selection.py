@@ -3,7 +3,9 @@
 `top_share(scores, q)` finds, for every row of a (B, N) score matrix, the entries whose score exceeds
 the row's `torch.quantile(row, q)` (linear interpolation), exactly and without sorting the row, as
 positions: the caller can build the mask and save just the moved entries for an exact restore.
-`tests/test_selection.py` checks it against `torch.quantile`.
+`top_shares` does the same for many matrices of different widths at once, in O(1) ops per matrix: the
+accelerator path, where every op is a kernel launch. `tests/test_selection.py` checks both against
+`torch.quantile`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def quantile_rank(n: int, q: float) -> tuple[int, float]:
     return low, rank - low
 
 
+def row_by_row(device: torch.device) -> bool:
+    """Whether ZSharp selects tensor by tensor with the exact NumPy prefilter (the CPU) rather than batched with
+    `topk` (accelerators)."""
+    return device.type == "cpu"
+
+
 def top_share(scores: Tensor, q: float) -> list[tuple[Tensor, Tensor]]:
     """Per row of `scores` (B, N): the entries whose score exceeds the row's `torch.quantile(row, q)`.
 
@@ -40,8 +48,10 @@ def top_share(scores: Tensor, q: float) -> list[tuple[Tensor, Tensor]]:
     n = scores.shape[1]
     low, weight = quantile_rank(n, q)
     k = n - low
-    if scores.device.type == "cpu" and n >= _PREFILTER_MIN_N and k <= n // 8:
-        return [_kept_prefiltered(row, low, weight) for row in scores]
+    if row_by_row(scores.device) and n >= _PREFILTER_MIN_N and k <= n // 8:
+        return [
+            _kept_prefiltered(row, np.float32(0), low, weight) for row in scores
+        ]  # scores >= 0: |s - 0| = s
     values, index = torch.topk(scores, k, dim=1, sorted=False)
     below = values.min(dim=1).values
     above = values.kthvalue(2, dim=1).values if weight > 0 else below
@@ -49,29 +59,101 @@ def top_share(scores: Tensor, q: float) -> list[tuple[Tensor, Tensor]]:
     return list(zip(index, keep))
 
 
-def _kept_prefiltered(row: Tensor, low: int, weight: float) -> tuple[Tensor, Tensor]:
-    """Exact kept entries of one long CPU row: rank only the entries above a sampled lower bound.
+def top_share_centred(row: Tensor, center: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """`top_share` of one CPU row's scores |row - center| (float32 `row`, a float32 one-entry `center`; the
+    scores as torch computes them), without forming the scores when the row is long (the prefilter)."""
+    n = row.numel()
+    low, weight = quantile_rank(n, q)
+    if n >= _PREFILTER_MIN_N and n - low <= n // 8:
+        return _kept_prefiltered(row, center.numpy().reshape(()), low, weight)
+    ((index, keep),) = top_share((row - center.reshape(())).abs_().unsqueeze(0), q)
+    return index, keep
 
-    CPU `torch.topk` costs ~20 passes over the row; a comparison plus `flatnonzero` costs ~3, and NumPy's
-    (on the same memory, no copy) run about twice as fast as torch's for these steps. The bound is a sample
+
+def top_shares(matrices: list[Tensor], qs: list[float]) -> tuple[Tensor, Tensor, list[int]]:
+    """`top_share`'s accelerator form for many (B_i, N_i) score matrices (float32) at once, pooled row after row:
+    the positions of each row's top k = N - floor(q (N - 1)) scores, whether each is above the row's
+    `torch.quantile(row, q)` (q from `qs`, one per matrix), and k per row.
+
+    Per matrix: one `topk`, and one more for the two order statistics the quantile interpolates (the two smallest
+    of the top k); then the thresholds and the keep flags of all rows in a few ops. No host sync.
+    """
+    tops, where, pairs, weights, counts = [], [], [], [], []
+    for scores, q in zip(matrices, qs):
+        rows, n = scores.shape
+        low, weight = quantile_rank(n, q)
+        values, index = scores.topk(n - low, dim=1, sorted=False)
+        pair = values.topk(2, dim=1, largest=False).values if n - low > 1 else values.expand(rows, 2)
+        tops.append(values)
+        where.append(index)
+        pairs.append(pair)
+        weights += [weight] * rows
+        counts += [n - low] * rows
+    device = matrices[0].device
+    pair = flat(pairs).view(-1, 2)
+    weight = on_device(weights, torch.float32, device)
+    threshold = torch.lerp(pair[:, 0], pair[:, 1], weight)  # torch.quantile's float32 lerp
+    top = flat(tops)
+    repeats = on_device(counts, torch.int64, device)
+    keep = top > threshold.repeat_interleave(repeats, output_size=top.numel())
+    return flat(where), keep, counts
+
+
+def on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list as a tensor on `device`; on CUDA pinned and copied asynchronously, with no host sync (a copy
+    from pageable memory would wait for the device's queue)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def flat(tensors: list[Tensor]) -> Tensor:
+    """The entries of `tensors` (each in its logical order) one after the other in a new 1-D tensor: one op."""
+    return torch._chunk_cat(tensors, 0, 1).view(-1)
+
+
+def _kept_prefiltered(row: Tensor, center: np.float32, low: int, weight: float) -> tuple[Tensor, Tensor]:
+    """Exact kept entries of one long CPU row, scores |row - center|: rank only the entries above a sampled bound.
+
+    CPU `torch.topk` costs ~20 passes over the row; the candidates (scores >= the bound) cost two comparisons of
+    the row against center +- bound and a `flatnonzero` (NumPy, on the same memory, about twice as fast as
+    torch's CPU kernels for these), and the scores are formed for the candidates only. The bound is a sample
     quantile (fixed sample positions, no global RNG use) with a four-sigma margin; if it is not below the
     quantile after all, every entry becomes a candidate, so the result is exact either way.
     """
-    scores = row.numpy()
-    n = scores.size
+    values = row.numpy()
+    n = values.size
     share = (n - low) / n
     margin = 4 * math.sqrt(share * (1 - share) / _SAMPLE_SIZE)
     j = max(0, math.floor((1 - share - margin) * _SAMPLE_SIZE) - 1)
-    bound = np.partition(scores[_sample_positions(n)], j)[j]
-    candidates = np.flatnonzero(scores >= bound)
+    bound = np.partition(np.abs(values[_sample_positions(n)] - center), j)[j]
+    candidates, scores = _at_least(values, center, bound)
     if candidates.size < n - low:
-        candidates = np.arange(n)
-    values = scores[candidates]
+        candidates, scores = np.arange(n), np.abs(values - center)
     rank = low - (n - candidates.size)  # position of the quantile's lower neighbour among candidates
-    pair = np.partition(values, [rank, rank + 1] if weight > 0 else rank)
-    threshold = _lerp(pair[rank], pair[rank + 1] if weight > 0 else pair[rank], weight)
-    index = torch.from_numpy(candidates[values > threshold])
+    part = np.partition(scores, rank)
+    threshold = _lerp(part[rank], part[rank + 1 :].min() if weight > 0 else part[rank], weight)
+    index = torch.from_numpy(candidates[scores > threshold])
     return index, torch.ones_like(index, dtype=torch.bool)
+
+
+def _at_least(values: np.ndarray, center: np.float32, bound: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and scores of the entries whose float32 score |values - center| is >= `bound`, exactly.
+
+    A score >= bound needs |x - center| >= bound (1 - 2^-24) - 2^-150 in exact arithmetic (float32 rounding), so
+    x >= hi or x <= lo with the slack below finds a superset in two comparisons of the raw values; the exact
+    scores of that superset (a few % of the row) then decide.
+    """
+    c, b = float(center), float(bound)
+    slack = (abs(c) + abs(b)) * 2.0**-20 + 2.0**-140
+    hi, lo = np.float32(c + b - slack), np.float32(c - b + slack)
+    hi = np.nextafter(hi, np.float32(-np.inf)) if hi > c + b - slack else hi  # round outwards
+    lo = np.nextafter(lo, np.float32(np.inf)) if lo < c - b + slack else lo
+    superset = np.flatnonzero((values >= hi) | (values <= lo)) if lo < hi else np.arange(values.size)
+    scores = np.abs(values[superset] - center)
+    above = scores >= bound
+    return superset[above], scores[above]
 
 
 def _lerp(below: np.float32, above: np.float32, weight: float) -> np.float32:

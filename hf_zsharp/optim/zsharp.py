@@ -5,8 +5,10 @@ f = g * mask, e = rho * f / ||f|| (per tensor; plain SAM direction if the mask i
 get plain SAM, rho * g / ||g_all||. Since z is an increasing affine map of |g - mean|, the mask is
 computed on |g - mean| directly: std never changes which entries are kept.
 
-Only the ~(1 - percentile) share of moved entries is saved for the restore, and tensors of one shape are
-selected in one batched call (`selection.top_share`).
+Only the ~(1 - percentile) share of moved entries is saved for the restore. On accelerators the selection is
+batched: the gradients of all filtered tensors are copied into one flat buffer, scored in a few ops for all of
+them, and ranked by one `topk` per shape (`selection.top_shares`); on the CPU each tensor is selected on its own
+by an exact sampled prefilter (`selection.top_share`), tensors side by side on torch's threads.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .sam import EPS, SAM, Move, check_argument, fetch, norms
-from .selection import top_share
+from . import selection
+from .sam import EPS, SAM, Ascent, Move, SparseMoves, check_argument, fetch, norms
+from .selection import flat, on_device, top_share, top_share_centred, top_shares
 from .sharded import (
     exact_top_share,
     global_sums,
@@ -41,14 +45,35 @@ MASKS = ("zscore", "magnitude", "random", "none")
 
 @dataclass
 class Selection:
-    """The filtered gradients of a batch of tensors: per tensor the kept values, their flat positions (in this
-    rank's shard under FSDP2), and, on the device, the norm of the kept values and how many were kept."""
+    """The filtered gradients of some tensors, pooled tensor after tensor: `counts[i]` flat positions of tensor i
+    (in this rank's shard under FSDP2) and the float32 gradient values there (zeros where not kept); on the
+    device, each tensor's kept norm and kept count."""
 
     params: list[Tensor]
-    values: list[Tensor]
-    index: list[Tensor]
+    values: Tensor
+    index: Tensor
+    counts: list[int]
     norm: Tensor
     kept: Tensor
+
+    def moves(
+        self, rows: list[int], alphas: list[float], norms: list[float], kept: list[float]
+    ) -> SparseMoves:
+        """The moves of tensors `rows` (all of them in the usual case: no copy) with their step sizes."""
+        if len(rows) == len(self.params):
+            values, index = self.values, self.index
+        else:
+            pieces, positions = self.values.split(self.counts), self.index.split(self.counts)
+            values, index = torch.cat([pieces[i] for i in rows]), torch.cat([positions[i] for i in rows])
+        return SparseMoves(
+            [self.params[i] for i in rows],
+            values,
+            index,
+            [self.counts[i] for i in rows],
+            alphas,
+            [norms[i] for i in rows],
+            [int(kept[i]) for i in rows],
+        )
 
 
 class ZSharp(SAM):
@@ -88,7 +113,7 @@ class ZSharp(SAM):
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _moves(self, params: list[Tensor]) -> list[Move] | None:
+    def _moves(self, params: list[Tensor]) -> Ascent | None:
         filtered = [p for p in params if p.ndim > 1 and self._group(p)["percentile"] > 0]
         if not filtered or (self.defaults["mask"] == "none" and self.defaults["radius"] == "global"):
             return super()._moves(params)
@@ -106,31 +131,34 @@ class ZSharp(SAM):
         total = math.sqrt(sum(n * n for n in host[0]))
         if not math.isfinite(total):
             return None
-        kept = [  # filtered tensors whose mask kept something; the others take the SAM direction
-            (p, values, index, norm, int(count))
-            for b, norms, counts in zip(batches, host[1 : 1 + len(batches)], host[1 + len(batches) :])
-            for p, values, index, norm, count in zip(b.params, b.values, b.index, norms, counts)
-            if norm > 0
+        # Filtered tensors whose mask kept something move sparsely; the others take the SAM direction.
+        sparse = [
+            (b, [i for i, n in enumerate(b_norms) if n > 0], b_norms, b_kept)
+            for b, b_norms, b_kept in zip(batches, host[1 : 1 + len(batches)], host[1 + len(batches) :])
         ]
-        filtered_ids = {id(p) for p, *_ in kept}
-        sam_direction = [p for p in params if id(p) not in filtered_ids]
+        moved = {id(b.params[i]) for b, rows, *_ in sparse for i in rows}
+        sam_direction = [p for p in params if id(p) not in moved]
         if self.defaults["radius"] == "global":  # one norm over every tensor's direction
             norm = math.sqrt(
-                sum(n * n for *_, n, _ in kept) + sum(norm_of[id(p)] ** 2 for p in sam_direction)
+                sum(b_norms[i] ** 2 for _, rows, b_norms, _ in sparse for i in rows)
+                + sum(norm_of[id(p)] ** 2 for p in sam_direction)
             )
-            per_tensor, dense_norm = [norm] * len(kept), norm
+            divisor, dense_norm = (lambda n: norm), norm
         else:  # each filtered tensor by its own norm; the others by the global gradient norm, as in SAM
-            per_tensor, dense_norm = [n for *_, n, _ in kept], total
-        moves = [
-            _sparse_move(p, values, index, self._rho(p) / (divisor + EPS), n, count)
-            for (p, values, index, n, count), divisor in zip(kept, per_tensor)
+            divisor, dense_norm = (lambda n: n), total
+        pools = [
+            b.moves(
+                rows, [self._rho(b.params[i]) / (divisor(b_norms[i]) + EPS) for i in rows], b_norms, b_kept
+            )
+            for b, rows, b_norms, b_kept in sparse
+            if rows
         ]
-        moves += [
+        dense = [
             Move(p, local(p.grad), self._rho(p) / (dense_norm + EPS), norm_of[id(p)]) for p in sam_direction
         ]
-        return moves
+        return Ascent(dense, pools)
 
-    def _layerwise_moves(self, params: list[Tensor], filtered: list[Tensor]) -> list[Move] | None:
+    def _layerwise_moves(self, params: list[Tensor], filtered: list[Tensor]) -> Ascent | None:
         """mask="none": each filtered tensor moves by rho along its whole gradient; the others as in SAM."""
         grads = [local(p.grad) for p in params]
         (host,) = self._norms(params, grads)
@@ -138,17 +166,26 @@ class ZSharp(SAM):
         if not math.isfinite(total):
             return None
         layerwise = {id(p) for p in filtered}
-        return [
+        moves = [
             Move(p, g, self._rho(p) / ((n if id(p) in layerwise and n > 0 else total) + EPS), n)
             for p, g, n in zip(params, grads, host)
         ]
+        return Ascent(moves, [])
 
     def _select_all(self, filtered: list[Tensor]) -> list[Selection]:
-        """`_select` over the filtered tensors, batched by shape (the random mask draws in a fixed order)."""
-        groups = _same_shape(filtered, self._group)
-        if self.defaults["mask"] == "random":  # one generator: draw in a fixed order
-            return [self._select(group) for group in groups]
-        return _map_threads(self._select, groups)
+        """The selections of the filtered (unsharded) tensors: on the CPU tensor by tensor (side by side on torch's
+        threads, except the random mask, which draws in a fixed order), on accelerators batched (`_select_batched`)
+        per device and gradient dtype."""
+        if not filtered:
+            return []
+        if selection.row_by_row(filtered[0].device):
+            if self.defaults["mask"] == "random":
+                return [self._select_row(p) for p in filtered]
+            return _map_threads(self._select_row, filtered)
+        chunks: dict[tuple, list[list[Tensor]]] = defaultdict(list)
+        for bucket in _same_shape(filtered, self._group):
+            chunks[bucket[0].device, bucket[0].grad.dtype].append(bucket)
+        return [self._select_batched(buckets) for buckets in chunks.values()]
 
     def _select_sharded(
         self, params: list[Tensor], filtered: list[Tensor]
@@ -164,7 +201,9 @@ class ZSharp(SAM):
         to_reduce = squares_to_reduce(params, squares)
         buckets = _same_shape(filtered, self._group)
         if self.defaults["mask"] == "random":  # the draw needs no statistic: one collective for every sum
-            batches = [self._select_slices(b) if is_sharded(b[0]) else self._select(b) for b in buckets]
+            batches = [
+                self._select_slices(b) if is_sharded(b[0]) else self._select_all(b)[0] for b in buckets
+            ]
             drawn = [b for b, bucket in zip(batches, buckets) if is_sharded(bucket[0])]
             reduced = global_sums(group, torch.cat([to_reduce, *(b.norm for b in drawn)]))
             kept = reduced[to_reduce.numel() :].split([len(b.params) for b in drawn])
@@ -179,9 +218,9 @@ class ZSharp(SAM):
         )
         if kept is None:
             return None
-        batches = [self._select(b) for b in buckets if not is_sharded(b[0])]
+        batches = self._select_all([p for b in buckets if not is_sharded(b[0]) for p in b])
         batches += [
-            Selection([p], [k.values], [k.index], k.sumsq.sqrt()[None], k.count[None])
+            Selection([p], k.values, k.index, [k.index.numel()], k.sumsq.sqrt()[None], k.count[None])
             for p, k in zip(sharded, kept)
         ]
         return norms_from(params, squares, reduced), batches
@@ -202,31 +241,64 @@ class ZSharp(SAM):
             indices.append(mine)
             values.append(piece.grad.index_select(0, mine).float())
         sums_of_squares = torch.stack([v.double().square().sum() for v in values])
+        kept = torch.stack([keep.sum() for _, keep in selected])
         return Selection(
-            params, values, indices, sums_of_squares, torch.stack([keep.sum() for _, keep in selected])
+            params, torch.cat(values), torch.cat(indices), [i.numel() for i in indices], sums_of_squares, kept
         )
 
-    def _select(self, params: list[Tensor]) -> Selection:
-        """Filter the gradients of same-shape tensors at once: kept values, their positions, norms, counts."""
-        grads = [p.grad.reshape(-1) for p in params]
-        rows = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).float()
-        mask = self.defaults["mask"]
-        if mask == "zscore":
-            scores = (rows - rows.sum(dim=1, keepdim=True) / rows.shape[1]).abs_()
-        elif mask == "magnitude":
-            scores = rows.abs()
+    def _select_row(self, param: Tensor) -> Selection:
+        """Filter one tensor's gradient (the CPU path): its exactly kept entries, their norm and count."""
+        grad = param.grad.reshape(-1)
+        row = grad.unsqueeze(0).float()
+        mask, q = self.defaults["mask"], self._group(param)["percentile"]
+        if mask == "random":
+            draw = torch.rand(row.shape, generator=self._generator(row.device), device=row.device)
+            ((index, keep),) = top_share(draw, q)
         else:
-            scores = torch.rand(rows.shape, generator=self._generator(rows.device), device=rows.device)
-        selected = top_share(scores, self._group(params[0])["percentile"])
-        del rows, scores
-        values = [g.index_select(0, index).float() * keep for g, (index, keep) in zip(grads, selected)]
-        return Selection(
-            params,
-            values,
-            [index for index, _ in selected],
-            torch.stack(torch._foreach_norm(values)),
-            torch.stack([keep.sum() for _, keep in selected]),
+            center = row.sum(dim=1, keepdim=True) / row.shape[1] if mask == "zscore" else row.new_zeros(1)
+            index, keep = top_share_centred(row[0], center, q)
+        del row
+        values = grad.index_select(0, index).float() * keep
+        return Selection([param], values, index, [index.numel()], values.norm()[None], keep.sum()[None])
+
+    def _select_batched(self, buckets: list[list[Tensor]]) -> Selection:
+        """Filter the gradients of tensors of one device and dtype at once (the accelerator path), in O(shapes) ops:
+        one flat float32 copy of all of them, the scores of every entry in a few ops over it, one `topk` per shape
+        (`top_shares`), then the kept values, norms and counts of all tensors in a few more."""
+        params = [p for bucket in buckets for p in bucket]
+        device = params[0].device
+        widths = [bucket[0].numel() for bucket in buckets]
+        sizes = [len(bucket) * n for bucket, n in zip(buckets, widths)]
+        grads = flat([p.grad for p in params]).float()
+        mask = self.defaults["mask"]
+        if mask == "random":
+            generator = self._generator(device)
+            rows = [
+                torch.rand((len(b), n), generator=generator, device=device) for b, n in zip(buckets, widths)
+            ]
+        else:
+            if mask == "zscore":  # |g - mean| per row, the mean as the CPU path forms it
+                scores = torch.empty_like(grads)
+                rows = [piece.view(len(b), n) for piece, b, n in zip(scores.split(sizes), buckets, widths)]
+                for piece, row, n in zip(grads.split(sizes), rows, widths):
+                    piece = piece.view(row.shape)
+                    torch.sub(piece, piece.sum(dim=1, keepdim=True) / n, out=row)
+                scores.abs_()
+            else:
+                scores = grads.abs()
+                rows = [piece.view(len(b), n) for piece, b, n in zip(scores.split(sizes), buckets, widths)]
+            del scores
+        index, keep, counts = top_shares(rows, [self._group(b[0])["percentile"] for b in buckets])
+        del rows
+        starts = on_device(
+            list(accumulate([0] + [n for b, n in zip(buckets, widths) for _ in b][:-1])), torch.int64, device
         )
+        repeats = on_device(counts, torch.int64, device)
+        positions = index + starts.repeat_interleave(repeats, output_size=index.numel())
+        values = grads.take(positions) * keep
+        norm = torch.stack(torch._foreach_norm(values.split(counts)))
+        kept = torch.stack(torch._foreach_norm(keep.float().split(counts), 1))
+        return Selection(params, values, index, counts, norm, kept)
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state plus the random mask's generator states, by device."""
@@ -267,7 +339,7 @@ def _same_shape(params: list[Tensor], group_of: Any) -> list[list[Tensor]]:
     for p in params:
         key = (
             id(p)
-            if p.device.type == "cpu"
+            if selection.row_by_row(p.device)
             else (p.shape, p.grad.dtype, p.device, id(group_of(p)), is_sharded(p))
         )
         buckets[key].append(p)
@@ -281,21 +353,7 @@ def _map_threads(function: Any, items: list) -> list:
     release the GIL, so tensors can be processed side by side.
     """
     threads = torch.get_num_threads()
-    if threads == 1 or len(items) < 2 or items[0][0].device.type != "cpu":
+    if threads == 1 or len(items) < 2 or items[0].device.type != "cpu":
         return [function(x) for x in items]
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(function, items))
-
-
-def _sparse_move(param: Tensor, values: Tensor, index: Tensor, alpha: float, norm: float, kept: int) -> Move:
-    """A move of the entries at `index`, saved as int32 positions (half the memory of int64).
-
-    Non-contiguous tensors (e.g. channels_last) cannot be indexed flat: they get a dense move instead. Under FSDP2
-    `index` and `values` are this rank's shard's.
-    """
-    shard = local(param)
-    if not shard.is_contiguous():
-        dense = torch.zeros(shard.numel(), dtype=values.dtype, device=values.device)
-        return Move(param, dense.index_put_((index,), values).view(shard.shape), alpha, norm, kept=kept)
-    small = shard.numel() < 2**31
-    return Move(param, values, alpha, norm, index.to(torch.int32) if small else index, kept)
