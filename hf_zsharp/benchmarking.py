@@ -1,5 +1,6 @@
 """Measuring helpers shared by scripts/ and the tests: aten op counts and bytes, device syncs, peak memory, timm
-parameter sets with gradients, synthetic images.
+parameter sets with gradients, synthetic images, and small image datasets written with the Hub's CIFAR-10 and
+Tiny-ImageNet schemas and layouts.
 
 An op counted by `OpCount` is one dispatch of an aten operator below autograd: on an accelerator at least one
 kernel launch (~4-8 us of host time each), so a step's op count predicts its launch overhead.
@@ -8,13 +9,18 @@ kernel launch (~4-8 us of host time each), so a step's op count predicts its lau
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
+from datasets import ClassLabel, Dataset, Features, Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -215,3 +221,77 @@ def accelerator_code_path() -> Iterator[None]:
         yield
     finally:
         selection.row_by_row = row_by_row
+
+
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Tiny-ImageNet's labels are 200 WordNet ids; these stand-ins have the same form.
+TINY_IMAGENET_LABELS = [f"n{1443537 + 1000 * i:08d}" for i in range(200)]
+
+CIFAR10_FEATURES = Features({"img": Image(), "label": ClassLabel(names=CIFAR10_LABELS)})
+TINY_IMAGENET_FEATURES = Features({"image": Image(), "label": ClassLabel(names=TINY_IMAGENET_LABELS)})
+
+CORRUPT_IMAGE_BYTES = b"this is not an image"
+
+
+def class_image(label: int, size: int, rng: np.random.Generator, mode: str = "RGB") -> PIL.Image.Image:
+    """A noisy image whose mean colour depends on the label, so that a model can learn something in a few steps."""
+    colour = np.array([(label * 37) % 256, (label * 91) % 256, (label * 151) % 256], dtype=np.float64)
+    pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    image = PIL.Image.fromarray(pixels)
+    return image if mode == "RGB" else image.convert(mode)
+
+
+def encode(image: PIL.Image.Image, fmt: str) -> bytes:
+    """The image's file bytes in format `fmt` (e.g. "PNG", "JPEG")."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def cycled_labels(num_examples: int, num_classes: int, rng: np.random.Generator) -> list[int]:
+    """The first classes in turn, shuffled: every split holds several examples of each class used."""
+    return [int(i % num_classes) for i in rng.permutation(num_examples)]
+
+
+def cifar10_split(num_examples: int, seed: int = 0, corrupt: int = 0) -> Dataset:
+    """A CIFAR-10 split (PNG-encoded 32x32 RGB images, 10 classes); the first `corrupt` images are undecodable."""
+    rng = np.random.default_rng(seed)
+    labels = cycled_labels(num_examples, 10, rng)
+    images = [{"bytes": encode(class_image(y, 32, rng), "PNG"), "path": None} for y in labels]
+    for i in range(corrupt):
+        images[i] = {"bytes": CORRUPT_IMAGE_BYTES, "path": f"corrupt_{i}.png"}
+    return Dataset.from_dict({"img": images, "label": labels}, features=CIFAR10_FEATURES)
+
+
+def tiny_imagenet_split(
+    num_examples: int, seed: int = 0, num_classes: int = 10, greyscale_every: int = 4
+) -> Dataset:
+    """A Tiny-ImageNet split: 64x64 JPEGs, every `greyscale_every`-th one greyscale (mode "L"), as on the Hub."""
+    rng = np.random.default_rng(seed)
+    labels = cycled_labels(num_examples, num_classes, rng)
+    images = []
+    for i, y in enumerate(labels):
+        mode = "L" if i % greyscale_every == 0 else "RGB"
+        images.append({"bytes": encode(class_image(y, 64, rng, mode), "JPEG"), "path": None})
+    return Dataset.from_dict({"image": images, "label": labels}, features=TINY_IMAGENET_FEATURES)
+
+
+def _readme(config_name: str, files: dict[str, str]) -> str:
+    lines = ["---", "configs:", f"- config_name: {config_name}", "  data_files:"]
+    for split, pattern in files.items():
+        lines += [f"  - split: {split}", f"    path: {pattern}"]
+    lines += ["  default: true", "---", ""]
+    return "\n".join(lines)
+
+
+def write_hub_layout(
+    root: Path, config_name: str, folder: str, splits: dict[str, Dataset], suffix: str = ""
+) -> Path:
+    """Write `splits` as `<root>/<folder>/<split>-00000-of-00001<suffix>.parquet` plus the Hub README's configs,
+    so that `datasets.load_dataset(<root>)` reads them as it reads the Hub repository."""
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, dataset in splits.items():
+        dataset.to_parquet(str(root / folder / f"{split}-00000-of-00001{suffix}.parquet"))
+    files = {split: f"{folder}/{split}-*" for split in splits}
+    (root / "README.md").write_text(_readme(config_name, files))
+    return root

@@ -2,7 +2,7 @@
 workers, `hf_zsharp.image_data.with_image_transforms`, the streaming path) against new (decoded once into uint8
 tensors and augmented per batch inside the model, `hf_zsharp.image_data` + `hf_zsharp.augment`).
 
-Schemas, generated once into --data_dir with the Hub schemas of tests/fake_datasets.py: `cifar-paper` (32x32
+Schemas, generated once into --data_dir with the Hub schemas of `hf_zsharp.benchmarking`: `cifar-paper` (32x32
 PNG, the paper recipe), `cifar-processor` (32x32 PNG through a 224x224 ViT image processor: RandomResizedCrop)
 and `tiny-imagenet` (64x64 JPEG, a quarter greyscale, the paper recipe at 64). Measures: `data` (the
 DataLoader, plus the batch augmentation for new, on --device), `e2e` (a `ZSharpTrainer` training a tiny CNN
@@ -28,9 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_zsharp.benchmarking import SyntheticBatches
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fake_datasets: the Hub schemas
+from hf_zsharp.benchmarking import SyntheticBatches, cifar10_split, tiny_imagenet_split, write_hub_layout
 
 SCHEMAS = ("cifar-paper", "cifar-processor", "tiny-imagenet")
 MEASURES = ("data", "e2e", "model")
@@ -55,8 +53,6 @@ class TinyCNN(nn.Module):
 
 def write_data(root: Path, schema: str, count: int) -> Path:
     """The schema's dataset with `count` training and count / 5 test images, written once."""
-    from fake_datasets import cifar10_split, tiny_imagenet_split, write_hub_layout
-
     folder = root / f"{schema.split('-')[0]}-{count}"
     if (folder / "README.md").is_file():
         return folder
