@@ -24,6 +24,8 @@ from datasets import ClassLabel, Dataset, Features, Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from hf_zsharp.data import LABELS, PIXELS
+
 # Ops that read or write only the indexed entries: their bytes are the index and the moved values, not the tensor.
 _GATHERS = {"take", "index_select", "gather"}
 _SCATTERS = {"put_", "put", "index_put_", "index_add_", "index_copy_", "scatter_", "scatter_add_"}
@@ -197,7 +199,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+        return {PIXELS: self.pixels[i], LABELS: self.labels[i]}
 
 
 class SyntheticBatches(SyntheticImages):
@@ -206,7 +208,7 @@ class SyntheticBatches(SyntheticImages):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         index = torch.as_tensor(indices, device=self.labels.device) % len(self.labels)
-        return [{"pixel_values": self.pixels[index], "labels": self.labels[index]}]
+        return [{PIXELS: self.pixels[index], LABELS: self.labels[index]}]
 
 
 @contextlib.contextmanager
