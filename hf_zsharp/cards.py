@@ -22,6 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainingArguments
 
 from hf_zsharp.optim import METHODS
+from hf_zsharp.two_pass import LOGGED_STATISTICS
 
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
@@ -162,11 +163,13 @@ _PANELS = (
     (
         "Sharpness-aware ascent",
         "mean per training log",
-        {
-            "Perturbation norm": "sam_perturbation_norm",
-            "Kept fraction": "sam_kept_fraction",
-            "Loss increase L(w+e) - L(w)": "sam_loss_increase",
-        },
+        dict(
+            zip(
+                ("Perturbation norm", "Kept fraction", "Loss increase L(w+e) - L(w)"),
+                LOGGED_STATISTICS[:3],  # all but the skipped-step count
+                strict=True,
+            )
+        ),
     ),
 )
 

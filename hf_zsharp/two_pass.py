@@ -29,6 +29,11 @@ from hf_zsharp.optim.sharded import is_sharded
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]
 
+# The keys `TwoPassStep.pop_stats` logs, in this order: the optimizer's ASCENT_STATISTICS (means over the perturbed
+# steps), the mean loss increase L(w + e) - L(w) and the count of steps skipped for non-finite gradients.
+LOGGED_STATISTICS = (*(f"sam_{name}" for name in ASCENT_STATISTICS), "sam_loss_increase", "sam_skipped_steps")
+_LOSS_INCREASE, _SKIPPED_STEPS = LOGGED_STATISTICS[len(ASCENT_STATISTICS) :]
+
 
 # Set-ups where the two-pass step would be wrong, and why.
 UNSUPPORTED = {
@@ -105,11 +110,12 @@ class StepLog:
         skipped = optimizer_skips + self.scaler_skips
         if not self.perturbed and not skipped:
             return {}
-        stats = {f"sam_{k}": v / self.perturbed for k, v in self.sums.items()} if self.perturbed else {}
+        means = (v / self.perturbed for v in self.sums.values()) if self.perturbed else ()
+        stats = dict(zip(LOGGED_STATISTICS, means))  # self.sums is keyed by ASCENT_STATISTICS, in order
         total, count = self.increases.tolist()
         if count:
-            stats["sam_loss_increase"] = total / count
-        stats["sam_skipped_steps"] = float(skipped)
+            stats[_LOSS_INCREASE] = total / count
+        stats[_SKIPPED_STEPS] = float(skipped)
         self.reset()
         return stats
 

@@ -252,7 +252,9 @@ def test_trainer_resumes_the_random_mask_identically(tmp_path):
 
 
 def test_the_loss_increase_is_the_batch_mean_with_or_without_accumulation():
-    whole = accelerate_loop(TinyNet(), steps=3, batch_size=8).stats["sam_loss_increase"]
+    logged = accelerate_loop(TinyNet(), steps=3, batch_size=8).stats
+    assert tuple(logged) == two_pass.LOGGED_STATISTICS  # every logged name, in the exported order
+    whole = logged["sam_loss_increase"]
     halves = accelerate_loop(TinyNet(), steps=3, batch_size=4, accumulation=2).stats["sam_loss_increase"]
     assert whole > 0
     # Equal halves: their mean loss is the whole batch's, up to a few float32 ulps of losses near 1.
