@@ -150,10 +150,24 @@ def _at_least(values: np.ndarray, center: np.float32, bound: np.float32) -> tupl
     hi, lo = np.float32(c + b - slack), np.float32(c - b + slack)
     hi = np.nextafter(hi, np.float32(-np.inf)) if hi > c + b - slack else hi  # round outwards
     lo = np.nextafter(lo, np.float32(np.inf)) if lo < c - b + slack else lo
-    superset = np.flatnonzero((values >= hi) | (values <= lo)) if lo < hi else np.arange(values.size)
+    if lo < hi:
+        mask = np.zeros(-(-values.size // 8) * 8, dtype=bool)  # whole 8-entry words for `_flatnonzero`
+        np.logical_or(values >= hi, values <= lo, out=mask[: values.size])
+        superset = _flatnonzero(mask)
+    else:
+        superset = np.arange(values.size)
     scores = np.abs(values[superset] - center)
     above = scores >= bound
     return superset[above], scores[above]
+
+
+def _flatnonzero(mask: np.ndarray) -> np.ndarray:
+    """`np.flatnonzero` of a bool array whose size is a multiple of 8, about twice as fast on a sparse mask: the
+    8-entry words holding a True first (one pass over n / 8 words), then the entries of those words only."""
+    words = mask.view(np.uint64)
+    nonzero = np.flatnonzero(words != 0)
+    within = np.flatnonzero(words[nonzero].view(bool))
+    return nonzero[within >> 3] * 8 + (within & 7)
 
 
 def _lerp(below: np.float32, above: np.float32, weight: float) -> np.float32:
