@@ -120,21 +120,27 @@ def _kept_prefiltered(row: Tensor, center: np.float32, low: int, weight: float) 
     the row against center +- bound and a `flatnonzero` (NumPy, on the same memory, about twice as fast as
     torch's CPU kernels for these), and the scores are formed for the candidates only. The bound is a sample
     quantile (fixed sample positions, no global RNG use) with a four-sigma margin; if it is not below the
-    quantile after all, every entry becomes a candidate, so the result is exact either way.
+    quantile after all, every entry becomes a candidate, so the result is exact either way. Likewise only the
+    candidates up to a sample quantile four sigmas above are partitioned, unless the quantile lies beyond it.
     """
     values = row.numpy()
     n = values.size
     share = (n - low) / n
     margin = 4 * math.sqrt(share * (1 - share) / _SAMPLE_SIZE)
     j = max(0, math.floor((1 - share - margin) * _SAMPLE_SIZE) - 1)
-    bound = np.partition(np.abs(values[_sample_positions(n)] - center), j)[j]
+    above = min(_SAMPLE_SIZE - 1, math.ceil((1 - share + margin) * _SAMPLE_SIZE)) - j - 1
+    sample = np.partition(np.abs(values[_sample_positions(n)] - center), j)
+    bound = sample[j]
+    ceiling = np.partition(sample[j + 1 :], above)[above] if above >= 0 else bound
     candidates, scores = _at_least(values, center, bound)
     if candidates.size < n - low:
         candidates, scores = np.arange(n), np.abs(values - center)
     rank = low - (n - candidates.size)  # position of the quantile's lower neighbour among candidates
-    part = np.partition(scores, rank)
+    # Both neighbours lie among the candidates <= ceiling (the lowest ones) unless the upper margin failed too.
+    band = np.compress(scores <= ceiling, scores)
+    part = np.partition(band if band.size >= rank + 2 else scores, rank)
     threshold = _lerp(part[rank], part[rank + 1 :].min() if weight > 0 else part[rank], weight)
-    index = torch.from_numpy(candidates[scores > threshold])
+    index = torch.from_numpy(np.compress(scores > threshold, candidates))
     return index, torch.ones_like(index, dtype=torch.bool)
 
 
@@ -158,7 +164,7 @@ def _at_least(values: np.ndarray, center: np.float32, bound: np.float32) -> tupl
         superset = np.arange(values.size)
     scores = np.abs(values[superset] - center)
     above = scores >= bound
-    return superset[above], scores[above]
+    return np.compress(above, superset), np.compress(above, scores)
 
 
 def _flatnonzero(mask: np.ndarray) -> np.ndarray:
