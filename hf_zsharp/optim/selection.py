@@ -120,21 +120,27 @@ def _kept_prefiltered(row: Tensor, center: np.float32, low: int, weight: float) 
     the row against center +- bound and a `flatnonzero` (NumPy, on the same memory, about twice as fast as
     torch's CPU kernels for these), and the scores are formed for the candidates only. The bound is a sample
     quantile (fixed sample positions, no global RNG use) with a four-sigma margin; if it is not below the
-    quantile after all, every entry becomes a candidate, so the result is exact either way.
+    quantile after all, every entry becomes a candidate, so the result is exact either way. Likewise only the
+    candidates up to a sample quantile four sigmas above are partitioned, unless the quantile lies beyond it.
     """
     values = row.numpy()
     n = values.size
     share = (n - low) / n
     margin = 4 * math.sqrt(share * (1 - share) / _SAMPLE_SIZE)
     j = max(0, math.floor((1 - share - margin) * _SAMPLE_SIZE) - 1)
-    bound = np.partition(np.abs(values[_sample_positions(n)] - center), j)[j]
+    above = min(_SAMPLE_SIZE - 1, math.ceil((1 - share + margin) * _SAMPLE_SIZE)) - j - 1
+    sample = np.partition(np.abs(values[_sample_positions(n)] - center), j)
+    bound = sample[j]
+    ceiling = np.partition(sample[j + 1 :], above)[above] if above >= 0 else bound
     candidates, scores = _at_least(values, center, bound)
     if candidates.size < n - low:
         candidates, scores = np.arange(n), np.abs(values - center)
     rank = low - (n - candidates.size)  # position of the quantile's lower neighbour among candidates
-    part = np.partition(scores, rank)
+    # Both neighbours lie among the candidates <= ceiling (the lowest ones) unless the upper margin failed too.
+    band = np.compress(scores <= ceiling, scores)
+    part = np.partition(band if band.size >= rank + 2 else scores, rank)
     threshold = _lerp(part[rank], part[rank + 1 :].min() if weight > 0 else part[rank], weight)
-    index = torch.from_numpy(candidates[scores > threshold])
+    index = torch.from_numpy(np.compress(scores > threshold, candidates))
     return index, torch.ones_like(index, dtype=torch.bool)
 
 
@@ -150,10 +156,24 @@ def _at_least(values: np.ndarray, center: np.float32, bound: np.float32) -> tupl
     hi, lo = np.float32(c + b - slack), np.float32(c - b + slack)
     hi = np.nextafter(hi, np.float32(-np.inf)) if hi > c + b - slack else hi  # round outwards
     lo = np.nextafter(lo, np.float32(np.inf)) if lo < c - b + slack else lo
-    superset = np.flatnonzero((values >= hi) | (values <= lo)) if lo < hi else np.arange(values.size)
+    if lo < hi:
+        mask = np.zeros(-(-values.size // 8) * 8, dtype=bool)  # whole 8-entry words for `_flatnonzero`
+        np.logical_or(values >= hi, values <= lo, out=mask[: values.size])
+        superset = _flatnonzero(mask)
+    else:
+        superset = np.arange(values.size)
     scores = np.abs(values[superset] - center)
     above = scores >= bound
-    return superset[above], scores[above]
+    return np.compress(above, superset), np.compress(above, scores)
+
+
+def _flatnonzero(mask: np.ndarray) -> np.ndarray:
+    """`np.flatnonzero` of a bool array whose size is a multiple of 8, about twice as fast on a sparse mask: the
+    8-entry words holding a True first (one pass over n / 8 words), then the entries of those words only."""
+    words = mask.view(np.uint64)
+    nonzero = np.flatnonzero(words != 0)
+    within = np.flatnonzero(words[nonzero].view(bool))
+    return nonzero[within >> 3] * 8 + (within & 7)
 
 
 def _lerp(below: np.float32, above: np.float32, weight: float) -> np.float32:
