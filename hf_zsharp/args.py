@@ -24,8 +24,9 @@ from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_zsharp.cards import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.data import DIGITS
-from hf_zsharp.models import PAPER_MODELS
+from hf_zsharp.models import CODE_FILES, PAPER_MODELS
 from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp
 from hf_zsharp.two_pass import check_interval, unsupported_error
 
@@ -423,13 +424,29 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZS
     return TrainArgumentParser().parse(argv)
 
 
-# What a previous run leaves in its output directory; finding one means "another run lives here".
-RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.md", "model.safetensors")
+# What a run writes at the top of its output directory (besides the weight shards of an index): finding one means
+# that another run lives there, or that the run would overwrite a file of the user's.
+RUN_FILES = (
+    "config.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "preprocessor_config.json",
+    CARD_NAME,
+    CURVES_NAME,
+    ZSHARP_ARGS_NAME,
+    MANIFEST_NAME,
+    *CODE_FILES,
+)
 
 
 def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
-    """Refuse, before any work, an output directory that cannot be written, or that holds another run (unless
-    asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
+    """Refuse, before any work, an output directory that cannot be written, or that holds another run or files
+    this run would overwrite (unless asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
     output_dir = Path(training_args.output_dir)
     existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
     if not existing.is_dir():
@@ -450,11 +467,12 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
         return
     checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
     if not training_args.overwrite_output_dir:
-        found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists()) + checkpoints
+        found = sorted(name for name in RUN_FILES if (output_dir / name).exists()) + checkpoints
         if found:
             resume = " resume its last checkpoint with --resume_from_checkpoint last," if checkpoints else ""
             raise ValueError(
-                f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose "
+                f"Output directory {str(output_dir)!r} already holds a run, or files this run would overwrite "
+                f"({', '.join(found[:5])}). Choose "
                 f"another --output_dir,{resume} or pass --overwrite_output_dir to write over it (files are "
                 "overwritten, never deleted)."
             )

@@ -502,6 +502,16 @@ def test_an_output_dir_with_another_run_is_refused_and_kept(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "trainer_state.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("name", ["outputs.py", "cifar_resnet.py", "training_curves.png", "zsharp_args.json"])
+def test_a_file_of_the_users_that_the_run_would_overwrite_is_refused_and_kept(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("mine")
+    with pytest.raises(SystemExit, match=f"would overwrite.*{name}"):
+        train("--output_dir", out, *FAST)
+    assert (out / name).read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_resume_from_checkpoint_last_resumes_the_last_checkpoint_and_says_which(tmp_path, caplog):
     out = tmp_path / "out"
     steps = ["--save_strategy", "steps", "--save_steps", "1", "--max_train_samples", "16"]
