@@ -341,16 +341,21 @@ class TrainArgumentParser(HfArgumentParser):
         return model_args, data_args, training_args
 
     def _unknown_message(self, unknown: list[str]) -> str:
-        """Name the unknown arguments, with the closest option of each unknown flag."""
+        """Name the unknown arguments (an unknown flag with the values that follow it), with the closest option of
+        each unknown flag."""
         options = [option for action in self._actions for option in action.option_strings]
-        named = []
+        groups: list[list[str]] = []
         for argument in unknown:
-            close = (
-                difflib.get_close_matches(argument.split("=", 1)[0], options, n=1)
-                if argument[:2] == "--"
-                else []
-            )
-            named.append(f"{argument} (did you mean {close[0]}?)" if close else argument)
+            if argument[:1] == "-" or not groups or groups[-1][0][:2] != "--":
+                groups.append([argument])
+            else:
+                groups[-1].append(argument)
+        named = [
+            _with_closest(" ".join(group), group[0].split("=", 1)[0], options)
+            if group[0][:2] == "--"
+            else group[0]
+            for group in groups
+        ]
         return f"unrecognized arguments: {', '.join(named)}; `hf-zsharp-train --help` lists the options."
 
     def _read_config(self, path: Path) -> dict[str, Any]:
@@ -368,7 +373,8 @@ class TrainArgumentParser(HfArgumentParser):
         actions = {action.dest: action for action in self._actions if action.dest not in ("help", "config")}
         unknown = sorted(str(key) for key in config if key not in actions)
         if unknown:
-            raise ValueError(f"The config file {str(path)!r} has unknown options: {', '.join(unknown)}.")
+            named = ", ".join(_with_closest(key, key, list(actions)) for key in unknown)
+            raise ValueError(f"The config file {str(path)!r} has unknown options: {named}.")
         for key, value in config.items():
             action = actions[key]
             if (
@@ -384,6 +390,12 @@ class TrainArgumentParser(HfArgumentParser):
                         f"{getattr(action.type, '__name__', 'value')} ({error})."
                     ) from error
         return config
+
+
+def _with_closest(text: str, name: str, options: list[str]) -> str:
+    """`text`, followed by the option of `options` closest to the unknown `name` when one is close."""
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"{text} (did you mean {close[0]}?)" if close else text
 
 
 def _refuse_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
