@@ -475,6 +475,7 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
             f"{str(existing)!r}); choose another --output_dir."
         ) from error
     resume_last_checkpoint(training_args)
+    check_unfinished(training_args)
     if not output_dir.is_dir() or training_args.resume_from_checkpoint:
         return
     checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
@@ -493,6 +494,30 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
             f"Output directory {str(output_dir)!r} holds checkpoints of another run ({', '.join(checkpoints[:5])}) "
             f"and --save_total_limit {training_args.save_total_limit} would let Trainer's checkpoint rotation "
             "delete them. Choose another --output_dir, move them away, or drop --save_total_limit."
+        )
+
+
+def check_unfinished(training_args: ZSharpTrainingArguments) -> None:
+    """Refuse resuming from the checkpoint that ends a finished run, with the same length: Trainer's loop would
+    train one step past the end and overwrite the run's results."""
+    state_file = Path(str(training_args.resume_from_checkpoint or "")) / "trainer_state.json"
+    if not training_args.resume_from_checkpoint or not state_file.is_file():
+        return
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    step, max_steps = state.get("global_step", 0), state.get("max_steps", 0)
+    if training_args.max_steps > 0:
+        finished = step >= training_args.max_steps
+    else:
+        finished = (
+            step >= max_steps
+            and training_args.num_train_epochs <= state.get("num_train_epochs", 0)
+            and training_args.train_batch_size == state.get("train_batch_size")
+        )
+    if finished:
+        raise ValueError(
+            f"--resume_from_checkpoint: {str(training_args.resume_from_checkpoint)!r} is the end of a finished run "
+            f"(step {step} of {max(training_args.max_steps, 0) or max_steps}), and resuming it would train a step "
+            "past the end. Raise --max_steps or --num_train_epochs to train further, or choose another --output_dir."
         )
 
 

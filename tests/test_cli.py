@@ -524,6 +524,11 @@ def test_resume_from_checkpoint_last_resumes_the_last_checkpoint_and_says_which(
         train("--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "true")
     assert f"Resuming training from the checkpoint {out / 'checkpoint-2'}." in caplog.text
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    # Resuming a finished run would train a step past its end (Trainer's loop): refused, the results kept.
+    results = (out / "all_results.json").read_text()
+    with pytest.raises(SystemExit, match="checkpoint-3'? is the end of a finished run \\(step 3 of 3\\)"):
+        train("--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "last")
+    assert (out / "all_results.json").read_text() == results and not (out / "checkpoint-4").exists()
 
 
 @pytest.mark.parametrize(
