@@ -24,8 +24,9 @@ from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_zsharp.cards import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.data import DIGITS
-from hf_zsharp.models import PAPER_MODELS
+from hf_zsharp.models import CODE_FILES, PAPER_MODELS
 from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp
 from hf_zsharp.two_pass import check_interval, unsupported_error
 
@@ -340,16 +341,21 @@ class TrainArgumentParser(HfArgumentParser):
         return model_args, data_args, training_args
 
     def _unknown_message(self, unknown: list[str]) -> str:
-        """Name the unknown arguments, with the closest option of each unknown flag."""
+        """Name the unknown arguments (an unknown flag with the values that follow it), with the closest option of
+        each unknown flag."""
         options = [option for action in self._actions for option in action.option_strings]
-        named = []
+        groups: list[list[str]] = []
         for argument in unknown:
-            close = (
-                difflib.get_close_matches(argument.split("=", 1)[0], options, n=1)
-                if argument[:2] == "--"
-                else []
-            )
-            named.append(f"{argument} (did you mean {close[0]}?)" if close else argument)
+            if argument[:1] == "-" or not groups or groups[-1][0][:2] != "--":
+                groups.append([argument])
+            else:
+                groups[-1].append(argument)
+        named = [
+            _with_closest(" ".join(group), group[0].split("=", 1)[0], options)
+            if group[0][:2] == "--"
+            else group[0]
+            for group in groups
+        ]
         return f"unrecognized arguments: {', '.join(named)}; `hf-zsharp-train --help` lists the options."
 
     def _read_config(self, path: Path) -> dict[str, Any]:
@@ -367,7 +373,8 @@ class TrainArgumentParser(HfArgumentParser):
         actions = {action.dest: action for action in self._actions if action.dest not in ("help", "config")}
         unknown = sorted(str(key) for key in config if key not in actions)
         if unknown:
-            raise ValueError(f"The config file {str(path)!r} has unknown options: {', '.join(unknown)}.")
+            named = ", ".join(_with_closest(key, key, list(actions)) for key in unknown)
+            raise ValueError(f"The config file {str(path)!r} has unknown options: {named}.")
         for key, value in config.items():
             action = actions[key]
             if (
@@ -383,6 +390,12 @@ class TrainArgumentParser(HfArgumentParser):
                         f"{getattr(action.type, '__name__', 'value')} ({error})."
                     ) from error
         return config
+
+
+def _with_closest(text: str, name: str, options: list[str]) -> str:
+    """`text`, followed by the option of `options` closest to the unknown `name` when one is close."""
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"{text} (did you mean {close[0]}?)" if close else text
 
 
 def _refuse_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -423,13 +436,29 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZS
     return TrainArgumentParser().parse(argv)
 
 
-# What a previous run leaves in its output directory; finding one means "another run lives here".
-RUN_MARKERS = ("config.json", "trainer_state.json", "all_results.json", "README.md", "model.safetensors")
+# What a run writes at the top of its output directory (besides the weight shards of an index): finding one means
+# that another run lives there, or that the run would overwrite a file of the user's.
+RUN_FILES = (
+    "config.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "preprocessor_config.json",
+    CARD_NAME,
+    CURVES_NAME,
+    ZSHARP_ARGS_NAME,
+    MANIFEST_NAME,
+    *CODE_FILES,
+)
 
 
 def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
-    """Refuse, before any work, an output directory that cannot be written, or that holds another run (unless
-    asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
+    """Refuse, before any work, an output directory that cannot be written, or that holds another run or files
+    this run would overwrite (unless asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
     output_dir = Path(training_args.output_dir)
     existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
     if not existing.is_dir():
@@ -446,15 +475,17 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
             f"{str(existing)!r}); choose another --output_dir."
         ) from error
     resume_last_checkpoint(training_args)
+    check_unfinished(training_args)
     if not output_dir.is_dir() or training_args.resume_from_checkpoint:
         return
     checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
     if not training_args.overwrite_output_dir:
-        found = sorted(name for name in RUN_MARKERS if (output_dir / name).exists()) + checkpoints
+        found = sorted(name for name in RUN_FILES if (output_dir / name).exists()) + checkpoints
         if found:
             resume = " resume its last checkpoint with --resume_from_checkpoint last," if checkpoints else ""
             raise ValueError(
-                f"Output directory {str(output_dir)!r} already holds a run ({', '.join(found[:5])}). Choose "
+                f"Output directory {str(output_dir)!r} already holds a run, or files this run would overwrite "
+                f"({', '.join(found[:5])}). Choose "
                 f"another --output_dir,{resume} or pass --overwrite_output_dir to write over it (files are "
                 "overwritten, never deleted)."
             )
@@ -463,6 +494,30 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
             f"Output directory {str(output_dir)!r} holds checkpoints of another run ({', '.join(checkpoints[:5])}) "
             f"and --save_total_limit {training_args.save_total_limit} would let Trainer's checkpoint rotation "
             "delete them. Choose another --output_dir, move them away, or drop --save_total_limit."
+        )
+
+
+def check_unfinished(training_args: ZSharpTrainingArguments) -> None:
+    """Refuse resuming from the checkpoint that ends a finished run, with the same length: Trainer's loop would
+    train one step past the end and overwrite the run's results."""
+    state_file = Path(str(training_args.resume_from_checkpoint or "")) / "trainer_state.json"
+    if not training_args.resume_from_checkpoint or not state_file.is_file():
+        return
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    step, max_steps = state.get("global_step", 0), state.get("max_steps", 0)
+    if training_args.max_steps > 0:
+        finished = step >= training_args.max_steps
+    else:
+        finished = (
+            step >= max_steps
+            and training_args.num_train_epochs <= state.get("num_train_epochs", 0)
+            and training_args.train_batch_size == state.get("train_batch_size")
+        )
+    if finished:
+        raise ValueError(
+            f"--resume_from_checkpoint: {str(training_args.resume_from_checkpoint)!r} is the end of a finished run "
+            f"(step {step} of {max(training_args.max_steps, 0) or max_steps}), and resuming it would train a step "
+            "past the end. Raise --max_steps or --num_train_epochs to train further, or choose another --output_dir."
         )
 
 

@@ -27,6 +27,8 @@ from hf_zsharp.two_pass import LOGGED_STATISTICS
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
 ZSHARP_ARGS_NAME = "zsharp_args.json"
+# The record of what a run wrote to its output folder (and may publish): `push_to_hub` on the folder uploads it.
+MANIFEST_NAME = "zsharp_manifest.json"
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 
 METHOD_TITLES = {

@@ -27,7 +27,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import cards
-from hf_zsharp.cards import CARD_NAME, CURVES_NAME, ZSHARP_ARGS_NAME
+from hf_zsharp.cards import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.trainer import ZSharpTrainer
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ MODEL_REPO_FILES = (
     "train_results.json",
     "eval_results.json",
 )
-# The record of what a run wrote to its output folder (and may publish): `push_to_hub` on the folder uploads it.
-MANIFEST_NAME = "zsharp_manifest.json"
 _BINARY_SUFFIXES = (
     ".safetensors",
     ".png",

@@ -417,12 +417,12 @@ def test_a_config_file_and_flags_together_flags_win(tmp_path):
     assert (args.sam, args.num_train_epochs, args.sam_rho, args.learning_rate) == ("asam", 7, 0.2, 1e-3)
     assert args.warmup_steps == 0.1  # the pretrained recipe, chosen by the file's model
     (tmp_path / "bad.json").write_text('{"sam": "sam", "learning_rat": 0.1}')
-    with pytest.raises(ValueError, match="unknown options: learning_rat"):
+    with pytest.raises(ValueError, match=r"unknown options: learning_rat \(did you mean learning_rate\?\)\."):
         parse_train_args(["--config", str(tmp_path / "bad.json")])
 
 
 def test_abbreviated_or_unknown_flags_are_refused_with_the_closest_option():
-    with pytest.raises(ValueError, match=r"--max_step \(did you mean --max_steps\?\)"):
+    with pytest.raises(ValueError, match=r"arguments: --max_step 2 \(did you mean --max_steps\?\); `hf-"):
         parse_train_args(["--max_step", "2"])
     with pytest.raises(ValueError, match=r"--learning-rat=0.1 \(did you mean --learning-rate\?\)"):
         parse_train_args(["--learning-rat=0.1"])
@@ -502,6 +502,16 @@ def test_an_output_dir_with_another_run_is_refused_and_kept(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "trainer_state.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("name", ["outputs.py", "cifar_resnet.py", "training_curves.png", "zsharp_args.json"])
+def test_a_file_of_the_users_that_the_run_would_overwrite_is_refused_and_kept(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("mine")
+    with pytest.raises(SystemExit, match=f"would overwrite.*{name}"):
+        train("--output_dir", out, *FAST)
+    assert (out / name).read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_resume_from_checkpoint_last_resumes_the_last_checkpoint_and_says_which(tmp_path, caplog):
     out = tmp_path / "out"
     steps = ["--save_strategy", "steps", "--save_steps", "1", "--max_train_samples", "16"]
@@ -514,6 +524,11 @@ def test_resume_from_checkpoint_last_resumes_the_last_checkpoint_and_says_which(
         train("--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "true")
     assert f"Resuming training from the checkpoint {out / 'checkpoint-2'}." in caplog.text
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    # Resuming a finished run would train a step past its end (Trainer's loop): refused, the results kept.
+    results = (out / "all_results.json").read_text()
+    with pytest.raises(SystemExit, match="checkpoint-3'? is the end of a finished run \\(step 3 of 3\\)"):
+        train("--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "last")
+    assert (out / "all_results.json").read_text() == results and not (out / "checkpoint-4").exists()
 
 
 @pytest.mark.parametrize(

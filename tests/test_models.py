@@ -100,7 +100,7 @@ def test_blocks_per_stage_follow_depth():
         CifarResNetConfig(depth=21)
     with pytest.raises(ValueError, match="VGG depth must be one of"):
         CifarVGGConfig(depth=17)
-    with pytest.raises(ValueError, match="at least 32x32"):
+    with pytest.raises(ValueError, match="at least 32x32.*`--image_size 32` on the command line"):
         build_model("vgg16", 10, image_size=16)
 
 

@@ -6,7 +6,11 @@ checkpoints also carry the model code, so `from_pretrained(path, trust_remote_co
 `pipeline(..., trust_remote_code=True)`) load them without the import.
 """
 
+import inspect
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .build import PAPER_MODELS, build_model
 from .cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification, CifarResNetModel
@@ -26,7 +30,20 @@ for _config, _base, _classifier in (
     _base.register_for_auto_class("AutoModel")
     _classifier.register_for_auto_class("AutoModelForImageClassification")
 
+# The model code files `save_pretrained` writes next to the weights of these models (their modules and relative
+# imports).
+CODE_FILES = tuple(
+    sorted(
+        {
+            Path(path).name
+            for module in (CifarResNetForImageClassification, CifarVGGForImageClassification)
+            for path in (inspect.getfile(module), *get_relative_import_files(inspect.getfile(module)))
+        }
+    )
+)
+
 __all__ = [
+    "CODE_FILES",
     "PAPER_MODELS",
     "CifarResNetConfig",
     "CifarResNetForImageClassification",

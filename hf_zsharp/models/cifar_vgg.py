@@ -54,7 +54,8 @@ class CifarVGGConfig(PretrainedConfig):
             raise ValueError(f"VGG depth must be one of {sorted(VGG_LAYOUTS)}, got {depth}.")
         if image_size < 32:
             raise ValueError(
-                f"VGG needs inputs of at least 32x32 (five 2x2 max-pools), got image_size={image_size}."
+                f"VGG needs inputs of at least 32x32 (five 2x2 max-pools), got image_size={image_size}; choose 32 or "
+                "more (`--image_size 32` on the command line)."
             )
         self.depth = depth
         self.num_channels = num_channels
