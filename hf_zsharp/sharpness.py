@@ -16,6 +16,7 @@ from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Vector = list[torch.Tensor]  # one tensor per trainable parameter
+LANCZOS_TOL = 1e-3  # an end of the spectrum is converged when its residual bound is <= this x its magnitude
 
 
 def hf_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -203,15 +204,17 @@ def _hvp(model: nn.Module, params: Vector, batches: list[Any], v: Vector, loss_f
 
 
 def lanczos_extremes(
-    matvec: Callable[[Vector], Vector], start: Vector, iters: int = 20, tol: float = 1e-3
-) -> dict[str, float]:
+    matvec: Callable[[Vector], Vector], start: Vector, iters: int = 20, tol: float = LANCZOS_TOL
+) -> dict[str, Any]:
     """Smallest and largest eigenvalue of a symmetric operator, by Lanczos with full reorthogonalisation.
 
-    Returns {"min", "max", "min_error", "max_error", "iterations"}. The errors are the Ritz residuals
-    |beta_k s_k|: an eigenvalue of the operator lies within that distance of each reported value (exact
-    arithmetic), and the Ritz values always lie inside the spectrum, so they approach its ends from inside.
-    Stops after `iters` products, when both residuals are <= tol * the spectrum's largest magnitude, or when
-    the Krylov space is invariant (then the values are exact eigenvalues).
+    Returns {"min", "max", "min_error", "max_error", "min_converged", "max_converged", "iterations"}. The
+    errors are the Ritz residuals |beta_k s_k|: an eigenvalue of the operator lies within that distance of each
+    reported value (exact arithmetic), and the Ritz values lie inside the spectrum, approaching its ends from
+    inside. Each end has its own test, relative to its own magnitude: converged when its residual is <= tol *
+    |its value| (an end near 0 beside a large other end is thus not accepted on the other end's scale). Stops
+    when both ends converged, after `iters` products, or when the Krylov space is invariant (then both values are
+    exact eigenvalues and count as converged).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -219,7 +222,7 @@ def lanczos_extremes(
     basis: list[Vector] = []
     alphas: list[float] = []
     betas: list[float] = []
-    result: dict[str, float] = {}
+    result: dict[str, Any] = {}
     for k in range(iters):
         basis.append(q)
         w = matvec(q)
@@ -234,16 +237,16 @@ def lanczos_extremes(
             tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
         theta, vectors = torch.linalg.eigh(tridiagonal)
         residuals = (beta * vectors[-1]).abs()
-        scale = max(abs(theta[0].item()), abs(theta[-1].item()))
-        result = {
-            "min": theta[0].item(),
-            "max": theta[-1].item(),
-            "min_error": residuals[0].item(),
-            "max_error": residuals[-1].item(),
-            "iterations": k + 1,
+        invariant = beta <= 1e-12 * theta.abs().max().item()  # w is rounding noise: the space is invariant
+        ends = {"min": 0, "max": -1}
+        result = {name: theta[i].item() for name, i in ends.items()}
+        result |= {f"{name}_error": residuals[i].item() for name, i in ends.items()}
+        result |= {
+            f"{name}_converged": invariant or result[f"{name}_error"] <= tol * abs(result[name])
+            for name in ends
         }
-        invariant = beta <= 1e-12 * scale  # w is rounding noise: the space spanned so far is invariant
-        if invariant or max(residuals[0].item(), residuals[-1].item()) <= tol * scale:
+        result["iterations"] = k + 1
+        if invariant or (result["min_converged"] and result["max_converged"]):
             break
         betas.append(beta)
         q = _scale(1.0 / beta, w)
@@ -254,11 +257,11 @@ def hessian_extremes(
     model: nn.Module,
     batches: Iterable[Any],
     iters: int = 20,
-    tol: float = 1e-3,
+    tol: float = LANCZOS_TOL,
     seed: int = 0,
     *,
     loss_fn: LossFn | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Smallest and largest eigenvalue of the Hessian of the batch-averaged loss (`lanczos_extremes` on HVPs).
 
     Negative curvature shows as a negative "min". The random start comes from a private generator seeded
@@ -295,7 +298,7 @@ def measure_sharpness(
     *,
     loss_fn: LossFn | None = None,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The sharpness columns of the reproduction: worst-case increase, Hessian ends (with error bounds), loss."""
     batches = list(batches)
     spectrum = hessian_extremes(model, batches, lanczos_iters, seed=seed, loss_fn=loss_fn)
@@ -305,6 +308,8 @@ def measure_sharpness(
         "hessian_min_eig": spectrum["min"],
         "hessian_max_eig_error": spectrum["max_error"],
         "hessian_min_eig_error": spectrum["min_error"],
+        "hessian_max_eig_converged": spectrum["max_converged"],
+        "hessian_min_eig_converged": spectrum["min_converged"],
         "lanczos_iterations": spectrum["iterations"],
         "loss": mean_loss(model, batches, loss_fn=loss_fn),
     }

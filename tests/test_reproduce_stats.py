@@ -195,3 +195,22 @@ def test_generated_blocks_are_replaced_and_checked():
         report.update_blocks(text, {"a": "", "b": "", "c": ""})
     with pytest.raises(ValueError, match="without content.*'b'"):
         report.update_blocks(text, {"a": ""})
+
+
+def test_hessian_ends_are_shown_only_where_lanczos_converged():
+    runs = grid_records()
+    for run in runs:
+        if run["sharpness"] is not None:
+            run["sharpness"] |= {
+                "hessian_max_eig_converged": True,
+                "hessian_min_eig_converged": run["seed"] < 2,
+            }
+    zsharp_old = [r for r in runs if r["method"] == "zsharp"]
+    for run in zsharp_old:  # a record from before the flags: judged by its residual bound
+        del run["sharpness"]["hessian_max_eig_converged"], run["sharpness"]["hessian_min_eig_converged"]
+        run["sharpness"] |= {"hessian_max_eig_error": 0.0, "hessian_min_eig_error": 1.0}
+    rows = {row["variant"]: row for row in summarize(runs)}
+    assert rows["sam"]["hessian_min_eig"].n == 2 and rows["sam"]["hessian_max_eig"].n == 5
+    assert rows["zsharp"]["hessian_min_eig"] is None and rows["zsharp"]["hessian_max_eig"].n == 5
+    table = sharpness_table(list(rows.values()))
+    assert "(2/5) |" in table and "| withheld (0/5 converged) |" in table

@@ -153,6 +153,36 @@ def test_lanczos_cut_short_stays_inside_the_spectrum_within_its_error_bounds():
     assert result["max_error"] > 1e-6  # 12 products on a dense spectrum of 200: not converged, and it says so
 
 
+def outlier_operator() -> torch.Tensor:
+    """Issue 18's diagonal operator: 2,000 dimensions, top eigenvalue 100, a bulk uniform in +-1e-3 and two
+    negative outliers, -0.5 and -0.2. A stop on residuals <= 1e-3 x 100 accepts a bulk Ritz value as lambda_min."""
+    diagonal = (
+        torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    ) * 1e-3
+    diagonal[:3] = torch.tensor([100.0, -0.5, -0.2], dtype=torch.float64)
+    return diagonal
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lanczos_keeps_iterating_until_lambda_min_converges_on_its_own_scale(seed):
+    diagonal = outlier_operator()
+    start = [torch.randn(2000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)]
+    result = lanczos_extremes(lambda v: [diagonal * v[0]], start, iters=200)
+    assert result["min_converged"] and result["max_converged"]
+    assert result["min_error"] <= 1e-3 * abs(result["min"])
+    # Within min_error of the Ritz value lies an eigenvalue; only -0.5 is that close (up to rounding).
+    assert result["min"] == pytest.approx(-0.5, abs=result["min_error"] + ROUNDING)
+    assert result["max"] == pytest.approx(100.0, abs=result["max_error"] + 100 * ROUNDING)
+
+
+def test_lanczos_cut_short_says_lambda_min_did_not_converge():
+    diagonal = outlier_operator()
+    start = [torch.randn(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+    result = lanczos_extremes(lambda v: [diagonal * v[0]], start, iters=3)
+    assert result["iterations"] == 3 and result["max_converged"]
+    assert not result["min_converged"] and result["min_error"] > 1e-3 * abs(result["min"])
+
+
 def test_hessian_extremes_of_a_quadratic_model():
     result = hessian_extremes(Quadratic(), BATCHES, iters=20, tol=0, loss_fn=quadratic_loss)
     # Hessian of the mean loss = 2 A (mean scale 2); A has nine distinct eigenvalues.
@@ -200,7 +230,7 @@ def test_real_model_is_left_exactly_as_found():
 
     assert set(result) == {
         "sharpness", "hessian_max_eig", "hessian_min_eig", "hessian_max_eig_error", "hessian_min_eig_error",
-        "lanczos_iterations", "loss",
+        "hessian_max_eig_converged", "hessian_min_eig_converged", "lanczos_iterations", "loss",
     }  # fmt: skip
     assert all(isinstance(v, (int, float)) and torch.isfinite(torch.tensor(v)) for v in result.values())
     assert result["sharpness"] > 0 and result["loss"] > 0

@@ -13,6 +13,7 @@ from scipy import stats as scipy_stats
 
 from hf_zsharp.reproduce.grid import short_name
 from hf_zsharp.reproduce.presets import BASELINE, METHODS
+from hf_zsharp.sharpness import LANCZOS_TOL
 
 CONFIDENCE = 0.95
 Record = Mapping[str, Any]
@@ -32,14 +33,31 @@ def _sharpness(key: str) -> Callable[[Record], float | None]:
     return lambda record: (record.get("sharpness") or {}).get(key)
 
 
+def _converged_eig(key: str) -> Callable[[Record], float | None]:
+    """A Hessian end only where Lanczos converged on it (None otherwise). Records written before the
+    `*_converged` flags existed are judged by the same test on the residual bound they hold."""
+
+    def read(record: Record) -> float | None:
+        measured = record.get("sharpness") or {}
+        value, error = measured.get(key), measured.get(f"{key}_error")
+        if value is None:
+            return None
+        converged = measured.get(f"{key}_converged")
+        if converged is None:
+            converged = error is not None and error <= LANCZOS_TOL * abs(value)
+        return value if converged else None
+
+    return read
+
+
 # What a row summarises, read from each record (None: not measured in that run).
 METRICS: dict[str, Callable[[Record], float | None]] = {
     "test_accuracy": lambda r: r["metrics"]["test_accuracy"],
     "test_accuracy_at_best_val": lambda r: r["metrics"]["test_accuracy_at_best_val"],
     "val_accuracy": lambda r: r["metrics"]["val_accuracy"],
     "sharpness": _sharpness("sharpness"),
-    "hessian_max_eig": _sharpness("hessian_max_eig"),
-    "hessian_min_eig": _sharpness("hessian_min_eig"),
+    "hessian_max_eig": _converged_eig("hessian_max_eig"),
+    "hessian_min_eig": _converged_eig("hessian_min_eig"),
     "loss_increase": _history_mean("sam_loss_increase"),
     "perturbation_norm": _history_mean("sam_perturbation_norm"),
     "wall_time_s": lambda r: r["timing"]["wall_time_s"],

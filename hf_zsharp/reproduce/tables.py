@@ -39,6 +39,17 @@ def _comparison(row: Row, key: str, scale: float, fmt: str) -> list[str]:
     return [_interval(c.difference, scale, "+" + fmt), _p(c.p), _p(c.p_holm), d_z]
 
 
+def _eigenvalue(row: Row, name: str, fmt: str) -> str:
+    """A Hessian end over the runs where Lanczos converged on it, with `(converged/measured)`; withheld if none."""
+    measured = row["sharpness"].n if row["sharpness"] is not None else 0
+    value: Interval | None = row[name]
+    if not measured:
+        return "n/a"
+    if value is None:
+        return f"withheld (0/{measured} converged)"
+    return f"{_interval(value, fmt=fmt)} ({value.n}/{measured})"
+
+
 def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -92,8 +103,8 @@ def sharpness_table(rows: Sequence[Row]) -> str:
                 delta,
                 p_holm,
                 d_z,
-                _interval(row["hessian_max_eig"], fmt=".0f"),
-                _interval(row["hessian_min_eig"], fmt=".2f"),
+                _eigenvalue(row, "hessian_max_eig", ".0f"),
+                _eigenvalue(row, "hessian_min_eig", ".2f"),
             ]  # fmt: skip
         )
     return _markdown(header, lines)
@@ -122,7 +133,7 @@ def sweep_table(rows: Sequence[Row], methods: Sequence[str]) -> str:
                     _interval(row["val_accuracy"], 100),
                     _interval(row["test_accuracy"], 100),
                     _interval(row["sharpness"], fmt=".3f"),
-                    _interval(row["hessian_max_eig"], fmt=".0f"),
+                    _eigenvalue(row, "hessian_max_eig", ".0f"),
                 ]
             )
     return _markdown(header, lines)
