@@ -18,7 +18,16 @@ import torch
 
 from hf_zsharp.models import PAPER_MODELS
 from hf_zsharp.reproduce import report
-from hf_zsharp.reproduce.grid import COMMAND, Plan, RunSpec, check_names, expand_grid, short_name
+from hf_zsharp.reproduce.grid import (
+    COMMAND,
+    Plan,
+    RunSpec,
+    check_names,
+    expand_grid,
+    short_name,
+    without_output_dir,
+)
+from hf_zsharp.reproduce.lock import LOCK, run_lock
 from hf_zsharp.reproduce.presets import METHODS, PRESETS
 from hf_zsharp.reproduce.records import code_version, load_record, write_record
 from hf_zsharp.reproduce.runner import train_one
@@ -203,23 +212,30 @@ def make_plan(argv: Sequence[str]) -> tuple[Plan, argparse.Namespace]:
     return plan, args
 
 
+def finished(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
+    """The run's record if it finished; one made by another command or with other flags is refused, not reused.
+    The output folder is no part of the comparison, so a grid moved elsewhere resumes."""
+    folder = spec.folder(plan.output_dir)
+    record = load_record(folder)
+    if record is None:
+        return None
+    argv = record.get("argv") or []
+    if (record.get("command"), without_output_dir(argv)) != (
+        plan.command(spec),
+        without_output_dir(plan.flags(spec)),
+    ):
+        raise ValueError(
+            f"{folder} holds a finished run made by another command or with other flags:\n  "
+            f"{record.get('command')}\n  {shlex.join(argv)}\nnot\n  {plan.command(spec)}\n  "
+            f"{shlex.join(plan.flags(spec))}\nUse another --output_dir (or the same options) so that results "
+            "stay comparable."
+        )
+    return record
+
+
 def check_finished(plan: Plan) -> dict[RunSpec, dict[str, Any]]:
-    """Finished runs of the plan; one made by another command or with other flags is refused, not reused."""
-    done = {}
-    for spec in plan.specs:
-        folder = spec.folder(plan.output_dir)
-        record = load_record(folder)
-        if record is None:
-            continue
-        if (record.get("command"), record.get("argv")) != (plan.command(spec), plan.flags(spec)):
-            raise ValueError(
-                f"{folder} holds a finished run made by another command or with other flags:\n  "
-                f"{record.get('command')}\n  {shlex.join(record.get('argv') or [])}\nnot\n  {plan.command(spec)}\n  "
-                f"{shlex.join(plan.flags(spec))}\nUse another --output_dir (or the same options) so that results "
-                "stay comparable."
-            )
-        done[spec] = record
-    return done
+    """Finished runs of the plan (see `finished`)."""
+    return {spec: record for spec in plan.specs if (record := finished(plan, spec)) is not None}
 
 
 class Progress:
@@ -240,6 +256,10 @@ class Progress:
             f"[{k}/{len(self.specs)}] {short_name(spec.dataset)} {short_name(spec.model)} {spec.variant} "
             f"seed {spec.seed} ... (ETA {self.eta()})"
         )
+
+    def skip(self, spec: RunSpec, reason: str) -> None:
+        self.todo.remove(spec)
+        self.write(f"    skipped: {reason}")
 
     def finish(self, spec: RunSpec, seconds: float, accuracy: float | None) -> None:
         self.times.setdefault(spec.method, []).append(seconds)
@@ -286,15 +306,23 @@ def main(argv: list[str]) -> None:
         if spec in done:
             continue
         progress.start(spec)
-        start = time.perf_counter()
-        try:
-            record = train_one(plan, spec)
-        except ValueError as error:
-            sys.exit(f"error in {spec.folder(plan.output_dir)}: {error}")
-        progress.finish(spec, time.perf_counter() - start, record and record["metrics"]["test_accuracy"])
-        if record is not None:
-            write_record(spec.folder(plan.output_dir), record)
-            report.write_results(plan.output_dir, command)
+        folder = spec.folder(plan.output_dir)
+        with run_lock(folder) as held:
+            try:
+                if not held:
+                    progress.skip(spec, f"another process is running it ({folder / LOCK} is locked)")
+                    continue
+                if finished(plan, spec) is not None:  # another process finished it since the start
+                    progress.skip(spec, "another process finished it")
+                    continue
+                start = time.perf_counter()
+                record = train_one(plan, spec)
+            except ValueError as error:
+                sys.exit(f"error in {folder}: {error}")
+            progress.finish(spec, time.perf_counter() - start, record and record["metrics"]["test_accuracy"])
+            if record is not None:
+                write_record(folder, record)
+                report.write_results(plan.output_dir, command)
     paths = report.write_results(plan.output_dir, command)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"Results: {paths['markdown']}, {paths['csv']} and figures in {plan.output_dir}")
