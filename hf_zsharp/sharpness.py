@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -27,15 +28,6 @@ def hf_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return loss
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a batch (a mapping, or a single tensor) to `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch
-
-
 def _trainable(model: nn.Module) -> Vector:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -49,7 +41,7 @@ def _prepare(model: nn.Module, batches: Iterable[Any]) -> list[Any]:
     if not batches:
         raise ValueError("batches is empty: sharpness needs at least one batch")
     device = _trainable(model)[0].device
-    return [_to_device(b, device) for b in batches]
+    return [send_to_device(b, device) for b in batches]
 
 
 def _norm(tensors: Vector) -> torch.Tensor:

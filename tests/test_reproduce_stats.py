@@ -214,3 +214,15 @@ def test_hessian_ends_are_shown_only_where_lanczos_converged():
     assert rows["zsharp"]["hessian_min_eig"] is None and rows["zsharp"]["hessian_max_eig"].n == 5
     table = sharpness_table(list(rows.values()))
     assert "(2/5) |" in table and "| withheld (0/5 converged) |" in table
+
+
+def test_the_worst_case_column_names_the_radius_the_records_were_measured_at():
+    runs = grid_records()
+    for run in runs:
+        if run["sharpness"] is not None:
+            run["sharpness"]["settings"] = {"rho": 0.1}
+    rows = summarize(runs)
+    assert "Worst-case increase (ρ=0.1)" in sharpness_table(rows)
+    runs[0]["sharpness"]["settings"] = {"rho": 0.05}
+    with pytest.raises(ValueError, match=r"different radii \[0.05, 0.1\]"):
+        sharpness_table(summarize(runs))

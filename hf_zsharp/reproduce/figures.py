@@ -10,7 +10,7 @@ from typing import Any
 
 from hf_zsharp.reproduce.presets import METHODS
 from hf_zsharp.reproduce.records import write_atomic
-from hf_zsharp.reproduce.stats import METRICS, Interval
+from hf_zsharp.reproduce.stats import METRICS, Interval, probe_radius
 
 Row = Mapping[str, Any]
 
@@ -34,6 +34,11 @@ def _save(figure: Any, path: str | Path) -> Path:
     return path
 
 
+def _probe(rows: Sequence[Row]) -> str:
+    rho = probe_radius(rows)
+    return "‖e‖ ≤ n/a" if rho is None else f"‖e‖ ≤ {rho:g}"
+
+
 def _colour(method: str) -> str:
     names = list(METHODS)
     return f"C{names.index(method) % 10}" if method in names else "k"
@@ -50,6 +55,7 @@ def plot_methods(
 ) -> Path:
     """Per method at its default settings: test accuracy and worst-case sharpness (seeds as dots, mean with 95 %
     interval), and the mean validation accuracy per epoch."""
+    probe = _probe(rows)
     rows = [r for r in rows if r["default"]]
     if not rows:
         raise ValueError("No runs to plot.")
@@ -68,7 +74,7 @@ def plot_methods(
     labels = [r["method"] for r in rows]
     for axes, ylabel, what in (
         (accuracy, "test accuracy (%)", "final test accuracy"),
-        (sharpness, "max loss increase, ‖e‖ ≤ 0.05", "worst-case loss increase"),
+        (sharpness, f"max loss increase, {probe}", "worst-case loss increase"),
     ):
         axes.set_xticks(range(len(rows)), labels, rotation=35, ha="right")
         axes.set(title=f"{title}: {what}", ylabel=ylabel)
@@ -95,6 +101,7 @@ def plot_sweep(rows: Sequence[Row], swept: Sequence[str], title: str, path: str 
     per swept method through its rho values, the other methods at their defaults as single points."""
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
+    probe = _probe(rows)
     points = [r for r in rows if r["perturbation_norm"] is not None]
     if not points:
         raise ValueError("No runs with an ascent to plot.")
@@ -125,6 +132,6 @@ def plot_sweep(rows: Sequence[Row], swept: Sequence[str], title: str, path: str 
         axes.set(xlabel="total perturbation norm ‖e‖ (mean over training)")
         axes.grid(alpha=0.3, which="both")
     accuracy.set(title=f"{title}: final test accuracy (mean, 95 % CI)", ylabel="test accuracy (%)")
-    sharpness.set(title=f"{title}: worst-case loss increase, ‖e‖ ≤ 0.05", ylabel="loss increase")
+    sharpness.set(title=f"{title}: worst-case loss increase, {probe}", ylabel="loss increase")
     accuracy.legend(fontsize="small")
     return _save(figure, path)

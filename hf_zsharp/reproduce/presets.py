@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+
+from hf_zsharp.optim import METHODS as OPTIMIZERS
+from hf_zsharp.optim import ZSharp
 
 
 @dataclass(frozen=True)
@@ -21,26 +25,33 @@ class Method:
         return " ".join(self.flags) + (f", rho {self.rho:g}{extra}" if self.rho is not None else "")
 
 
-DEFAULT_PERCENTILE = 0.95
+DEFAULT_PERCENTILE: float = inspect.signature(ZSharp).parameters["percentile"].default
 BASELINE = "sam"
 
-# The paper's hyper-parameters; ASAM's eta (0.01) and Friendly-SAM's sigma (1) and lambda (0.9) are those
-# optimizers' defaults. The controls separate what ZSharp's ascent changes from SAM's:
+
+def _variant(optimizer: str, *flags: str, filtered: bool = False, matched: bool = False) -> Method:
+    """A method built on `hf_zsharp.optim.METHODS[optimizer]`, at that optimizer's default radius."""
+    return Method(("--sam", optimizer, *flags), OPTIMIZERS[optimizer].default_rho, filtered, matched)
+
+
+# The paper's hyper-parameters are the optimizers' defaults (SAM, Friendly-SAM and ZSharp rho 0.05, ASAM 0.5;
+# ASAM's eta 0.01, Friendly-SAM's sigma 1 and lambda 0.9, ZSharp's percentile 0.95). The controls separate what
+# ZSharp's ascent changes from SAM's:
 # - zsharp-random / zsharp-magnitude: the Z-score mask replaced by a random or a plain |g| mask, same share.
 # - sam-layerwise: no mask, but ZSharp's per-tensor normalisation (each tensor moves by rho: total rho sqrt(L)).
 # - sam-matched: SAM's dense direction with ZSharp's total norm, rho * sqrt(L).
 # - zsharp-global: ZSharp's mask with one global normalisation (total norm rho, as SAM).
 METHODS: dict[str, Method] = {
     "none": Method(("--sam", "none"), None),
-    "sam": Method(("--sam", "sam"), 0.05),
-    "asam": Method(("--sam", "asam"), 0.5),
-    "fsam": Method(("--sam", "fsam"), 0.05),
-    "zsharp": Method(("--sam", "zsharp"), 0.05, filtered=True),
-    "zsharp-random": Method(("--sam", "zsharp", "--sam_mask", "random"), 0.05, filtered=True),
-    "zsharp-magnitude": Method(("--sam", "zsharp", "--sam_mask", "magnitude"), 0.05, filtered=True),
-    "sam-layerwise": Method(("--sam", "zsharp", "--sam_mask", "none"), 0.05),
-    "sam-matched": Method(("--sam", "sam"), 0.05, matched=True),
-    "zsharp-global": Method(("--sam", "zsharp", "--sam_radius", "global"), 0.05, filtered=True),
+    "sam": _variant("sam"),
+    "asam": _variant("asam"),
+    "fsam": _variant("fsam"),
+    "zsharp": _variant("zsharp", filtered=True),
+    "zsharp-random": _variant("zsharp", "--sam_mask", "random", filtered=True),
+    "zsharp-magnitude": _variant("zsharp", "--sam_mask", "magnitude", filtered=True),
+    "sam-layerwise": _variant("zsharp", "--sam_mask", "none"),
+    "sam-matched": _variant("sam", matched=True),
+    "zsharp-global": _variant("zsharp", "--sam_radius", "global", filtered=True),
 }
 
 

@@ -172,6 +172,7 @@ def summarize(records: Sequence[Record]) -> list[dict[str, Any]]:
             "sam_rho": first.get("sam_rho"),
             "percentile": first.get("percentile"),
             "seeds": len(group),
+            "probe_rho": sorted({r["sharpness"]["settings"]["rho"] for r in group if _probed(r)}),
         }
         for name, read in METRICS.items():
             values = [v for v in (read(r) for r in group) if v is not None]
@@ -185,6 +186,10 @@ def summarize(records: Sequence[Record]) -> list[dict[str, Any]]:
         rows.append(row)
     _correct(rows)
     return rows
+
+
+def _probed(record: Record) -> bool:
+    return bool((record.get("sharpness") or {}).get("settings"))
 
 
 def _by_seed(group: Sequence[Record], metric: str) -> dict[int, float]:
@@ -220,6 +225,15 @@ def contrasts(
         for row, c, p_holm in zip(rows, comparisons, adjusted):
             row[name] = c and Comparison(c.difference, c.p, c.d_z, p_holm)
     return rows
+
+
+def probe_radius(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The radius of the worst-case probe that the rows' records were measured with (their sharpness settings);
+    None if none was measured. Runs measured at different radii cannot share a column: ValueError."""
+    radii = {rho for row in rows for rho in row["probe_rho"]}
+    if len(radii) > 1:
+        raise ValueError(f"the records measured sharpness at different radii {sorted(radii)}: not comparable")
+    return radii.pop() if radii else None
 
 
 def chosen_by_validation(rows: Sequence[Mapping[str, Any]], method: str) -> Mapping[str, Any] | None:

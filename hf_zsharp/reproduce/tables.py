@@ -7,7 +7,7 @@ import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hf_zsharp.reproduce.stats import METRICS, Comparison, Interval, chosen_by_validation
+from hf_zsharp.reproduce.stats import METRICS, Comparison, Interval, chosen_by_validation, probe_radius
 
 Row = Mapping[str, Any]
 
@@ -50,6 +50,12 @@ def _eigenvalue(row: Row, name: str, fmt: str) -> str:
     return f"{_interval(value, fmt=fmt)} ({value.n}/{measured})"
 
 
+def _worst_case(rows: Sequence[Row]) -> str:
+    """The worst-case column's title, with the probe's radius from the records' sharpness settings."""
+    rho = probe_radius(rows)
+    return f"Worst-case increase (ρ={'n/a' if rho is None else format(rho, 'g')})"
+
+
 def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -86,7 +92,7 @@ def accuracy_table(rows: Sequence[Row]) -> str:
 def sharpness_table(rows: Sequence[Row]) -> str:
     """How hard each method's ascent pushed in training, and how sharp its trained model is, vs SAM."""
     header = [
-        "Method", "‖e‖ in training", "L(w+e) − L(w) in training", "Worst-case increase (ρ=0.05)",
+        "Method", "‖e‖ in training", "L(w+e) − L(w) in training", _worst_case(rows),
         "Δ vs SAM", "p (Holm)", "d_z", "Hessian λmax", "Hessian λmin",
     ]  # fmt: skip
     lines = []
@@ -115,7 +121,7 @@ def sweep_table(rows: Sequence[Row], methods: Sequence[str]) -> str:
     validation picks is marked (test accuracy plays no part in the pick)."""
     header = [
         "Method", "ρ", "Percentile", "Seeds", "‖e‖ in training", "Val. acc. (%)", "Test acc., final (%)",
-        "Worst-case increase (ρ=0.05)", "Hessian λmax",
+        _worst_case(rows), "Hessian λmax",
     ]  # fmt: skip
     lines = []
     for method in methods:
