@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_zsharp.optim import ASAM, FriendlySAM
+from hf_zsharp.reproduce.args import ReproduceArguments
 from hf_zsharp.reproduce.cli import make_plan
 from hf_zsharp.reproduce.grid import RunSpec, expand_grid
 from hf_zsharp.reproduce.presets import METHODS
@@ -215,3 +216,12 @@ def test_paper_lr_schedule_callback_reshapes_the_constant_schedule():
         PaperLRSchedule().on_train_begin(
             args, None, None, lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), train_dataloader=[1]
         )
+
+
+def test_the_options_are_a_dataclass_read_by_hf_argument_parser(tmp_path):
+    plan, args = make_plan(["digits", "--seeds", "5,", "--rho", "0.01, 0.02", "--output_dir", str(tmp_path)])
+    assert isinstance(args, ReproduceArguments)
+    assert (args.seed_list, args.rho_values, args.percentile_values) == ((5,), (0.01, 0.02), None)
+    assert ReproduceArguments(methods="sam,zsharp").method_names == ("sam", "zsharp")
+    with pytest.raises(ValueError, match="--percentile: percentiles lie in"):
+        ReproduceArguments(percentile="0.9,1.5")
