@@ -22,7 +22,7 @@ from typing import Any
 from hf_zsharp.reproduce import report, tables
 from hf_zsharp.reproduce.grid import without_output_dir
 from hf_zsharp.reproduce.records import RECORD, finished_records, read_record, write_atomic
-from hf_zsharp.reproduce.stats import summarize
+from hf_zsharp.reproduce.stats import FAMILIES, contrasts, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -78,10 +78,13 @@ def collect(grid_dir: Path, records_dir: Path, replace: bool = False) -> int:
 
 
 def generate(dataset: str, out_dir: Path) -> dict[str, str]:
-    """Every generated block of RESULTS.md from the records of results/<dataset>; its CSV and figures go to
-    `out_dir`."""
+    """Every generated block of RESULTS.md from the records of results/<dataset>; its CSVs (summary rows and
+    contrasts) and figures go to `out_dir`."""
     generated = report.document_blocks(RESULTS / dataset, out_dir, f"{dataset}-")
-    write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(finished_records(RESULTS / dataset))))
+    records = finished_records(RESULTS / dataset)
+    write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
+    rows = [row for family in FAMILIES for row in contrasts(records, family)]
+    write_atomic(out_dir / f"{dataset}-contrasts.csv", tables.contrasts_csv(rows))
     return generated
 
 

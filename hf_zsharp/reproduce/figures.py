@@ -10,7 +10,7 @@ from typing import Any
 
 from hf_zsharp.reproduce.presets import METHODS
 from hf_zsharp.reproduce.records import write_atomic
-from hf_zsharp.reproduce.stats import METRICS, Interval, probe_radius
+from hf_zsharp.reproduce.stats import METRICS, Interval, probe_radius, summarize
 
 Row = Mapping[str, Any]
 
@@ -82,6 +82,32 @@ def plot_methods(
     curves.set(title=f"{title}: validation accuracy (seed mean)", xlabel="epoch", ylabel="accuracy (%)")
     curves.grid(alpha=0.3)
     curves.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_loss_at_w(records: Sequence[Mapping[str, Any]], title: str, path: str | Path) -> Path:
+    """Per run of a method at its default settings: worst-case loss increase against the loss at w on the same
+    images, so flatness can be read at matched training loss."""
+    runs = [r for r in records if r["variant"] == r["method"] and METRICS["loss_at_w"](r) is not None]
+    if not runs:
+        raise ValueError("No runs with a sharpness measurement to plot.")
+    figure, axes = _figure(7.5, 5, 1)
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        axes.scatter(
+            [METRICS["loss_at_w"](r) for r in group],
+            [METRICS["sharpness"](r) for r in group],
+            color=_colour(method),
+            label=method,
+            s=16,
+        )
+    axes.set(
+        title=f"{title}: sharpness against loss at w (one dot per run)",
+        xlabel="loss at w (the probe's training images)",
+        ylabel=f"worst-case loss increase, {_probe(summarize(runs))}",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
     return _save(figure, path)
 
 

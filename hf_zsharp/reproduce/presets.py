@@ -26,7 +26,6 @@ class Method:
 
 
 DEFAULT_PERCENTILE: float = inspect.signature(ZSharp).parameters["percentile"].default
-BASELINE = "sam"
 
 
 def _variant(optimizer: str, *flags: str, filtered: bool = False, matched: bool = False) -> Method:

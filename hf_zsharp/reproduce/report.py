@@ -16,7 +16,7 @@ from hf_zsharp.reproduce import figures, tables
 from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.grid import short_name
 from hf_zsharp.reproduce.records import finished_records, write_atomic
-from hf_zsharp.reproduce.stats import contrasts, summarize
+from hf_zsharp.reproduce.stats import contrasts, summarize, sweeps
 
 Record = Mapping[str, Any]
 
@@ -27,14 +27,6 @@ def by_dataset_model(records: Sequence[Record]) -> dict[tuple[str, str], list[Re
     for record in records:
         groups.setdefault((short_name(record["dataset"]), short_name(record["model"])), []).append(record)
     return groups
-
-
-def swept_methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Methods that ran with more than one (rho, percentile) variant."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["method"]] = counts.get(row["method"], 0) + 1
-    return [method for method, count in counts.items() if count > 1]
 
 
 def provenance(records: Sequence[Record]) -> str:
@@ -81,17 +73,25 @@ def sections(
         "provenance": provenance(records),
         "accuracy": tables.accuracy_table(rows),
         "sharpness": tables.sharpness_table(rows),
-        "contrasts": tables.contrast_table(contrasts(records)),
+        "paper-claim": tables.contrast_table(contrasts(records, "paper")),
+        "mechanism": tables.contrast_table(contrasts(records, "mechanism")),
         "cost": tables.cost_table(rows),
     }
     if any(row["default"] for row in rows):
         methods_png = figures.plot_methods(rows, records, title, figure_dir / f"{figure_prefix}methods.png")
         blocks["figure-methods"] = f"![{title}: methods]({link_dir}{methods_png.name})\n"
-    swept = swept_methods(rows)
-    if swept:
-        sweep_png = figures.plot_sweep(rows, swept, title, figure_dir / f"{figure_prefix}sweep.png")
-        blocks["sweep"] = tables.sweep_table(rows, swept)
-        blocks["figure-sweep"] = f"![{title}: ρ sweep]({link_dir}{sweep_png.name})\n"
+    if any(row["sharpness"] and row["loss_at_w"] for row in rows):
+        loss_png = figures.plot_loss_at_w(records, title, figure_dir / f"{figure_prefix}loss-at-w.png")
+        blocks["figure-loss-at-w"] = f"![{title}: sharpness against loss at w]({link_dir}{loss_png.name})\n"
+    for axis, swept in sweeps(records).items():
+        sweep_rows = summarize(swept)
+        blocks[f"sweep-{axis}"] = tables.sweep_table(sweep_rows, axis)
+        if axis == "rho":
+            methods = list(dict.fromkeys(r["method"] for r in sweep_rows))
+            sweep_png = figures.plot_sweep(
+                sweep_rows, methods, title, figure_dir / f"{figure_prefix}sweep.png"
+            )
+            blocks["figure-sweep"] = f"![{title}: ρ sweep]({link_dir}{sweep_png.name})\n"
     return blocks
 
 
@@ -127,7 +127,10 @@ def write_results(output_dir: str | Path, command: str | None = None) -> dict[st
         prefix = f"{dataset}-{model}-"
         blocks = sections(group, output_dir, prefix)
         text += [f"## {dataset} / {model}", "", blocks["provenance"], blocks["accuracy"], blocks["sharpness"]]
-        keys = ("contrasts", "sweep", "cost", "figure-methods", "figure-sweep")
+        keys = (
+            "paper-claim", "mechanism", "sweep-rho", "sweep-percentile", "cost",
+            "figure-methods", "figure-loss-at-w", "figure-sweep",
+        )  # fmt: skip
         text += [blocks[k] for k in keys if k in blocks]
     write_atomic(paths["markdown"], "\n".join(text))
     return paths
