@@ -115,6 +115,8 @@ def adversarial_sharpness(
     *,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    scale_invariant: bool = False,
+    eta: float = 0.01,
 ) -> float:
     """Average over batches of max_{||e||_2 <= rho} L_b(w + e) - L_b(w) (m-sharpness, SAM literature).
 
@@ -126,23 +128,36 @@ def adversarial_sharpness(
     to the curvature. Each trial costs one forward pass and, when kept, one backward pass. From SAM's point a
     few trials suffice (20 on a trained ResNet-20 are within 0.05 % of 80); from a random start (g = 0)
     expect a few dozen.
+
+    `scale_invariant`: ASAM's adaptive sharpness (Kwon et al. 2021), the same ascent over e = T u with
+    ||u||_2 <= rho and T = |w| + eta elementwise (w at the start), so rescaling a layer's weights (as BatchNorm
+    permits) does not change the measure.
     """
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
     loss_fn = loss_fn or hf_loss
     batches = _prepare(model, batches)
     increases = []
     with _measuring(model) as (params, origin):
+        scale = [w.abs() + eta for w in origin] if scale_invariant else None
         for i, batch in enumerate(batches):
             _assign(params, origin)
             base, grad = _loss_and_grad(model, params, batch, loss_fn)
+            grad = _times(scale, grad)
             g_norm = _norm(grad)
-            e = _scale(rho / g_norm, grad) if g_norm > 0 else _random_direction(params, rho, seed + i)
-            worst = _ascend(model, params, origin, batch, loss_fn, e, rho, steps)
+            u = _scale(rho / g_norm, grad) if g_norm > 0 else _random_direction(params, rho, seed + i)
+            worst = _ascend(model, params, origin, batch, loss_fn, u, rho, steps, scale)
             increases.append(max(worst, base) - base)
     return sum(increases) / len(increases)
+
+
+def _times(scale: Vector | None, x: Vector) -> Vector:
+    """T x elementwise (x itself when T = 1)."""
+    return x if scale is None else [t * xi for t, xi in zip(scale, x, strict=True)]
 
 
 def _ascend(
@@ -151,26 +166,30 @@ def _ascend(
     origin: Vector,
     batch: Any,
     loss_fn: LossFn,
-    e: Vector,
+    u: Vector,
     rho: float,
     steps: int,
+    scale: Vector | None = None,
 ) -> float:
-    """The largest loss that the monotone projected ascent from `e` finds on one batch (see above)."""
-    _assign(params, _axpy(1.0, e, origin))
+    """The largest loss that the monotone projected ascent from `u` finds on one batch, at w + T u (see above)."""
+    _assign(params, _axpy(1.0, _times(scale, u), origin))
     best, grad = _loss_and_grad(model, params, batch, loss_fn)
+    grad = _times(scale, grad)  # the gradient with respect to u
     step = rho
     for _ in range(steps):
         g_norm = _norm(grad)
         if g_norm == 0:  # a stationary point of the loss on the ball's interior: nothing to follow
             break
-        trial = _axpy(step / g_norm.item(), grad, e)
+        trial = _axpy(step / g_norm.item(), grad, u)
         trial = _scale(min(1.0, rho / _norm(trial).item()), trial)
-        _assign(params, _axpy(1.0, trial, origin))
+        _assign(params, _axpy(1.0, _times(scale, trial), origin))
         loss = loss_fn(model, batch)
         if loss.item() > best:
-            best, e = loss.item(), trial
+            best, u = loss.item(), trial
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grad = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            grad = _times(
+                scale, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            )
             step = min(2 * step, 2 * rho)
         else:
             step /= 2
@@ -290,11 +309,13 @@ def measure_sharpness(
     *,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    scale_invariant_rho: float | None = None,
 ) -> dict[str, Any]:
-    """The sharpness columns of the reproduction: worst-case increase, Hessian ends (with error bounds), loss."""
+    """The sharpness columns of the reproduction: worst-case increase (and, given `scale_invariant_rho`, its
+    scale-invariant form at that radius), Hessian ends (with error bounds and convergence), loss at w."""
     batches = list(batches)
     spectrum = hessian_extremes(model, batches, lanczos_iters, seed=seed, loss_fn=loss_fn)
-    return {
+    measured = {
         "sharpness": adversarial_sharpness(model, batches, rho, ascent_steps, loss_fn=loss_fn, seed=seed),
         "hessian_max_eig": spectrum["max"],
         "hessian_min_eig": spectrum["min"],
@@ -305,3 +326,14 @@ def measure_sharpness(
         "lanczos_iterations": spectrum["iterations"],
         "loss": mean_loss(model, batches, loss_fn=loss_fn),
     }
+    if scale_invariant_rho is not None:
+        measured["scale_invariant_sharpness"] = adversarial_sharpness(
+            model,
+            batches,
+            scale_invariant_rho,
+            ascent_steps,
+            loss_fn=loss_fn,
+            seed=seed,
+            scale_invariant=True,
+        )
+    return measured

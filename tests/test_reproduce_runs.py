@@ -180,7 +180,11 @@ def test_a_tiny_digits_grid_end_to_end(tmp_path, monkeypatch, restore_process_se
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["best_val_epoch"] == 1.0
     assert metrics["test_accuracy_at_best_val"] == metrics["test_accuracy"]  # one epoch: the same weights
     sharpness = matched["sharpness"]
-    assert sharpness["images"] == 32 and sharpness["sharpness"] >= 0
+    assert (
+        sharpness["images"] == 32
+        and sharpness["sharpness"] >= 0
+        and sharpness["scale_invariant_sharpness"] >= 0
+    )
     assert sharpness["hessian_min_eig"] < sharpness["hessian_max_eig"]
     assert matched["hyperparameters"]["training"]["seed"] == 0 and matched["environment"]["threads"] == "1"
     assert len(matched["code"]["source_sha256"]) == 64

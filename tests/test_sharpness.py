@@ -103,6 +103,46 @@ def test_sharpness_with_a_gradient_solves_the_trust_region_problem():
     assert exact * (1 - 1e-9) <= default <= exact * (1 + ROUNDING)
 
 
+def test_scale_invariant_sharpness_solves_the_trust_region_problem_in_scaled_coordinates():
+    offset = 0.01 * torch.cos(torch.arange(10, dtype=torch.float64))
+    model = Quadratic(offset=offset)
+    rho, eta = 0.05, 0.01
+    t = model.w.detach().abs() + eta  # e = T u, ||u|| <= rho: the problem in u has T A T and T g
+    exact = MEAN_SCALE * trust_region_max(t[:, None] * model.A * t, t * (model.A @ offset), rho)
+    value = adversarial_sharpness(
+        model, BATCHES, rho=rho, steps=60, loss_fn=quadratic_loss, scale_invariant=True, eta=eta
+    )
+    assert value == pytest.approx(exact, rel=ROUNDING)
+
+
+class TwoLayers(nn.Module):
+    """logits = W2 relu(W1 x), no biases: (c W1, W2 / c) is the same function for every c > 0."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(scale * torch.randn(6, 12, generator=gen, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(3, 6, generator=gen, dtype=torch.float64) / scale)
+
+    def forward(self, pixel_values, labels):
+        logits = torch.relu(pixel_values.flatten(1) @ self.w1.T) @ self.w2.T
+        return SimpleNamespace(loss=nn.functional.cross_entropy(logits, labels))
+
+
+def test_scale_invariant_sharpness_ignores_a_rescaling_that_leaves_the_function_unchanged():
+    batches = tiny_batches(dtype=torch.float64)
+    plain, adaptive = [
+        [
+            adversarial_sharpness(TwoLayers(c), batches, rho=0.05, steps=10, scale_invariant=si, eta=0.0)
+            for c in (1.0, 4.0)
+        ]
+        for si in (False, True)
+    ]
+    # Along the ascent the loss as a function of u is the same for both models: only rounding differs.
+    assert adaptive[0] == pytest.approx(adaptive[1], rel=1e-9) and adaptive[0] > 0
+    assert plain[0] != pytest.approx(plain[1], rel=0.01)  # the plain measure moves with the rescaling
+
+
 def test_ascent_is_monotone_from_sams_point():
     offset = 0.01 * torch.cos(torch.arange(10, dtype=torch.float64))
     model = Quadratic(offset=offset)

@@ -61,6 +61,7 @@ class SharpnessSettings:
     batches: int = 16
     batch_size: int = 64
     rho: float = 0.05
+    scale_invariant_rho: float = OPTIMIZERS["asam"].default_rho  # ASAM's radius, in its scaled coordinates
     ascent_steps: int = 20
     lanczos_iters: int = 20
 

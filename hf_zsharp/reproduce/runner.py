@@ -123,6 +123,7 @@ def measure(training: TrainingRun, train: TorchDataset, settings: SharpnessSetti
         rho=settings.rho,
         ascent_steps=settings.ascent_steps,
         lanczos_iters=settings.lanczos_iters,
+        scale_invariant_rho=settings.scale_invariant_rho,
     )
     images = sum(len(b["labels"]) for b in batches)
     return {**result, "images": images, "settings": asdict(settings), "seconds": time.perf_counter() - start}

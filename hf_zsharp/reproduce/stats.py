@@ -57,6 +57,7 @@ METRICS: dict[str, Callable[[Record], float | None]] = {
     "test_accuracy_at_best_val": lambda r: r["metrics"]["test_accuracy_at_best_val"],
     "val_accuracy": lambda r: r["metrics"]["val_accuracy"],
     "sharpness": _sharpness("sharpness"),
+    "scale_invariant_sharpness": _sharpness("scale_invariant_sharpness"),
     "loss_at_w": _sharpness("loss"),  # the mean loss at the trained weights on the sharpness probe's images
     "hessian_max_eig": _converged_eig("hessian_max_eig"),
     "hessian_min_eig": _converged_eig("hessian_min_eig"),
@@ -203,7 +204,10 @@ def summarize(records: Sequence[Record]) -> list[dict[str, Any]]:
             "percentile": first.get("percentile"),
             "seeds": len(group),
             "seed_list": [r["seed"] for r in group],
-            "probe_rho": sorted({r["sharpness"]["settings"]["rho"] for r in group if _probed(r)}),
+            "probe": {  # the sharpness settings' radii the group was measured with
+                key: sorted({r["sharpness"]["settings"][key] for r in group if key in _settings(r)})
+                for key in ("rho", "scale_invariant_rho")
+            },
         }
         for name, read in METRICS.items():
             values = [v for v in (read(r) for r in group) if v is not None]
@@ -212,8 +216,8 @@ def summarize(records: Sequence[Record]) -> list[dict[str, Any]]:
     return rows
 
 
-def _probed(record: Record) -> bool:
-    return bool((record.get("sharpness") or {}).get("settings"))
+def _settings(record: Record) -> Mapping[str, Any]:
+    return (record.get("sharpness") or {}).get("settings") or {}
 
 
 def _by_seed(group: Sequence[Record], metric: str) -> dict[int, float]:
@@ -272,10 +276,11 @@ def sweeps(records: Sequence[Record]) -> dict[str, list[Record]]:
     return found
 
 
-def probe_radius(rows: Sequence[Mapping[str, Any]]) -> float | None:
-    """The radius of the worst-case probe that the rows' records were measured with (their sharpness settings);
-    None if none was measured. Runs measured at different radii cannot share a column: ValueError."""
-    radii = {rho for row in rows for rho in row["probe_rho"]}
+def probe_radius(rows: Sequence[Mapping[str, Any]], setting: str = "rho") -> float | None:
+    """The radius of a worst-case probe (`rho`, or `scale_invariant_rho`) that the rows' records were measured
+    with (their sharpness settings); None if none was. Runs measured at different radii cannot share a column:
+    ValueError."""
+    radii = {rho for row in rows for rho in row["probe"][setting]}
     if len(radii) > 1:
         raise ValueError(f"the records measured sharpness at different radii {sorted(radii)}: not comparable")
     return radii.pop() if radii else None

@@ -48,10 +48,19 @@ def _eigenvalue(row: Row, name: str, fmt: str) -> str:
     return f"{_interval(value, fmt=fmt)} ({value.n}/{measured})"
 
 
-def _worst_case(rows: Sequence[Row]) -> str:
-    """The worst-case column's title, with the probe's radius from the records' sharpness settings."""
-    rho = probe_radius(rows)
-    return f"Worst-case increase (ρ={'n/a' if rho is None else format(rho, 'g')})"
+def _measured(row: Row, name: str, fmt: str = ".3f") -> str:
+    """A measure that only some runs of the row hold (added later): its interval with `(runs/seeds)`."""
+    value: Interval | None = row[name]
+    if value is None:
+        return "not measured"
+    return _interval(value, fmt=fmt) + ("" if value.n == row["seeds"] else f" ({value.n}/{row['seeds']})")
+
+
+def _worst_case(rows: Sequence[Row], setting: str = "rho") -> str:
+    """A worst-case column's title, with the probe's radius from the records' sharpness settings."""
+    rho = probe_radius(rows, setting)
+    kind = "Scale-invariant worst case" if setting == "scale_invariant_rho" else "Worst-case increase"
+    return f"{kind} (ρ={'n/a' if rho is None else format(rho, 'g')})"
 
 
 def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -87,7 +96,7 @@ def sharpness_table(rows: Sequence[Row]) -> str:
     """How hard each method's ascent pushed in training, and how sharp its trained model is, beside its loss at w."""
     header = [
         "Method", "‖e‖ in training", "L(w+e) − L(w) in training", "Loss at w", _worst_case(rows),
-        "Hessian λmax", "Hessian λmin",
+        _worst_case(rows, "scale_invariant_rho"), "Hessian λmax", "Hessian λmin",
     ]  # fmt: skip
     lines = [
         [
@@ -96,6 +105,7 @@ def sharpness_table(rows: Sequence[Row]) -> str:
             _interval(row["loss_increase"], fmt=".3f"),
             _interval(row["loss_at_w"], fmt=".3f"),
             _interval(row["sharpness"], fmt=".3f"),
+            _measured(row, "scale_invariant_sharpness"),
             _eigenvalue(row, "hessian_max_eig", ".0f"),
             _eigenvalue(row, "hessian_min_eig", ".2f"),
         ]
