@@ -80,7 +80,9 @@ def collect(grid_dir: Path, records_dir: Path, replace: bool = False) -> int:
 def generate(dataset: str, out_dir: Path) -> dict[str, str]:
     """Every generated block of RESULTS.md from the records of results/<dataset>; its CSVs (summary rows and
     contrasts) and figures go to `out_dir`."""
-    generated = report.document_blocks(RESULTS / dataset, out_dir, f"{dataset}-")
+    generated = report.document_blocks(
+        RESULTS / dataset, out_dir, f"{dataset}-", calibration_dir=RESULTS / f"{dataset}-calibration"
+    )
     records = finished_records(RESULTS / dataset)
     write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
     rows = [row for family in FAMILIES for row in contrasts(records, family)]

@@ -12,7 +12,7 @@ from hf_zsharp.optim import ASAM, FriendlySAM
 from hf_zsharp.reproduce.args import ReproduceArguments
 from hf_zsharp.reproduce.cli import make_plan
 from hf_zsharp.reproduce.grid import RunSpec, expand_grid
-from hf_zsharp.reproduce.presets import METHODS
+from hf_zsharp.reproduce.presets import METHODS, PRESETS
 from hf_zsharp.reproduce.recipe import PaperLRSchedule, paper_lr_factor, paper_trainer_hooks
 from hf_zsharp.run import parse_train_args
 
@@ -225,3 +225,12 @@ def test_the_options_are_a_dataclass_read_by_hf_argument_parser(tmp_path):
     assert ReproduceArguments(methods="sam,zsharp").method_names == ("sam", "zsharp")
     with pytest.raises(ValueError, match="--percentile: percentiles lie in"):
         ReproduceArguments(percentile="0.9,1.5")
+
+
+def test_the_long_digits_preset_is_the_second_setting(tmp_path):
+    plan, _ = make_plan(["digits-long", "--output_dir", str(tmp_path)])
+    assert plan.epochs == 20 and plan.preset.seeds == (0, 1, 2, 3, 4) and plan.threads == 1
+    assert {"none", "sam", "zsharp", "sam-matched"} <= {s.method for s in plan.specs}
+    assert plan.flags(plan.specs[0])[: len(PRESETS["digits"].train_args)] == list(
+        PRESETS["digits"].train_args
+    )

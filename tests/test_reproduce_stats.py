@@ -12,6 +12,7 @@ from hf_zsharp.reproduce import report
 from hf_zsharp.reproduce.records import write_record
 from hf_zsharp.reproduce.stats import (
     MARGINS,
+    calibrated_rho,
     chosen_by_validation,
     contrasts,
     holm,
@@ -22,6 +23,7 @@ from hf_zsharp.reproduce.stats import (
 )
 from hf_zsharp.reproduce.tables import (
     accuracy_table,
+    calibration_table,
     contrast_table,
     contrasts_csv,
     sharpness_table,
@@ -274,3 +276,19 @@ def test_the_worst_case_column_names_the_radius_the_records_were_measured_at():
     runs[0]["sharpness"]["settings"] = {"rho": 0.05}
     with pytest.raises(ValueError, match=r"different radii \[0.05, 0.1\]"):
         sharpness_table(summarize(runs))
+
+
+def test_the_loss_matched_radius_interpolates_between_the_bracketing_control_radii():
+    runs = [record("zsharp", s, 0.9, increase=0.2) for s in (100, 101)]  # mean loss increase 1.5 x 0.2 = 0.3
+    runs += [
+        record("zsharp-random", 100, 0.9, variant=f"zsharp-random_rho{rho:g}", rho=rho, increase=increase)
+        for rho, increase in ((0.05, 0.08), (0.1, 0.16), (0.2, 0.24))
+    ]  # mean loss increases 0.12, 0.24, 0.36: 0.3 lies halfway between rho 0.1 and 0.2
+    assert calibrated_rho(runs, "zsharp", "zsharp-random") == (pytest.approx(0.3), pytest.approx(0.15))
+    table = calibration_table(runs, "zsharp", "zsharp-random", 0.15)
+    assert "| zsharp | 0.05 | 100, 101 |" in table and "| zsharp-random | 0.2 | 100 |" in table
+    assert (
+        "matches zsharp's mean loss increase 0.3000 at ρ = 0.1500" in table and "runs at ρ = 0.15." in table
+    )
+    with pytest.raises(ValueError, match="no two zsharp-random radii bracket"):
+        calibrated_rho(runs[:3], "zsharp", "zsharp-random")

@@ -33,6 +33,8 @@ def _variant(optimizer: str, *flags: str, filtered: bool = False, matched: bool 
     return Method(("--sam", optimizer, *flags), OPTIMIZERS[optimizer].default_rho, filtered, matched)
 
 
+LOSS_MATCHED = "zsharp-random-loss-matched"  # the random mask at the radius where it pushes as hard as ZSharp
+
 # The paper's hyper-parameters are the optimizers' defaults (SAM, Friendly-SAM and ZSharp rho 0.05, ASAM 0.5;
 # ASAM's eta 0.01, Friendly-SAM's sigma 1 and lambda 0.9, ZSharp's percentile 0.95). The controls separate what
 # ZSharp's ascent changes from SAM's:
@@ -107,6 +109,17 @@ PAPER_TRAIN_ARGS = (
 )  # fmt: skip
 PAPER_MODELS_USED = ("resnet56", "resnet110", "vgg16", "vit-paper")
 
+DIGITS_TRAIN_ARGS = (
+    "--train_val_split", "0.2",
+    "--save_strategy", "no",
+    "--report_to", "none",
+    "--overwrite_output_dir",
+    "--use_cpu",
+    "--full_determinism", "true",
+    "--remove_unused_columns", "false",
+    "--disable_tqdm", "true",
+)  # fmt: skip
+
 PRESETS: dict[str, Preset] = {
     "paper-cifar10": Preset(
         "CIFAR-10 with the paper's recipe (GPU, Hub)",
@@ -140,17 +153,20 @@ PRESETS: dict[str, Preset] = {
         ("digits",),
         ("resnet20",),
         4,
-        (
-            "--train_val_split", "0.2",
-            "--save_strategy", "no",
-            "--report_to", "none",
-            "--overwrite_output_dir",
-            "--use_cpu",
-            "--full_determinism", "true",
-            "--remove_unused_columns", "false",
-            "--disable_tqdm", "true",
-        ),
+        DIGITS_TRAIN_ARGS,
         seeds=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+        threads=1,
+    ),
+    # The second setting (issue 18): the same recipe trained 5x longer (20 epochs), with the methods
+    # and controls that separate the Z-score from the push.
+    "digits-long": Preset(
+        "ResNet-20 on digits trained 20 epochs: AdamW, SAM, ZSharp and the key controls (offline, CPU)",
+        ("digits",),
+        ("resnet20",),
+        20,
+        DIGITS_TRAIN_ARGS,
+        methods=("none", "sam", "zsharp", "sam-matched", "zsharp-magnitude", "zsharp-random"),
+        seeds=(0, 1, 2, 3, 4),
         threads=1,
     ),
 }  # fmt: skip

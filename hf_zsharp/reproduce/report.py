@@ -15,6 +15,7 @@ from typing import Any
 from hf_zsharp.reproduce import figures, tables
 from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.grid import short_name
+from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
 from hf_zsharp.reproduce.records import finished_records, write_atomic
 from hf_zsharp.reproduce.stats import contrasts, summarize, sweeps
 
@@ -96,14 +97,25 @@ def sections(
 
 
 def document_blocks(
-    records_dir: Path, figure_dir: Path, figure_prefix: str, link_dir: str = "results/"
+    records_dir: Path,
+    figure_dir: Path,
+    figure_prefix: str,
+    link_dir: str = "results/",
+    calibration_dir: Path | None = None,
 ) -> dict[str, str]:
     """Every generated block of RESULTS.md: the sections of the records under `records_dir` (one dataset and
-    model; figures drawn into `figure_dir`, linked from `link_dir`) and the cost of the paper presets."""
+    model; figures drawn into `figure_dir`, linked from `link_dir`), the calibration of the loss-matched control
+    from the records under `calibration_dir` (if it exists), and the cost of the paper presets."""
     records = finished_records(records_dir)
     if not records:
         raise ValueError(f"No records under {records_dir}.")
-    return {**sections(records, figure_dir, figure_prefix, link_dir), "preset-cost": preset_cost_table()}
+    blocks = {**sections(records, figure_dir, figure_prefix, link_dir), "preset-cost": preset_cost_table()}
+    if calibration_dir is not None and calibration_dir.exists():
+        matched = METHODS.get(LOSS_MATCHED)
+        blocks["calibration"] = tables.calibration_table(
+            finished_records(calibration_dir), "zsharp", "zsharp-random", matched and matched.rho
+        )
+    return blocks
 
 
 def write_results(output_dir: str | Path, command: str | None = None) -> dict[str, Path]:

@@ -24,6 +24,8 @@ from transformers import TrainerCallback
 from hf_zsharp.data import load_image_dataset
 from hf_zsharp.image_data import CachedImages, paper_image_data, processor_image_data
 from hf_zsharp.reproduce.grid import Plan, RunSpec
+from hf_zsharp.reproduce.mask_overlap import LOG_KEY as MASK_JACCARD
+from hf_zsharp.reproduce.mask_overlap import MaskOverlap
 from hf_zsharp.reproduce.presets import METHODS, SharpnessSettings
 from hf_zsharp.reproduce.recipe import paper_trainer_hooks
 from hf_zsharp.reproduce.records import RECORD_FORMAT, code_version, environment
@@ -32,7 +34,7 @@ from hf_zsharp.run import TrainingRun, model_kind, parse_train_args, run_trainin
 # Per-epoch keys kept in a record's history (the Trainer's epoch logs, training and validation).
 HISTORY_KEYS = (
     "epoch", "loss", "grad_norm", "learning_rate",
-    "sam_perturbation_norm", "sam_kept_fraction", "sam_loss_increase", "sam_skipped_steps",
+    "sam_perturbation_norm", "sam_kept_fraction", "sam_loss_increase", "sam_skipped_steps", MASK_JACCARD,
     "eval_loss", "eval_accuracy",
 )  # fmt: skip
 
@@ -161,7 +163,8 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     hooks = paper_trainer_hooks(training_args) if plan.preset.paper_recipe else {}
     best = BestValidation()
     matched = MatchedRadius() if METHODS[spec.method].matched else None
-    callbacks = [*hooks.pop("callbacks", []), best, *([matched] if matched else [])]
+    overlap = [MaskOverlap()] if METHODS[spec.method].filtered else []  # acts on Z-score masks only
+    callbacks = [*hooks.pop("callbacks", []), best, *([matched] if matched else []), *overlap]
     start = time.perf_counter()
     training = run_training(model_args, data_args, training_args, callbacks=callbacks, **hooks)
     wall_time = time.perf_counter() - start

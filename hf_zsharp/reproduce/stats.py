@@ -63,6 +63,7 @@ METRICS: dict[str, Callable[[Record], float | None]] = {
     "hessian_min_eig": _converged_eig("hessian_min_eig"),
     "loss_increase": _history_mean("sam_loss_increase"),
     "perturbation_norm": _history_mean("sam_perturbation_norm"),
+    "mask_jaccard": _history_mean("sam_mask_jaccard"),  # Z-score vs magnitude mask overlap (mask_overlap)
     "wall_time_s": lambda r: r["timing"]["wall_time_s"],
     "train_samples_per_second": lambda r: r["timing"]["train_samples_per_second"],
 }
@@ -284,6 +285,23 @@ def probe_radius(rows: Sequence[Mapping[str, Any]], setting: str = "rho") -> flo
     if len(radii) > 1:
         raise ValueError(f"the records measured sharpness at different radii {sorted(radii)}: not comparable")
     return radii.pop() if radii else None
+
+
+def calibrated_rho(records: Sequence[Record], target: str, control: str) -> tuple[float, float]:
+    """The radius at which `control` pushes as hard as `target`: its mean in-training loss increase
+    L(w+e) - L(w), interpolated linearly in rho between the two control radii that bracket the target's mean.
+    Returns (the target's mean loss increase, the radius). ValueError if no two radii bracket it."""
+    read = METRICS["loss_increase"]
+    aim = statistics.fmean(read(r) for r in records if r["variant"] == target)
+    by_rho: dict[float, list[float]] = {}
+    for r in records:
+        if r["method"] == control:
+            by_rho.setdefault(r["rho"], []).append(read(r))
+    points = sorted((rho, statistics.fmean(values)) for rho, values in by_rho.items())
+    for (rho_a, a), (rho_b, b) in zip(points, points[1:]):
+        if min(a, b) <= aim <= max(a, b) and a != b:
+            return aim, rho_a + (aim - a) * (rho_b - rho_a) / (b - a)
+    raise ValueError(f"no two {control} radii bracket {target}'s loss increase {aim:.4f}: {points}")
 
 
 def chosen_by_validation(rows: Sequence[Mapping[str, Any]], method: str) -> Mapping[str, Any] | None:

@@ -14,8 +14,10 @@ from hf_zsharp.reproduce.stats import (
     METRICS,
     Comparison,
     Interval,
+    calibrated_rho,
     chosen_by_validation,
     probe_radius,
+    summarize,
 )
 
 Row = Mapping[str, Any]
@@ -128,7 +130,8 @@ def sweep_table(rows: Sequence[Row], axis: str) -> str:
     seeds = sorted({s for row in rows for s in row["seed_list"]})
     header = [
         "Method", "ρ", "Percentile", "Seeds", "‖e‖ in training", "L(w+e) − L(w) in training",
-        "Val. acc. (%)", "Test acc., final (%)", "Loss at w", _worst_case(rows), "Hessian λmax",
+        "Jaccard(Z-score mask, magnitude mask)", "Val. acc. (%)", "Test acc., final (%)", "Loss at w",
+        _worst_case(rows), "Hessian λmax",
     ]  # fmt: skip
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -143,6 +146,7 @@ def sweep_table(rows: Sequence[Row], axis: str) -> str:
                     str(row["seeds"]),
                     _interval(row["perturbation_norm"], fmt=".3f"),
                     _interval(row["loss_increase"], fmt=".3f"),
+                    "—" if row["percentile"] is None else _measured(row, "mask_jaccard"),
                     _interval(row["val_accuracy"], 100),
                     _interval(row["test_accuracy"], 100),
                     _interval(row["loss_at_w"], fmt=".3f"),
@@ -185,6 +189,25 @@ def contrast_table(rows: Sequence[Row]) -> str:
                 cells.append("n/a" if c is None else _p(c.p_tost_holm))
         lines.append(cells)
     return _markdown(header, lines)
+
+
+def calibration_table(records: Sequence[Row], target: str, control: str, used: float | None) -> str:
+    """The runs that calibrate `control`'s radius to `target`'s in-training loss increase (`stats.calibrated_rho`),
+    the interpolated radius, and the radius the loss-matched method `used`."""
+    rows = summarize(records)
+    header = ["Method", "ρ", "Seeds", "‖e‖ in training", "L(w+e) − L(w) in training"]
+    lines = [
+        [row["method"], _rho(row), _seed_range(row["seed_list"]), _interval(row["perturbation_norm"], fmt=".3f"),
+         _interval(row["loss_increase"], fmt=".4f")]
+        for row in sorted(rows, key=lambda r: (r["method"] != target, r["rho"] or 0.0))
+    ]  # fmt: skip
+    aim, rho = calibrated_rho(records, target, control)
+    caption = (
+        f"\n{control} matches {target}'s mean loss increase {aim:.4f} at ρ = {rho:.4f} (linear interpolation "
+        f"between the bracketing radii); the loss-matched control runs at ρ = "
+        f"{'(not set)' if used is None else format(used, 'g')}.\n"
+    )
+    return _markdown(header, lines) + caption
 
 
 def cost_table(rows: Sequence[Row]) -> str:
