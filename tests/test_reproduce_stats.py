@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from scipy.stats import ttest_1samp, ttest_rel
+from scipy.stats import spearmanr, ttest_1samp, ttest_rel
 
 from hf_zsharp.reproduce import report
 from hf_zsharp.reproduce.records import write_record
@@ -18,6 +18,7 @@ from hf_zsharp.reproduce.stats import (
     holm,
     mean_ci,
     paired,
+    rank_correlation,
     summarize,
     sweeps,
 )
@@ -292,3 +293,17 @@ def test_the_loss_matched_radius_interpolates_between_the_bracketing_control_rad
     )
     with pytest.raises(ValueError, match="no two zsharp-random radii bracket"):
         calibrated_rho(runs[:3], "zsharp", "zsharp-random")
+
+
+def test_rank_correlation_pools_the_runs_at_default_settings():
+    runs = grid_records() + [record("sam", 0, 0.9, variant="sam_rho0.1", rho=0.1, sharp=9.0)]  # not default
+    for run in runs:
+        if run["sharpness"] is not None:
+            run["sharpness"]["loss"] = 1.0 - run["sharpness"]["sharpness"] + 0.001 * run["seed"] ** 2
+    pooled = [r for r in runs if r["sharpness"] is not None and r["variant"] == r["method"]]
+    expected = spearmanr(
+        [r["sharpness"]["loss"] for r in pooled], [r["sharpness"]["sharpness"] for r in pooled]
+    )
+    r, p, n = rank_correlation(runs, "loss_at_w", "sharpness")
+    assert n == 15 and (r, p) == (pytest.approx(expected.statistic), pytest.approx(expected.pvalue))
+    assert rank_correlation(runs[:2], "loss_at_w", "sharpness") is None

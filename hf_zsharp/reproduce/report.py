@@ -17,7 +17,7 @@ from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.grid import short_name
 from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
 from hf_zsharp.reproduce.records import finished_records, write_atomic
-from hf_zsharp.reproduce.stats import contrasts, summarize, sweeps
+from hf_zsharp.reproduce.stats import contrasts, rank_correlation, summarize, sweeps
 
 Record = Mapping[str, Any]
 
@@ -84,6 +84,13 @@ def sections(
     if any(row["sharpness"] and row["loss_at_w"] for row in rows):
         loss_png = figures.plot_loss_at_w(records, title, figure_dir / f"{figure_prefix}loss-at-w.png")
         blocks["figure-loss-at-w"] = f"![{title}: sharpness against loss at w]({link_dir}{loss_png.name})\n"
+        correlation = rank_correlation(records, "loss_at_w", "sharpness")
+        if correlation is not None:
+            r, p, n = correlation
+            blocks["figure-loss-at-w"] += (
+                f"\nSpearman's rank correlation of loss at w and worst-case increase over the {n} runs at default "
+                f"settings (all methods pooled): {r:+.2f} (p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}).\n"
+            )
     for axis, swept in sweeps(records).items():
         sweep_rows = summarize(swept)
         blocks[f"sweep-{axis}"] = tables.sweep_table(sweep_rows, axis)

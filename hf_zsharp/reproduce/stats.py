@@ -287,6 +287,20 @@ def probe_radius(rows: Sequence[Mapping[str, Any]], setting: str = "rho") -> flo
     return radii.pop() if radii else None
 
 
+def rank_correlation(records: Sequence[Record], x: str, y: str) -> tuple[float, float, int] | None:
+    """Spearman's rank correlation of two metrics over the runs at default settings that hold both (scipy.stats):
+    (r, two-sided p, runs); None below three runs."""
+    pairs = [
+        (METRICS[x](r), METRICS[y](r))
+        for r in records
+        if r["variant"] == r["method"] and METRICS[x](r) is not None and METRICS[y](r) is not None
+    ]
+    if len(pairs) < 3:
+        return None
+    result = scipy_stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+    return float(result.statistic), float(result.pvalue), len(pairs)
+
+
 def calibrated_rho(records: Sequence[Record], target: str, control: str) -> tuple[float, float]:
     """The radius at which `control` pushes as hard as `target`: its mean in-training loss increase
     L(w+e) - L(w), interpolated linearly in rho between the two control radii that bracket the target's mean.
