@@ -3,6 +3,7 @@
     python scripts/make_results.py                        # rewrite the generated blocks of RESULTS.md
     python scripts/make_results.py --check                # exit 1 if RESULTS.md, CSV or figures differ; writes nothing
     python scripts/make_results.py --collect reproduce-digits   # first copy a grid's run.json files in
+    python scripts/make_results.py --collect reproduce-calibration --into digits-calibration
 
 Each generated block of RESULTS.md lies between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`; the prose
 around them is left alone. Figures and the CSV go to results/. A record that cannot be read, or lacks what the tables
@@ -113,6 +114,11 @@ def main() -> None:
         "--collect", type=Path, help="a grid's output folder whose run.json files to copy in first"
     )
     parser.add_argument(
+        "--into",
+        help="with --collect: the folder under results/ to copy into (default: the --dataset's; the loss-matched "
+        "control's calibration runs go to <dataset>-calibration)",
+    )
+    parser.add_argument(
         "--replace", action="store_true", help="with --collect: replace committed records of other runs"
     )
     parser.add_argument(
@@ -128,8 +134,9 @@ def main() -> None:
                 sys.exit(f"{', '.join(stale)} differ from what the records give: run scripts/make_results.py")
             return
         if args.collect:
+            into = RESULTS / (args.into or args.dataset)
             print(
-                f"Copied {collect(args.collect, RESULTS / args.dataset, args.replace)} records from {args.collect}."
+                f"Copied {collect(args.collect, into, args.replace)} records from {args.collect} into {into}."
             )
         text = DOCUMENT.read_text(encoding="utf-8")
         new = report.update_blocks(text, generate(args.dataset, RESULTS))

@@ -111,3 +111,14 @@ def test_collect_takes_the_same_run_made_in_another_folder(make_results, tmp_pat
     (grid / "digits/resnet20/zsharp/seed-2/run.json").write_text(json.dumps(rerun))
     run(make_results, "--collect", str(grid))
     assert json.loads(committed.read_text())["finished_at"] == "later"
+
+
+def test_collect_into_another_records_folder(make_results, tmp_path):
+    grid = tmp_path / "calibration"
+    source = make_results.RESULTS / "digits/digits/resnet20/zsharp/seed-0/run.json"
+    (grid / "digits/resnet20/zsharp/seed-0").mkdir(parents=True)
+    shutil.copyfile(source, grid / "digits/resnet20/zsharp/seed-0/run.json")
+    before = (make_results.ROOT / "RESULTS.md").read_text()
+    run(make_results, "--collect", str(grid), "--into", "digits-extra")
+    assert (make_results.RESULTS / "digits-extra/digits/resnet20/zsharp/seed-0/run.json").exists()
+    assert (make_results.ROOT / "RESULTS.md").read_text() == before  # the digits tables do not take them in
