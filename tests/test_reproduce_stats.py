@@ -4,12 +4,14 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 from scipy.stats import spearmanr, ttest_1samp, ttest_rel
 
 from hf_zsharp.reproduce import report
-from hf_zsharp.reproduce.records import write_record
+from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
+from hf_zsharp.reproduce.records import finished_records, write_record
 from hf_zsharp.reproduce.stats import (
     MARGINS,
     calibrated_rho,
@@ -307,3 +309,10 @@ def test_rank_correlation_pools_the_runs_at_default_settings():
     r, p, n = rank_correlation(runs, "loss_at_w", "sharpness")
     assert n == 15 and (r, p) == (pytest.approx(expected.statistic), pytest.approx(expected.pvalue))
     assert rank_correlation(runs[:2], "loss_at_w", "sharpness") is None
+
+
+def test_the_loss_matched_preset_uses_the_radius_its_committed_calibration_gives():
+    calibration = finished_records(Path(__file__).resolve().parents[1] / "results" / "digits-calibration")
+    assert {r["seed"] for r in calibration} == {100}  # outside the reported seeds 0-9
+    _, rho = calibrated_rho(calibration, "zsharp", "zsharp-random")
+    assert METHODS[LOSS_MATCHED].rho == round(rho, 3)

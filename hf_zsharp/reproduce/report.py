@@ -137,9 +137,9 @@ def write_results(output_dir: str | Path, command: str | None = None) -> dict[st
         text += [f"Last command: `{command}`", ""]
     text += [
         "Test accuracy at the end of training and at the epoch of best validation accuracy (validation: held out of "
-        "the training split); mean [95 % t-interval] over seeds. Δ vs SAM: mean paired difference over the seeds "
-        "both ran [95 % t-interval], p: paired t-test, p (Holm): corrected across the methods compared to SAM, "
-        "d_z: mean difference / std of the differences.",
+        "the training split); mean [95 % t-interval] over seeds. Contrasts: mean paired difference over the seeds "
+        "both ran [95 % t-interval], paired t-test and TOST p-values Holm-corrected within their declared family "
+        "(the paper's claim; the mechanism), per metric.",
         "",
     ]
     for (dataset, model), group in by_dataset_model(records).items():
