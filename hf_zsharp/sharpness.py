@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Vector = list[torch.Tensor]  # one tensor per trainable parameter
+LANCZOS_TOL = 1e-3  # an end of the spectrum is converged when its residual bound is <= this x its magnitude
 
 
 def hf_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -24,15 +26,6 @@ def hf_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     if loss is None:
         raise ValueError("model(**batch).loss is None: the batches must contain 'labels'")
     return loss
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a batch (a mapping, or a single tensor) to `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch
 
 
 def _trainable(model: nn.Module) -> Vector:
@@ -48,7 +41,7 @@ def _prepare(model: nn.Module, batches: Iterable[Any]) -> list[Any]:
     if not batches:
         raise ValueError("batches is empty: sharpness needs at least one batch")
     device = _trainable(model)[0].device
-    return [_to_device(b, device) for b in batches]
+    return [send_to_device(b, device) for b in batches]
 
 
 def _norm(tensors: Vector) -> torch.Tensor:
@@ -122,6 +115,8 @@ def adversarial_sharpness(
     *,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    scale_invariant: bool = False,
+    eta: float = 0.01,
 ) -> float:
     """Average over batches of max_{||e||_2 <= rho} L_b(w + e) - L_b(w) (m-sharpness, SAM literature).
 
@@ -133,23 +128,36 @@ def adversarial_sharpness(
     to the curvature. Each trial costs one forward pass and, when kept, one backward pass. From SAM's point a
     few trials suffice (20 on a trained ResNet-20 are within 0.05 % of 80); from a random start (g = 0)
     expect a few dozen.
+
+    `scale_invariant`: ASAM's adaptive sharpness (Kwon et al. 2021), the same ascent over e = T u with
+    ||u||_2 <= rho and T = |w| + eta elementwise (w at the start), so rescaling a layer's weights (as BatchNorm
+    permits) does not change the measure.
     """
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
     loss_fn = loss_fn or hf_loss
     batches = _prepare(model, batches)
     increases = []
     with _measuring(model) as (params, origin):
+        scale = [w.abs() + eta for w in origin] if scale_invariant else None
         for i, batch in enumerate(batches):
             _assign(params, origin)
             base, grad = _loss_and_grad(model, params, batch, loss_fn)
+            grad = _times(scale, grad)
             g_norm = _norm(grad)
-            e = _scale(rho / g_norm, grad) if g_norm > 0 else _random_direction(params, rho, seed + i)
-            worst = _ascend(model, params, origin, batch, loss_fn, e, rho, steps)
+            u = _scale(rho / g_norm, grad) if g_norm > 0 else _random_direction(params, rho, seed + i)
+            worst = _ascend(model, params, origin, batch, loss_fn, u, rho, steps, scale)
             increases.append(max(worst, base) - base)
     return sum(increases) / len(increases)
+
+
+def _times(scale: Vector | None, x: Vector) -> Vector:
+    """T x elementwise (x itself when T = 1)."""
+    return x if scale is None else [t * xi for t, xi in zip(scale, x, strict=True)]
 
 
 def _ascend(
@@ -158,26 +166,30 @@ def _ascend(
     origin: Vector,
     batch: Any,
     loss_fn: LossFn,
-    e: Vector,
+    u: Vector,
     rho: float,
     steps: int,
+    scale: Vector | None = None,
 ) -> float:
-    """The largest loss that the monotone projected ascent from `e` finds on one batch (see above)."""
-    _assign(params, _axpy(1.0, e, origin))
+    """The largest loss that the monotone projected ascent from `u` finds on one batch, at w + T u (see above)."""
+    _assign(params, _axpy(1.0, _times(scale, u), origin))
     best, grad = _loss_and_grad(model, params, batch, loss_fn)
+    grad = _times(scale, grad)  # the gradient with respect to u
     step = rho
     for _ in range(steps):
         g_norm = _norm(grad)
         if g_norm == 0:  # a stationary point of the loss on the ball's interior: nothing to follow
             break
-        trial = _axpy(step / g_norm.item(), grad, e)
+        trial = _axpy(step / g_norm.item(), grad, u)
         trial = _scale(min(1.0, rho / _norm(trial).item()), trial)
-        _assign(params, _axpy(1.0, trial, origin))
+        _assign(params, _axpy(1.0, _times(scale, trial), origin))
         loss = loss_fn(model, batch)
         if loss.item() > best:
-            best, e = loss.item(), trial
+            best, u = loss.item(), trial
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grad = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            grad = _times(
+                scale, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            )
             step = min(2 * step, 2 * rho)
         else:
             step /= 2
@@ -203,15 +215,17 @@ def _hvp(model: nn.Module, params: Vector, batches: list[Any], v: Vector, loss_f
 
 
 def lanczos_extremes(
-    matvec: Callable[[Vector], Vector], start: Vector, iters: int = 20, tol: float = 1e-3
-) -> dict[str, float]:
+    matvec: Callable[[Vector], Vector], start: Vector, iters: int = 20, tol: float = LANCZOS_TOL
+) -> dict[str, Any]:
     """Smallest and largest eigenvalue of a symmetric operator, by Lanczos with full reorthogonalisation.
 
-    Returns {"min", "max", "min_error", "max_error", "iterations"}. The errors are the Ritz residuals
-    |beta_k s_k|: an eigenvalue of the operator lies within that distance of each reported value (exact
-    arithmetic), and the Ritz values always lie inside the spectrum, so they approach its ends from inside.
-    Stops after `iters` products, when both residuals are <= tol * the spectrum's largest magnitude, or when
-    the Krylov space is invariant (then the values are exact eigenvalues).
+    Returns {"min", "max", "min_error", "max_error", "min_converged", "max_converged", "iterations"}. The
+    errors are the Ritz residuals |beta_k s_k|: an eigenvalue of the operator lies within that distance of each
+    reported value (exact arithmetic), and the Ritz values lie inside the spectrum, approaching its ends from
+    inside. Each end has its own test, relative to its own magnitude: converged when its residual is <= tol *
+    |its value| (an end near 0 beside a large other end is thus not accepted on the other end's scale). Stops
+    when both ends converged, after `iters` products, or when the Krylov space is invariant (then both values are
+    exact eigenvalues and count as converged).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -219,7 +233,7 @@ def lanczos_extremes(
     basis: list[Vector] = []
     alphas: list[float] = []
     betas: list[float] = []
-    result: dict[str, float] = {}
+    result: dict[str, Any] = {}
     for k in range(iters):
         basis.append(q)
         w = matvec(q)
@@ -234,16 +248,16 @@ def lanczos_extremes(
             tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
         theta, vectors = torch.linalg.eigh(tridiagonal)
         residuals = (beta * vectors[-1]).abs()
-        scale = max(abs(theta[0].item()), abs(theta[-1].item()))
-        result = {
-            "min": theta[0].item(),
-            "max": theta[-1].item(),
-            "min_error": residuals[0].item(),
-            "max_error": residuals[-1].item(),
-            "iterations": k + 1,
+        invariant = beta <= 1e-12 * theta.abs().max().item()  # w is rounding noise: the space is invariant
+        ends = {"min": 0, "max": -1}
+        result = {name: theta[i].item() for name, i in ends.items()}
+        result |= {f"{name}_error": residuals[i].item() for name, i in ends.items()}
+        result |= {
+            f"{name}_converged": invariant or result[f"{name}_error"] <= tol * abs(result[name])
+            for name in ends
         }
-        invariant = beta <= 1e-12 * scale  # w is rounding noise: the space spanned so far is invariant
-        if invariant or max(residuals[0].item(), residuals[-1].item()) <= tol * scale:
+        result["iterations"] = k + 1
+        if invariant or (result["min_converged"] and result["max_converged"]):
             break
         betas.append(beta)
         q = _scale(1.0 / beta, w)
@@ -254,11 +268,11 @@ def hessian_extremes(
     model: nn.Module,
     batches: Iterable[Any],
     iters: int = 20,
-    tol: float = 1e-3,
+    tol: float = LANCZOS_TOL,
     seed: int = 0,
     *,
     loss_fn: LossFn | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Smallest and largest eigenvalue of the Hessian of the batch-averaged loss (`lanczos_extremes` on HVPs).
 
     Negative curvature shows as a negative "min". The random start comes from a private generator seeded
@@ -295,16 +309,31 @@ def measure_sharpness(
     *,
     loss_fn: LossFn | None = None,
     seed: int = 0,
-) -> dict[str, float]:
-    """The sharpness columns of the reproduction: worst-case increase, Hessian ends (with error bounds), loss."""
+    scale_invariant_rho: float | None = None,
+) -> dict[str, Any]:
+    """The sharpness columns of the reproduction: worst-case increase (and, given `scale_invariant_rho`, its
+    scale-invariant form at that radius), Hessian ends (with error bounds and convergence), loss at w."""
     batches = list(batches)
     spectrum = hessian_extremes(model, batches, lanczos_iters, seed=seed, loss_fn=loss_fn)
-    return {
+    measured = {
         "sharpness": adversarial_sharpness(model, batches, rho, ascent_steps, loss_fn=loss_fn, seed=seed),
         "hessian_max_eig": spectrum["max"],
         "hessian_min_eig": spectrum["min"],
         "hessian_max_eig_error": spectrum["max_error"],
         "hessian_min_eig_error": spectrum["min_error"],
+        "hessian_max_eig_converged": spectrum["max_converged"],
+        "hessian_min_eig_converged": spectrum["min_converged"],
         "lanczos_iterations": spectrum["iterations"],
         "loss": mean_loss(model, batches, loss_fn=loss_fn),
     }
+    if scale_invariant_rho is not None:
+        measured["scale_invariant_sharpness"] = adversarial_sharpness(
+            model,
+            batches,
+            scale_invariant_rho,
+            ascent_steps,
+            loss_fn=loss_fn,
+            seed=seed,
+            scale_invariant=True,
+        )
+    return measured

@@ -1,47 +1,108 @@
 """Regenerate RESULTS.md's tables and figures from the committed run records under results/ (one command).
 
     python scripts/make_results.py                        # rewrite the generated blocks of RESULTS.md
-    python scripts/make_results.py --check                # exit 1 if RESULTS.md is not what the records give
+    python scripts/make_results.py --check                # exit 1 if RESULTS.md, CSV or figures differ; writes nothing
     python scripts/make_results.py --collect reproduce-digits   # first copy a grid's run.json files in
+    python scripts/make_results.py --collect reproduce-calibration --into digits-calibration
 
 Each generated block of RESULTS.md lies between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`; the prose
-around them is left alone. Figures and the CSV go to results/.
+around them is left alone. Figures and the CSV go to results/. A record that cannot be read, or lacks what the tables
+need, stops the command with its file named.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from hf_zsharp.reproduce import report, tables
-from hf_zsharp.reproduce.records import RECORD, finished_records, write_atomic
-from hf_zsharp.reproduce.stats import summarize
+from hf_zsharp.reproduce.grid import without_output_dir
+from hf_zsharp.reproduce.records import RECORD, finished_records, read_record, write_atomic
+from hf_zsharp.reproduce.stats import FAMILIES, contrasts, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 DOCUMENT = ROOT / "RESULTS.md"
 
 
-def collect(grid_dir: Path, records_dir: Path) -> int:
-    """Copy every run.json under `grid_dir` to the same relative folder under `records_dir`; returns the count."""
-    paths = sorted(grid_dir.rglob(RECORD))
-    for path in paths:
-        target = records_dir / path.parent.relative_to(grid_dir) / RECORD
+def _identity(record: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
+    """What makes two records the same run wherever they ran: command, flags and hyper-parameters, less the
+    output folder."""
+    hyperparameters = {
+        section: {k: v for k, v in values.items() if k not in ("output_dir", "logging_dir")}
+        for section, values in (record.get("hyperparameters") or {}).items()
+    }
+    return record.get("command"), without_output_dir(record.get("argv") or []), hyperparameters
+
+
+def _conflict(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """How `new` is another run than `old` (None if it is the same run): command, flags or hyper-parameters."""
+    (old_command, old_argv, old_hp), (new_command, new_argv, new_hp) = _identity(old), _identity(new)
+    if (old_command, old_argv) != (new_command, new_argv):
+        return f"command\n    {old_command}\n    {shlex.join(old_argv)}\n  against\n    {new_command}\n    {shlex.join(new_argv)}"
+    changed = sorted(
+        f"{section}.{key}"
+        for section in old_hp.keys() & new_hp.keys()
+        for key in old_hp[section].keys() & new_hp[section].keys()
+        if old_hp[section][key] != new_hp[section][key]
+    )
+    return f"hyper-parameters {', '.join(changed)}" if changed else None
+
+
+def collect(grid_dir: Path, records_dir: Path, replace: bool = False) -> int:
+    """Copy every run.json under `grid_dir` to the same relative folder under `records_dir`; returns the count.
+
+    Every record is read and checked first. One that would replace a committed record of another run (another
+    command or other hyper-parameters) is refused, naming both, unless `replace`: then nothing is copied."""
+    pairs = [
+        (path, records_dir / path.parent.relative_to(grid_dir) / RECORD)
+        for path in sorted(grid_dir.rglob(RECORD))
+    ]
+    refused = []
+    for source, target in pairs:
+        new = read_record(source)
+        if target.exists() and not replace and (why := _conflict(read_record(target), new)):
+            refused.append(f"{source} would replace {target}, another run (differs in {why})")
+    if refused:
+        raise ValueError(
+            "\n".join(refused) + "\nPass --replace to replace them, or collect into another --dataset."
+        )
+    for source, target in pairs:
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-    return len(paths)
+        shutil.copyfile(source, target)
+    return len(pairs)
 
 
-def blocks(dataset: str) -> dict[str, str]:
-    """Every generated block of RESULTS.md from the records of results/<dataset>; writes its CSV and figures."""
-    try:
-        generated = report.document_blocks(RESULTS / dataset, RESULTS, f"{dataset}-")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
-    write_atomic(RESULTS / f"{dataset}.csv", tables.table_csv(summarize(finished_records(RESULTS / dataset))))
+def generate(dataset: str, out_dir: Path) -> dict[str, str]:
+    """Every generated block of RESULTS.md from the records of results/<dataset>; its CSVs (summary rows and
+    contrasts) and figures go to `out_dir`."""
+    generated = report.document_blocks(
+        RESULTS / dataset, out_dir, f"{dataset}-", calibration_dir=RESULTS / f"{dataset}-calibration"
+    )
+    records = finished_records(RESULTS / dataset)
+    write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
+    rows = [row for family in FAMILIES for row in contrasts(records, family)]
+    write_atomic(out_dir / f"{dataset}-contrasts.csv", tables.contrasts_csv(rows))
     return generated
+
+
+def check(dataset: str) -> list[str]:
+    """What differs from what the records give (RESULTS.md, the CSV, each figure), generating into a temporary
+    folder: nothing under the repository is written."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = Path(scratch)
+        text = DOCUMENT.read_text(encoding="utf-8")
+        stale = [] if report.update_blocks(text, generate(dataset, out_dir)) == text else [DOCUMENT.name]
+        for made in sorted(out_dir.iterdir()):
+            committed = RESULTS / made.name
+            if not committed.exists() or committed.read_bytes() != made.read_bytes():
+                stale.append(str(committed.relative_to(ROOT)))
+    return stale
 
 
 def main() -> None:
@@ -52,16 +113,35 @@ def main() -> None:
     parser.add_argument(
         "--collect", type=Path, help="a grid's output folder whose run.json files to copy in first"
     )
-    parser.add_argument("--check", action="store_true", help="only check that RESULTS.md is up to date")
+    parser.add_argument(
+        "--into",
+        help="with --collect: the folder under results/ to copy into (default: the --dataset's; the loss-matched "
+        "control's calibration runs go to <dataset>-calibration)",
+    )
+    parser.add_argument(
+        "--replace", action="store_true", help="with --collect: replace committed records of other runs"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only check that RESULTS.md, CSV and figures are up to date"
+    )
     args = parser.parse_args()
-    if args.collect:
-        print(f"Copied {collect(args.collect, RESULTS / args.dataset)} records from {args.collect}.")
-    text = DOCUMENT.read_text(encoding="utf-8")
-    new = report.update_blocks(text, blocks(args.dataset))
-    if args.check:
-        sys.exit(
-            0 if new == text else "RESULTS.md differs from what the records give: run scripts/make_results.py"
-        )
+    if args.check and args.collect:
+        parser.error("--check writes nothing: it cannot --collect")
+    try:
+        if args.check:
+            stale = check(args.dataset)
+            if stale:
+                sys.exit(f"{', '.join(stale)} differ from what the records give: run scripts/make_results.py")
+            return
+        if args.collect:
+            into = RESULTS / (args.into or args.dataset)
+            print(
+                f"Copied {collect(args.collect, into, args.replace)} records from {args.collect} into {into}."
+            )
+        text = DOCUMENT.read_text(encoding="utf-8")
+        new = report.update_blocks(text, generate(args.dataset, RESULTS))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     write_atomic(DOCUMENT, new)
     print(
         f"Rewrote the generated blocks of {DOCUMENT.name}; figures and CSV in {RESULTS.relative_to(ROOT)}/."

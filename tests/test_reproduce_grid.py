@@ -9,9 +9,10 @@ import torch
 
 from hf_zsharp.args import parse_train_args
 from hf_zsharp.optim import ASAM, FriendlySAM
+from hf_zsharp.reproduce.args import ReproduceArguments
 from hf_zsharp.reproduce.cli import make_plan
 from hf_zsharp.reproduce.grid import RunSpec, expand_grid
-from hf_zsharp.reproduce.presets import METHODS
+from hf_zsharp.reproduce.presets import METHODS, PRESETS
 from hf_zsharp.reproduce.recipe import (
     PaperRecipeTrainer,
     paper_lr_factor,
@@ -225,3 +226,21 @@ def test_paper_recipe_trainer_takes_the_steps_per_epoch_of_the_trainer(tmp_path)
     logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert trainer.steps_per_epoch == 4 and len(logged) == 24
     assert logged == pytest.approx([1e-2 * paper_lr_factor(step, 4) for step in range(24)], rel=1e-12)
+
+
+def test_the_options_are_a_dataclass_read_by_hf_argument_parser(tmp_path):
+    plan, args = make_plan(["digits", "--seeds", "5,", "--rho", "0.01, 0.02", "--output_dir", str(tmp_path)])
+    assert isinstance(args, ReproduceArguments)
+    assert (args.seed_list, args.rho_values, args.percentile_values) == ((5,), (0.01, 0.02), None)
+    assert ReproduceArguments(methods="sam,zsharp").method_names == ("sam", "zsharp")
+    with pytest.raises(ValueError, match="--percentile: percentiles lie in"):
+        ReproduceArguments(percentile="0.9,1.5")
+
+
+def test_the_long_digits_preset_is_the_second_setting(tmp_path):
+    plan, _ = make_plan(["digits-long", "--output_dir", str(tmp_path)])
+    assert plan.epochs == 20 and plan.preset.seeds == (0, 1, 2, 3, 4) and plan.threads == 1
+    assert {"none", "sam", "zsharp", "sam-matched"} <= {s.method for s in plan.specs}
+    assert plan.flags(plan.specs[0])[: len(PRESETS["digits"].train_args)] == list(
+        PRESETS["digits"].train_args
+    )

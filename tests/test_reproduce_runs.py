@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_zsharp.reproduce import cli, report
+from hf_zsharp.reproduce import cli, lock, report
 from hf_zsharp.reproduce.presets import PRESETS, SharpnessSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,42 @@ def test_a_finished_run_made_by_another_command_is_refused(tmp_path, fake_traini
     assert len(fake_training) == 1
 
 
+def test_a_moved_grid_resumes(tmp_path, fake_training):
+    argv = ["digits", "--methods", "sam", "--seeds", "2"]
+    cli.main([*argv, "--output_dir", str(tmp_path / "first")])
+    (tmp_path / "first").rename(tmp_path / "moved")
+    fake_training.clear()
+    # The records name the old folder; they are still the same runs.
+    cli.main([*argv, "--output_dir", str(tmp_path / "moved")])
+    assert fake_training == []
+
+
+def test_a_run_locked_by_another_process_is_skipped(tmp_path, fake_training, capsys):
+    argv = ["digits", "--methods", "sam", "--seeds", "2", "--output_dir", str(tmp_path)]
+    folder = tmp_path / "digits/resnet20/sam/seed-0"
+    with lock.run_lock(folder) as held:  # another open file description: as another process holds it
+        assert held
+        cli.main(argv)
+    assert [spec.seed for spec in fake_training] == [1]
+    assert (
+        f"skipped: another process is running it ({folder / lock.LOCK} is locked)" in capsys.readouterr().out
+    )
+    assert not (folder / "run.json").exists()
+    fake_training.clear()
+    cli.main(argv)  # the lock is gone with its holder: the run is trained now
+    assert [spec.seed for spec in fake_training] == [0]
+
+
+def test_an_unreadable_record_in_the_grid_is_named_not_overwritten(tmp_path, fake_training):
+    argv = ["digits", "--methods", "sam", "--seeds", "1", "--output_dir", str(tmp_path)]
+    record = tmp_path / "digits/resnet20/sam/seed-0/run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{not json")
+    with pytest.raises(SystemExit, match=f"{record}: unreadable run record"):
+        cli.main(argv)
+    assert record.read_text() == "{not json" and fake_training == []
+
+
 @pytest.fixture
 def restore_process_settings():
     """The grid fixes torch's threads and turns on deterministic algorithms (and their environment variables)
@@ -144,7 +180,11 @@ def test_a_tiny_digits_grid_end_to_end(tmp_path, monkeypatch, restore_process_se
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["best_val_epoch"] == 1.0
     assert metrics["test_accuracy_at_best_val"] == metrics["test_accuracy"]  # one epoch: the same weights
     sharpness = matched["sharpness"]
-    assert sharpness["images"] == 32 and sharpness["sharpness"] >= 0
+    assert (
+        sharpness["images"] == 32
+        and sharpness["sharpness"] >= 0
+        and sharpness["scale_invariant_sharpness"] >= 0
+    )
     assert sharpness["hessian_min_eig"] < sharpness["hessian_max_eig"]
     assert matched["hyperparameters"]["training"]["seed"] == 0 and matched["environment"]["threads"] == "1"
     assert len(matched["code"]["source_sha256"]) == 64
@@ -183,5 +223,10 @@ def test_a_committed_record_is_recreated_exactly_by_its_command(tmp_path):
 def test_results_md_is_what_the_committed_records_give(tmp_path):
     """RESULTS.md's generated blocks are regenerated from results/digits (figures into a temporary folder)."""
     document = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
-    blocks = report.document_blocks(ROOT / "results" / "digits", tmp_path, "digits-")
+    blocks = report.document_blocks(
+        ROOT / "results" / "digits",
+        tmp_path,
+        "digits-",
+        calibration_dir=ROOT / "results" / "digits-calibration",
+    )
     assert report.update_blocks(document, blocks) == document, "run scripts/make_results.py"

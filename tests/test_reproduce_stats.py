@@ -4,14 +4,35 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
-from scipy.stats import ttest_rel
+from scipy.stats import spearmanr, ttest_1samp, ttest_rel
 
 from hf_zsharp.reproduce import report
-from hf_zsharp.reproduce.records import write_record
-from hf_zsharp.reproduce.stats import chosen_by_validation, contrasts, holm, mean_ci, paired, summarize
-from hf_zsharp.reproduce.tables import accuracy_table, contrast_table, sharpness_table, sweep_table, table_csv
+from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
+from hf_zsharp.reproduce.records import finished_records, write_record
+from hf_zsharp.reproduce.stats import (
+    MARGINS,
+    calibrated_rho,
+    chosen_by_validation,
+    contrasts,
+    holm,
+    mean_ci,
+    paired,
+    rank_correlation,
+    summarize,
+    sweeps,
+)
+from hf_zsharp.reproduce.tables import (
+    accuracy_table,
+    calibration_table,
+    contrast_table,
+    contrasts_csv,
+    sharpness_table,
+    sweep_table,
+    table_csv,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T_975_4 = 2.7764451051977987  # the 97.5 % quantile of Student's t with 4 degrees of freedom
@@ -101,30 +122,55 @@ def test_holm_step_down():
     assert holm([]) == []
 
 
-def test_summary_rows_compare_default_methods_to_sam_with_holm():
+def test_summary_rows_hold_each_metric_with_its_interval():
     rows = {row["variant"]: row for row in summarize(grid_records())}
     assert list(rows) == ["none", "sam", "zsharp", "zsharp-random"]  # the methods' order, not the runs'
     z = rows["zsharp"]
     assert z["seeds"] == 5 and z["test_accuracy"].mean == pytest.approx(sum(ZSHARP) / 5)
-    assert z["perturbation_norm"].mean == pytest.approx(0.22) and z["loss_increase"].mean == pytest.approx(
-        0.15
-    )
-    assert rows["sam"]["test_accuracy_vs_sam"] is None  # the baseline itself
-    assert rows["none"]["test_accuracy_vs_sam"].p is None  # one pair
+    assert z["perturbation_norm"].mean == pytest.approx(0.22)
+    assert z["loss_increase"].mean == pytest.approx(0.15)
     assert rows["none"]["loss_increase"] is None and rows["none"]["sharpness"] is None
-    # Holm's family: the comparisons with a p-value (zsharp, zsharp-random), per metric.
-    p_z = ttest_rel(ZSHARP, SAM).pvalue
-    p_r = ttest_rel(RANDOM, SAM).pvalue
-    expected = holm([p_z, p_r])
-    assert z["test_accuracy_vs_sam"].p_holm == pytest.approx(expected[0], rel=1e-9)
-    assert rows["zsharp-random"]["test_accuracy_vs_sam"].p_holm == pytest.approx(expected[1], rel=1e-9)
+    assert not any(key.endswith("_vs_sam") for key in z)  # comparisons live in the declared families only
+
+
+def test_the_paper_family_compares_zsharp_with_the_baselines_holm_within_it():
+    runs = grid_records() + [record("asam", s, a - 0.01, sharp=0.45) for s, a in enumerate(SAM)]
+    rows = contrasts(runs, "paper")
+    assert [(r["family"], r["a"], r["b"]) for r in rows] == [
+        ("paper", "zsharp", "none"), ("paper", "zsharp", "sam"), ("paper", "zsharp", "asam"),
+    ]  # fmt: skip
+    none, sam, asam = rows
+    assert none["test_accuracy"].p is None  # one pair
+    p_sam = ttest_rel(ZSHARP, SAM).pvalue
+    p_asam = ttest_rel(ZSHARP, [a - 0.01 for a in SAM]).pvalue
+    assert sam["test_accuracy"].p == pytest.approx(p_sam, rel=1e-9)
+    assert [sam["test_accuracy"].p_holm, asam["test_accuracy"].p_holm] == pytest.approx(holm([p_sam, p_asam]))
     # Sharpness differences: (0.3 + 0.02 s) - (0.5 + 0.01 s) over seeds 0..4, a family of its own.
-    assert z["sharpness_vs_sam"].difference.mean == pytest.approx(-0.18)
-    assert z["sharpness_vs_sam"].p_holm is not None
+    assert sam["sharpness"].difference.mean == pytest.approx(-0.18)
+    assert contrasts(runs, "mechanism")[0]["b"] == "zsharp-random"  # the controls are the other family
+
+
+def test_tost_is_two_one_sided_t_tests_against_the_declared_margins():
+    base = {s: 0.9 for s in range(8)}
+    close = {s: 0.9 + d for s, d in enumerate([0.001, -0.002, 0.003, 0.0, -0.001, 0.002, 0.001, -0.003])}
+    c = paired(close, base, MARGINS["test_accuracy"])
+    differences = [close[s] - 0.9 for s in range(8)]
+    lower = ttest_1samp(differences, -0.01, alternative="greater").pvalue
+    upper = ttest_1samp(differences, 0.01, alternative="less").pvalue
+    assert (
+        c.p_tost == pytest.approx(max(lower, upper), rel=1e-9) and c.p_tost < 0.05
+    )  # equivalent within 1 pp
+    # The same spread around a 1 pp shift is not equivalent, however clearly it differs from zero.
+    shifted = paired({s: v + 0.01 for s, v in close.items()}, base, MARGINS["test_accuracy"])
+    assert shifted.p < 0.001 and shifted.p_tost >= 0.5
+    assert paired(close, base).p_tost is None  # no margin, no equivalence test
+    # TOST at 5 % agrees with the 90 % t-interval lying inside the margin.
+    ninety = mean_ci(differences, confidence=0.90)
+    assert (c.p_tost < 0.05) == (ninety.low > -0.01 and ninety.high < 0.01)
 
 
 def test_contrasts_of_zsharp_with_its_controls():
-    rows = contrasts(grid_records())
+    rows = contrasts(grid_records(), "mechanism")
     assert [(r["a"], r["b"]) for r in rows] == [("zsharp", "zsharp-random")]  # the controls that ran
     (row,) = rows
     assert row["test_accuracy"].p == pytest.approx(ttest_rel(ZSHARP, RANDOM).pvalue, rel=1e-9)
@@ -135,17 +181,23 @@ def test_contrasts_of_zsharp_with_its_controls():
     assert contrast_table(rows).count("| zsharp − zsharp-random | 5 |") == 1
 
 
-def test_sweep_variants_are_chosen_on_validation_not_test():
+def test_sweeps_compare_their_cells_on_common_seeds_and_pick_on_validation_not_test():
     runs = grid_records()
-    # rho 0.1: better on test, worse on validation. Validation must pick the default (0.05).
-    runs += [record("sam", s, 0.99, variant="sam_rho0.1", rho=0.1, val=0.5) for s in range(5)]
-    rows = summarize(runs)
+    # rho 0.1 ran seeds 0-2 only: better on test, worse on validation. Validation must pick the default (0.05).
+    runs += [record("sam", s, 0.99, variant="sam_rho0.1", rho=0.1, val=0.5) for s in range(3)]
+    (axis, swept), *others = sweeps(runs).items()
+    assert axis == "rho" and others == []
+    assert {(r["variant"], r["seed"]) for r in swept} == {
+        (v, s) for v in ("sam", "sam_rho0.1") for s in range(3)
+    }
+    rows = summarize(swept)
     assert chosen_by_validation(rows, "sam")["variant"] == "sam"
-    variant = next(r for r in rows if r["variant"] == "sam_rho0.1")
-    assert not variant["default"] and variant["test_accuracy_vs_sam"] is None  # no test-set comparisons
-    table = sweep_table(rows, ["sam"])
-    assert "| sam (chosen by val.) | 0.05 |" in table and "| sam | 0.1 |" in table
-    assert "sam_rho0.1" not in accuracy_table(rows)  # the main tables hold the default settings only
+    table = sweep_table(rows, "rho")
+    assert "Every cell on seeds 0–2" in table
+    assert "| sam (chosen by val.) | 0.05 | — | 3 |" in table and "| sam | 0.1 | — | 3 |" in table
+    assert "sam_rho0.1" not in accuracy_table(
+        summarize(runs)
+    )  # the main tables hold the default settings only
 
 
 def test_tables_and_csv():
@@ -153,14 +205,15 @@ def test_tables_and_csv():
     accuracy = accuracy_table(rows)
     z = mean_ci([100 * a for a in ZSHARP])
     assert f"| zsharp | 0.05 | 5 | {z.mean:.2f} [{z.low:.2f}, {z.high:.2f}] |" in accuracy
-    assert "| sam | 0.05 | 5 |" in accuracy and "| — | — | — | — |" in accuracy
     assert "| none | — | 1 | 80.00 | 79.00 |" in accuracy
     sharpness = sharpness_table(rows)
     assert "| zsharp | 0.220 [0.220, 0.220] | 0.150 [0.150, 0.150] |" in sharpness
     cells = list(csv.DictReader(io.StringIO(table_csv(rows))))
     assert [c["variant"] for c in cells] == ["none", "sam", "zsharp", "zsharp-random"]
     assert float(cells[2]["test_accuracy_mean"]) == pytest.approx(sum(ZSHARP) / 5)
-    assert cells[1]["test_accuracy_vs_sam_p"] == ""
+    (contrast,) = csv.DictReader(io.StringIO(contrasts_csv(contrasts(grid_records(), "mechanism"))))
+    assert contrast["family"] == "mechanism" and contrast["sharpness_pairs"] == "5"
+    assert float(contrast["test_accuracy_p"]) == pytest.approx(ttest_rel(ZSHARP, RANDOM).pvalue, rel=1e-9)
 
 
 def test_results_files_and_figures(tmp_path):
@@ -195,3 +248,71 @@ def test_generated_blocks_are_replaced_and_checked():
         report.update_blocks(text, {"a": "", "b": "", "c": ""})
     with pytest.raises(ValueError, match="without content.*'b'"):
         report.update_blocks(text, {"a": ""})
+
+
+def test_hessian_ends_are_shown_only_where_lanczos_converged():
+    runs = grid_records()
+    for run in runs:
+        if run["sharpness"] is not None:
+            run["sharpness"] |= {
+                "hessian_max_eig_converged": True,
+                "hessian_min_eig_converged": run["seed"] < 2,
+            }
+    zsharp_old = [r for r in runs if r["method"] == "zsharp"]
+    for run in zsharp_old:  # a record from before the flags: judged by its residual bound
+        del run["sharpness"]["hessian_max_eig_converged"], run["sharpness"]["hessian_min_eig_converged"]
+        run["sharpness"] |= {"hessian_max_eig_error": 0.0, "hessian_min_eig_error": 1.0}
+    rows = {row["variant"]: row for row in summarize(runs)}
+    assert rows["sam"]["hessian_min_eig"].n == 2 and rows["sam"]["hessian_max_eig"].n == 5
+    assert rows["zsharp"]["hessian_min_eig"] is None and rows["zsharp"]["hessian_max_eig"].n == 5
+    table = sharpness_table(list(rows.values()))
+    assert "(2/5) |" in table and "| withheld (0/5 converged) |" in table
+
+
+def test_the_worst_case_column_names_the_radius_the_records_were_measured_at():
+    runs = grid_records()
+    for run in runs:
+        if run["sharpness"] is not None:
+            run["sharpness"]["settings"] = {"rho": 0.1}
+    rows = summarize(runs)
+    assert "Worst-case increase (ρ=0.1)" in sharpness_table(rows)
+    runs[0]["sharpness"]["settings"] = {"rho": 0.05}
+    with pytest.raises(ValueError, match=r"different radii \[0.05, 0.1\]"):
+        sharpness_table(summarize(runs))
+
+
+def test_the_loss_matched_radius_interpolates_between_the_bracketing_control_radii():
+    runs = [record("zsharp", s, 0.9, increase=0.2) for s in (100, 101)]  # mean loss increase 1.5 x 0.2 = 0.3
+    runs += [
+        record("zsharp-random", 100, 0.9, variant=f"zsharp-random_rho{rho:g}", rho=rho, increase=increase)
+        for rho, increase in ((0.05, 0.08), (0.1, 0.16), (0.2, 0.24))
+    ]  # mean loss increases 0.12, 0.24, 0.36: 0.3 lies halfway between rho 0.1 and 0.2
+    assert calibrated_rho(runs, "zsharp", "zsharp-random") == (pytest.approx(0.3), pytest.approx(0.15))
+    table = calibration_table(runs, "zsharp", "zsharp-random", 0.15)
+    assert "| zsharp | 0.05 | 100, 101 |" in table and "| zsharp-random | 0.2 | 100 |" in table
+    assert (
+        "matches zsharp's mean loss increase 0.3000 at ρ = 0.1500" in table and "runs at ρ = 0.15." in table
+    )
+    with pytest.raises(ValueError, match="no two zsharp-random radii bracket"):
+        calibrated_rho(runs[:3], "zsharp", "zsharp-random")
+
+
+def test_rank_correlation_pools_the_runs_at_default_settings():
+    runs = grid_records() + [record("sam", 0, 0.9, variant="sam_rho0.1", rho=0.1, sharp=9.0)]  # not default
+    for run in runs:
+        if run["sharpness"] is not None:
+            run["sharpness"]["loss"] = 1.0 - run["sharpness"]["sharpness"] + 0.001 * run["seed"] ** 2
+    pooled = [r for r in runs if r["sharpness"] is not None and r["variant"] == r["method"]]
+    expected = spearmanr(
+        [r["sharpness"]["loss"] for r in pooled], [r["sharpness"]["sharpness"] for r in pooled]
+    )
+    r, p, n = rank_correlation(runs, "loss_at_w", "sharpness")
+    assert n == 15 and (r, p) == (pytest.approx(expected.statistic), pytest.approx(expected.pvalue))
+    assert rank_correlation(runs[:2], "loss_at_w", "sharpness") is None
+
+
+def test_the_loss_matched_preset_uses_the_radius_its_committed_calibration_gives():
+    calibration = finished_records(Path(__file__).resolve().parents[1] / "results" / "digits-calibration")
+    assert {r["seed"] for r in calibration} == {100}  # outside the reported seeds 0-9
+    _, rho = calibrated_rho(calibration, "zsharp", "zsharp-random")
+    assert METHODS[LOSS_MATCHED].rho == round(rho, 3)

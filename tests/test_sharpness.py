@@ -103,6 +103,46 @@ def test_sharpness_with_a_gradient_solves_the_trust_region_problem():
     assert exact * (1 - 1e-9) <= default <= exact * (1 + ROUNDING)
 
 
+def test_scale_invariant_sharpness_solves_the_trust_region_problem_in_scaled_coordinates():
+    offset = 0.01 * torch.cos(torch.arange(10, dtype=torch.float64))
+    model = Quadratic(offset=offset)
+    rho, eta = 0.05, 0.01
+    t = model.w.detach().abs() + eta  # e = T u, ||u|| <= rho: the problem in u has T A T and T g
+    exact = MEAN_SCALE * trust_region_max(t[:, None] * model.A * t, t * (model.A @ offset), rho)
+    value = adversarial_sharpness(
+        model, BATCHES, rho=rho, steps=60, loss_fn=quadratic_loss, scale_invariant=True, eta=eta
+    )
+    assert value == pytest.approx(exact, rel=ROUNDING)
+
+
+class TwoLayers(nn.Module):
+    """logits = W2 relu(W1 x), no biases: (c W1, W2 / c) is the same function for every c > 0."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(scale * torch.randn(6, 12, generator=gen, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(3, 6, generator=gen, dtype=torch.float64) / scale)
+
+    def forward(self, pixel_values, labels):
+        logits = torch.relu(pixel_values.flatten(1) @ self.w1.T) @ self.w2.T
+        return SimpleNamespace(loss=nn.functional.cross_entropy(logits, labels))
+
+
+def test_scale_invariant_sharpness_ignores_a_rescaling_that_leaves_the_function_unchanged():
+    batches = tiny_batches(dtype=torch.float64)
+    plain, adaptive = [
+        [
+            adversarial_sharpness(TwoLayers(c), batches, rho=0.05, steps=10, scale_invariant=si, eta=0.0)
+            for c in (1.0, 4.0)
+        ]
+        for si in (False, True)
+    ]
+    # Along the ascent the loss as a function of u is the same for both models: only rounding differs.
+    assert adaptive[0] == pytest.approx(adaptive[1], rel=1e-9) and adaptive[0] > 0
+    assert plain[0] != pytest.approx(plain[1], rel=0.01)  # the plain measure moves with the rescaling
+
+
 def test_ascent_is_monotone_from_sams_point():
     offset = 0.01 * torch.cos(torch.arange(10, dtype=torch.float64))
     model = Quadratic(offset=offset)
@@ -153,6 +193,36 @@ def test_lanczos_cut_short_stays_inside_the_spectrum_within_its_error_bounds():
     assert result["max_error"] > 1e-6  # 12 products on a dense spectrum of 200: not converged, and it says so
 
 
+def outlier_operator() -> torch.Tensor:
+    """Issue 18's diagonal operator: 2,000 dimensions, top eigenvalue 100, a bulk uniform in +-1e-3 and two
+    negative outliers, -0.5 and -0.2. A stop on residuals <= 1e-3 x 100 accepts a bulk Ritz value as lambda_min."""
+    diagonal = (
+        torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    ) * 1e-3
+    diagonal[:3] = torch.tensor([100.0, -0.5, -0.2], dtype=torch.float64)
+    return diagonal
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lanczos_keeps_iterating_until_lambda_min_converges_on_its_own_scale(seed):
+    diagonal = outlier_operator()
+    start = [torch.randn(2000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)]
+    result = lanczos_extremes(lambda v: [diagonal * v[0]], start, iters=200)
+    assert result["min_converged"] and result["max_converged"]
+    assert result["min_error"] <= 1e-3 * abs(result["min"])
+    # Within min_error of the Ritz value lies an eigenvalue; only -0.5 is that close (up to rounding).
+    assert result["min"] == pytest.approx(-0.5, abs=result["min_error"] + ROUNDING)
+    assert result["max"] == pytest.approx(100.0, abs=result["max_error"] + 100 * ROUNDING)
+
+
+def test_lanczos_cut_short_says_lambda_min_did_not_converge():
+    diagonal = outlier_operator()
+    start = [torch.randn(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+    result = lanczos_extremes(lambda v: [diagonal * v[0]], start, iters=3)
+    assert result["iterations"] == 3 and result["max_converged"]
+    assert not result["min_converged"] and result["min_error"] > 1e-3 * abs(result["min"])
+
+
 def test_hessian_extremes_of_a_quadratic_model():
     result = hessian_extremes(Quadratic(), BATCHES, iters=20, tol=0, loss_fn=quadratic_loss)
     # Hessian of the mean loss = 2 A (mean scale 2); A has nine distinct eigenvalues.
@@ -200,7 +270,7 @@ def test_real_model_is_left_exactly_as_found():
 
     assert set(result) == {
         "sharpness", "hessian_max_eig", "hessian_min_eig", "hessian_max_eig_error", "hessian_min_eig_error",
-        "lanczos_iterations", "loss",
+        "hessian_max_eig_converged", "hessian_min_eig_converged", "lanczos_iterations", "loss",
     }  # fmt: skip
     assert all(isinstance(v, (int, float)) and torch.isfinite(torch.tensor(v)) for v in result.values())
     assert result["sharpness"] > 0 and result["loss"] > 0

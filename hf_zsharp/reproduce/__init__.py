@@ -9,7 +9,8 @@ rewritten from all records under `output_dir`.
 Modules: `presets` (methods, grids, shared flags), `recipe` (the paper's Adam and LR schedule), `grid` (runs and
 the resolved plan), `runner` (one run: train, test, measure, record), `records` (record files and provenance),
 `stats` (intervals, paired tests, Holm), `tables`, `figures`, `report` (results files and RESULTS.md blocks),
-`cli` (the command line).
+`mask_overlap` (the Z-score vs magnitude mask overlap logged in training), `lock` (per-run locks), `args`
+(`ReproduceArguments`, the options) and `cli` (the command line).
 """
 
 from hf_zsharp.reproduce.cli import main

@@ -10,7 +10,7 @@ from typing import Any
 
 from hf_zsharp.reproduce.presets import METHODS
 from hf_zsharp.reproduce.records import write_atomic
-from hf_zsharp.reproduce.stats import METRICS, Interval
+from hf_zsharp.reproduce.stats import METRICS, Interval, probe_radius, summarize
 
 Row = Mapping[str, Any]
 
@@ -34,6 +34,11 @@ def _save(figure: Any, path: str | Path) -> Path:
     return path
 
 
+def _probe(rows: Sequence[Row]) -> str:
+    rho = probe_radius(rows)
+    return "‖e‖ ≤ n/a" if rho is None else f"‖e‖ ≤ {rho:g}"
+
+
 def _colour(method: str) -> str:
     names = list(METHODS)
     return f"C{names.index(method) % 10}" if method in names else "k"
@@ -50,6 +55,7 @@ def plot_methods(
 ) -> Path:
     """Per method at its default settings: test accuracy and worst-case sharpness (seeds as dots, mean with 95 %
     interval), and the mean validation accuracy per epoch."""
+    probe = _probe(rows)
     rows = [r for r in rows if r["default"]]
     if not rows:
         raise ValueError("No runs to plot.")
@@ -68,7 +74,7 @@ def plot_methods(
     labels = [r["method"] for r in rows]
     for axes, ylabel, what in (
         (accuracy, "test accuracy (%)", "final test accuracy"),
-        (sharpness, "max loss increase, ‖e‖ ≤ 0.05", "worst-case loss increase"),
+        (sharpness, f"max loss increase, {probe}", "worst-case loss increase"),
     ):
         axes.set_xticks(range(len(rows)), labels, rotation=35, ha="right")
         axes.set(title=f"{title}: {what}", ylabel=ylabel)
@@ -76,6 +82,32 @@ def plot_methods(
     curves.set(title=f"{title}: validation accuracy (seed mean)", xlabel="epoch", ylabel="accuracy (%)")
     curves.grid(alpha=0.3)
     curves.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_loss_at_w(records: Sequence[Mapping[str, Any]], title: str, path: str | Path) -> Path:
+    """Per run of a method at its default settings: worst-case loss increase against the loss at w on the same
+    images, so flatness can be read at matched training loss."""
+    runs = [r for r in records if r["variant"] == r["method"] and METRICS["loss_at_w"](r) is not None]
+    if not runs:
+        raise ValueError("No runs with a sharpness measurement to plot.")
+    figure, axes = _figure(7.5, 5, 1)
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        axes.scatter(
+            [METRICS["loss_at_w"](r) for r in group],
+            [METRICS["sharpness"](r) for r in group],
+            color=_colour(method),
+            label=method,
+            s=16,
+        )
+    axes.set(
+        title=f"{title}: sharpness against loss at w (one dot per run)",
+        xlabel="loss at w (the probe's training images)",
+        ylabel=f"worst-case loss increase, {_probe(summarize(runs))}",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
     return _save(figure, path)
 
 
@@ -95,6 +127,7 @@ def plot_sweep(rows: Sequence[Row], swept: Sequence[str], title: str, path: str 
     per swept method through its rho values, the other methods at their defaults as single points."""
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
+    probe = _probe(rows)
     points = [r for r in rows if r["perturbation_norm"] is not None]
     if not points:
         raise ValueError("No runs with an ascent to plot.")
@@ -125,6 +158,6 @@ def plot_sweep(rows: Sequence[Row], swept: Sequence[str], title: str, path: str 
         axes.set(xlabel="total perturbation norm ‖e‖ (mean over training)")
         axes.grid(alpha=0.3, which="both")
     accuracy.set(title=f"{title}: final test accuracy (mean, 95 % CI)", ylabel="test accuracy (%)")
-    sharpness.set(title=f"{title}: worst-case loss increase, ‖e‖ ≤ 0.05", ylabel="loss increase")
+    sharpness.set(title=f"{title}: worst-case loss increase, {probe}", ylabel="loss increase")
     accuracy.legend(fontsize="small")
     return _save(figure, path)

@@ -50,6 +50,20 @@ class RunSpec:
         )
 
 
+def without_output_dir(flags: Sequence[str]) -> list[str]:
+    """Training flags less `--output_dir DIR` (or `--output_dir=DIR`): what a run is, wherever its folder lies."""
+    kept: list[str] = []
+    skip = False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "--output_dir":
+            skip = True
+        elif not flag.startswith("--output_dir="):
+            kept.append(flag)
+    return kept
+
+
 def short_name(name: str) -> str:
     """The last component of a Hub id or local path: `uoft-cs/cifar10` -> `cifar10`."""
     return Path(name.rstrip("/\\")).name or name

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +42,74 @@ def write_record(folder: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def load_record(folder: Path) -> dict[str, Any] | None:
-    """The finished run's record, or None when the run has not finished (no or unreadable record)."""
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> bool:
+    """{name: number, bool or null}: a history row, or the sharpness columns (their settings aside)."""
+    return isinstance(value, dict) and all(
+        _number(v) or v is None or isinstance(v, bool) for k, v in value.items() if k != "settings"
+    )
+
+
+# What the tables read from a record: dotted field -> (check, what it must be).
+FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{key: (lambda v: isinstance(v, str), "a string") for key in ("dataset", "model", "method", "variant")},
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    **{
+        f"metrics.{key}": (_number, "a number")
+        for key in ("test_accuracy", "test_accuracy_at_best_val", "val_accuracy")
+    },
+    "history": (
+        lambda v: isinstance(v, list) and all(_numbers(row) for row in v),
+        "a list of {name: number}",
+    ),
+    "sharpness": (lambda v: v is None or _numbers(v), "null or {name: number}"),
+    "timing.wall_time_s": (_number, "a number"),
+    "timing.train_samples_per_second": (_number, "a number"),
+    "code.source_sha256": (lambda v: isinstance(v, str), "a string"),
+    "environment.device": (lambda v: isinstance(v, str), "a string"),
+}
+_MISSING = object()
+
+
+def _field(record: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(record, dict) or key not in record:
+            return _MISSING
+        record = record[key]
+    return record
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A record file's content, checked for the fields the tables read; ValueError naming the file otherwise."""
     try:
-        return json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable run record ({error})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: a run record is a JSON object, found a {type(record).__name__}")
+    for name, (check, what) in FIELDS.items():
+        value = _field(record, name)
+        if value is _MISSING or not check(value):
+            found = "nothing" if value is _MISSING else repr(value)[:60]
+            raise ValueError(f"{path}: field {name} must be {what}, found {found}")
+    return record
+
+
+def load_record(folder: Path) -> dict[str, Any] | None:
+    """The finished run's record, or None when the run has not finished (no record); a record that cannot be
+    read or lacks what the tables need raises ValueError naming the file."""
+    path = folder / RECORD
+    if not path.exists():
         return None
+    return read_record(path)
 
 
 def finished_records(root: str | Path) -> list[dict[str, Any]]:
-    """Every readable record under `root`, at any depth, in path order."""
-    records = []
-    for path in sorted(Path(root).rglob(RECORD)):
-        record = load_record(path.parent)
-        if record is not None:
-            records.append(record)
-    return records
+    """Every record under `root`, at any depth, in path order; a bad one raises ValueError naming it."""
+    return [read_record(path) for path in sorted(Path(root).rglob(RECORD))]
 
 
 def environment(threads: int) -> dict[str, str]:

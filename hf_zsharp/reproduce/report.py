@@ -15,8 +15,9 @@ from typing import Any
 from hf_zsharp.reproduce import figures, tables
 from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.grid import short_name
+from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
 from hf_zsharp.reproduce.records import finished_records, write_atomic
-from hf_zsharp.reproduce.stats import contrasts, summarize
+from hf_zsharp.reproduce.stats import contrasts, rank_correlation, summarize, sweeps
 
 Record = Mapping[str, Any]
 
@@ -27,14 +28,6 @@ def by_dataset_model(records: Sequence[Record]) -> dict[tuple[str, str], list[Re
     for record in records:
         groups.setdefault((short_name(record["dataset"]), short_name(record["model"])), []).append(record)
     return groups
-
-
-def swept_methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Methods that ran with more than one (rho, percentile) variant."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["method"]] = counts.get(row["method"], 0) + 1
-    return [method for method, count in counts.items() if count > 1]
 
 
 def provenance(records: Sequence[Record]) -> str:
@@ -81,29 +74,55 @@ def sections(
         "provenance": provenance(records),
         "accuracy": tables.accuracy_table(rows),
         "sharpness": tables.sharpness_table(rows),
-        "contrasts": tables.contrast_table(contrasts(records)),
+        "paper-claim": tables.contrast_table(contrasts(records, "paper")),
+        "mechanism": tables.contrast_table(contrasts(records, "mechanism")),
         "cost": tables.cost_table(rows),
     }
     if any(row["default"] for row in rows):
         methods_png = figures.plot_methods(rows, records, title, figure_dir / f"{figure_prefix}methods.png")
         blocks["figure-methods"] = f"![{title}: methods]({link_dir}{methods_png.name})\n"
-    swept = swept_methods(rows)
-    if swept:
-        sweep_png = figures.plot_sweep(rows, swept, title, figure_dir / f"{figure_prefix}sweep.png")
-        blocks["sweep"] = tables.sweep_table(rows, swept)
-        blocks["figure-sweep"] = f"![{title}: ρ sweep]({link_dir}{sweep_png.name})\n"
+    if any(row["sharpness"] and row["loss_at_w"] for row in rows):
+        loss_png = figures.plot_loss_at_w(records, title, figure_dir / f"{figure_prefix}loss-at-w.png")
+        blocks["figure-loss-at-w"] = f"![{title}: sharpness against loss at w]({link_dir}{loss_png.name})\n"
+        correlation = rank_correlation(records, "loss_at_w", "sharpness")
+        if correlation is not None:
+            r, p, n = correlation
+            blocks["figure-loss-at-w"] += (
+                f"\nSpearman's rank correlation of loss at w and worst-case increase over the {n} runs at default "
+                f"settings (all methods pooled): {r:+.2f} (p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}).\n"
+            )
+    for axis, swept in sweeps(records).items():
+        sweep_rows = summarize(swept)
+        blocks[f"sweep-{axis}"] = tables.sweep_table(sweep_rows, axis)
+        if axis == "rho":
+            methods = list(dict.fromkeys(r["method"] for r in sweep_rows))
+            sweep_png = figures.plot_sweep(
+                sweep_rows, methods, title, figure_dir / f"{figure_prefix}sweep.png"
+            )
+            blocks["figure-sweep"] = f"![{title}: ρ sweep]({link_dir}{sweep_png.name})\n"
     return blocks
 
 
 def document_blocks(
-    records_dir: Path, figure_dir: Path, figure_prefix: str, link_dir: str = "results/"
+    records_dir: Path,
+    figure_dir: Path,
+    figure_prefix: str,
+    link_dir: str = "results/",
+    calibration_dir: Path | None = None,
 ) -> dict[str, str]:
     """Every generated block of RESULTS.md: the sections of the records under `records_dir` (one dataset and
-    model; figures drawn into `figure_dir`, linked from `link_dir`) and the cost of the paper presets."""
+    model; figures drawn into `figure_dir`, linked from `link_dir`), the calibration of the loss-matched control
+    from the records under `calibration_dir` (if it exists), and the cost of the paper presets."""
     records = finished_records(records_dir)
     if not records:
         raise ValueError(f"No records under {records_dir}.")
-    return {**sections(records, figure_dir, figure_prefix, link_dir), "preset-cost": preset_cost_table()}
+    blocks = {**sections(records, figure_dir, figure_prefix, link_dir), "preset-cost": preset_cost_table()}
+    if calibration_dir is not None and calibration_dir.exists():
+        matched = METHODS.get(LOSS_MATCHED)
+        blocks["calibration"] = tables.calibration_table(
+            finished_records(calibration_dir), "zsharp", "zsharp-random", matched and matched.rho
+        )
+    return blocks
 
 
 def write_results(output_dir: str | Path, command: str | None = None) -> dict[str, Path]:
@@ -118,16 +137,19 @@ def write_results(output_dir: str | Path, command: str | None = None) -> dict[st
         text += [f"Last command: `{command}`", ""]
     text += [
         "Test accuracy at the end of training and at the epoch of best validation accuracy (validation: held out of "
-        "the training split); mean [95 % t-interval] over seeds. Δ vs SAM: mean paired difference over the seeds "
-        "both ran [95 % t-interval], p: paired t-test, p (Holm): corrected across the methods compared to SAM, "
-        "d_z: mean difference / std of the differences.",
+        "the training split); mean [95 % t-interval] over seeds. Contrasts: mean paired difference over the seeds "
+        "both ran [95 % t-interval], paired t-test and TOST p-values Holm-corrected within their declared family "
+        "(the paper's claim; the mechanism), per metric.",
         "",
     ]
     for (dataset, model), group in by_dataset_model(records).items():
         prefix = f"{dataset}-{model}-"
         blocks = sections(group, output_dir, prefix)
         text += [f"## {dataset} / {model}", "", blocks["provenance"], blocks["accuracy"], blocks["sharpness"]]
-        keys = ("contrasts", "sweep", "cost", "figure-methods", "figure-sweep")
+        keys = (
+            "paper-claim", "mechanism", "sweep-rho", "sweep-percentile", "cost",
+            "figure-methods", "figure-loss-at-w", "figure-sweep",
+        )  # fmt: skip
         text += [blocks[k] for k in keys if k in blocks]
     write_atomic(paths["markdown"], "\n".join(text))
     return paths

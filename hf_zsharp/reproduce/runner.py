@@ -25,15 +25,18 @@ from hf_zsharp.args import model_kind, parse_train_args
 from hf_zsharp.data import load_image_dataset
 from hf_zsharp.image_data import CachedImages, paper_image_data, processor_image_data
 from hf_zsharp.reproduce.grid import Plan, RunSpec
+from hf_zsharp.reproduce.mask_overlap import LOG_KEY as MASK_JACCARD
+from hf_zsharp.reproduce.mask_overlap import MaskOverlap
 from hf_zsharp.reproduce.presets import METHODS, SharpnessSettings
 from hf_zsharp.reproduce.recipe import paper_trainer_hooks
 from hf_zsharp.reproduce.records import RECORD_FORMAT, code_version, environment
 from hf_zsharp.run import TrainingRun, run_training
+from hf_zsharp.two_pass import LOGGED_STATISTICS
 
 # Per-epoch keys kept in a record's history (the Trainer's epoch logs, training and validation).
 HISTORY_KEYS = (
     "epoch", "loss", "grad_norm", "learning_rate",
-    "sam_perturbation_norm", "sam_kept_fraction", "sam_loss_increase", "sam_skipped_steps",
+    *LOGGED_STATISTICS, MASK_JACCARD,
     "eval_loss", "eval_accuracy",
 )  # fmt: skip
 
@@ -124,6 +127,7 @@ def measure(training: TrainingRun, train: TorchDataset, settings: SharpnessSetti
         rho=settings.rho,
         ascent_steps=settings.ascent_steps,
         lanczos_iters=settings.lanczos_iters,
+        scale_invariant_rho=settings.scale_invariant_rho,
     )
     images = sum(len(b["labels"]) for b in batches)
     return {**result, "images": images, "settings": asdict(settings), "seconds": time.perf_counter() - start}
@@ -161,7 +165,8 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     hooks = paper_trainer_hooks(training_args) if plan.preset.paper_recipe else {}
     best = BestValidation()
     matched = MatchedRadius() if METHODS[spec.method].matched else None
-    callbacks = [*hooks.pop("callbacks", []), best, *([matched] if matched else [])]
+    overlap = [MaskOverlap()] if METHODS[spec.method].filtered else []  # acts on Z-score masks only
+    callbacks = [*hooks.pop("callbacks", []), best, *([matched] if matched else []), *overlap]
     start = time.perf_counter()
     training = run_training(model_args, data_args, training_args, callbacks=callbacks, **hooks)
     wall_time = time.perf_counter() - start

@@ -1,9 +1,10 @@
-"""Statistics over runs: means with 95 % t-intervals, paired differences to SAM (t-interval, paired t-test, Cohen's
-d_z), Holm's correction across the methods compared to SAM, and the validation-chosen variant of a sweep."""
+"""Statistics over runs: means with 95 % t-intervals; paired comparisons (t-interval, paired t-test, Cohen's d_z and
+an equivalence test, TOST, against margins declared here), Holm-corrected within two declared families; and
+sweeps compared on the seeds all their cells ran, with the variant validation picks. The t-intervals and tests are
+scipy.stats'."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Any
 from scipy import stats as scipy_stats
 
 from hf_zsharp.reproduce.grid import short_name
-from hf_zsharp.reproduce.presets import BASELINE, METHODS
+from hf_zsharp.reproduce.presets import DEFAULT_PERCENTILE, METHODS
+from hf_zsharp.sharpness import LANCZOS_TOL
 
 CONFIDENCE = 0.95
 Record = Mapping[str, Any]
@@ -32,28 +34,64 @@ def _sharpness(key: str) -> Callable[[Record], float | None]:
     return lambda record: (record.get("sharpness") or {}).get(key)
 
 
+def _converged_eig(key: str) -> Callable[[Record], float | None]:
+    """A Hessian end only where Lanczos converged on it (None otherwise). Records written before the
+    `*_converged` flags existed are judged by the same test on the residual bound they hold."""
+
+    def read(record: Record) -> float | None:
+        measured = record.get("sharpness") or {}
+        value, error = measured.get(key), measured.get(f"{key}_error")
+        if value is None:
+            return None
+        converged = measured.get(f"{key}_converged")
+        if converged is None:
+            converged = error is not None and error <= LANCZOS_TOL * abs(value)
+        return value if converged else None
+
+    return read
+
+
 # What a row summarises, read from each record (None: not measured in that run).
 METRICS: dict[str, Callable[[Record], float | None]] = {
     "test_accuracy": lambda r: r["metrics"]["test_accuracy"],
     "test_accuracy_at_best_val": lambda r: r["metrics"]["test_accuracy_at_best_val"],
     "val_accuracy": lambda r: r["metrics"]["val_accuracy"],
     "sharpness": _sharpness("sharpness"),
-    "hessian_max_eig": _sharpness("hessian_max_eig"),
-    "hessian_min_eig": _sharpness("hessian_min_eig"),
+    "scale_invariant_sharpness": _sharpness("scale_invariant_sharpness"),
+    "loss_at_w": _sharpness("loss"),  # the mean loss at the trained weights on the sharpness probe's images
+    "hessian_max_eig": _converged_eig("hessian_max_eig"),
+    "hessian_min_eig": _converged_eig("hessian_min_eig"),
     "loss_increase": _history_mean("sam_loss_increase"),
     "perturbation_norm": _history_mean("sam_perturbation_norm"),
+    "mask_jaccard": _history_mean("sam_mask_jaccard"),  # Z-score vs magnitude mask overlap (mask_overlap)
     "wall_time_s": lambda r: r["timing"]["wall_time_s"],
     "train_samples_per_second": lambda r: r["timing"]["train_samples_per_second"],
 }
-COMPARED = ("test_accuracy", "sharpness")  # the metrics compared to SAM, each with its own Holm family
-# What ZSharp's effect comes from: ZSharp against each control, one change at a time.
-ZSHARP_CONTRASTS = (
-    ("zsharp", "sam-matched"),  # the mask and per-tensor split vs SAM at the same total norm
-    ("zsharp", "sam-layerwise"),  # the mask alone, at the same per-tensor radii
-    ("zsharp", "zsharp-global"),  # the per-tensor radius (total rho sqrt(L)) vs one global radius rho
-    ("zsharp", "zsharp-magnitude"),  # Z-score vs plain |g| selection
-    ("zsharp", "zsharp-random"),  # Z-score vs random selection
-)
+# The compared metrics, each a Holm family of its own within each family of contrasts below.
+COMPARED = ("test_accuracy", "sharpness", "loss_at_w")
+# Equivalence margins, declared before any equivalence test was computed (issue 18): a paired difference whose 90 %
+# t-interval lies inside +-margin (both one-sided tests at 5 %, TOST) counts as equivalent. Test accuracy: +-1 pp.
+# Worst-case loss increase (the `sharpness` probe, in the loss's unit, nats): +-0.05, a judgement that a change
+# of 0.05 in the loss increase within the probe's ball is negligible here. No margin for the loss at w: it is
+# reported, not claimed equivalent.
+MARGINS = {"test_accuracy": 0.01, "sharpness": 0.05}
+# The two declared families of contrasts, a - b; Holm's correction runs within a family, per metric.
+FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
+    # The paper's claim: ZSharp against the base optimizer and the paper's baselines.
+    "paper": (("zsharp", "none"), ("zsharp", "sam"), ("zsharp", "asam"), ("zsharp", "fsam")),
+    # The mechanism: ZSharp against each control, one change at a time.
+    "mechanism": (
+        ("zsharp", "sam-matched"),  # the mask and per-tensor split vs SAM at the same total norm
+        ("zsharp", "sam-layerwise"),  # the mask alone, at the same per-tensor radii
+        ("zsharp", "zsharp-global"),  # the per-tensor radius (total rho sqrt(L)) vs one global radius rho
+        ("zsharp", "zsharp-magnitude"),  # Z-score vs plain |g| selection
+        ("zsharp", "zsharp-random"),  # Z-score vs random selection at the same radius
+        (
+            "zsharp",
+            "zsharp-random-loss-matched",
+        ),  # Z-score vs random selection pushing as hard (loss increase)
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +106,7 @@ class Interval:
 
 
 def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean, t-interval (mean ± t_{n-1} s / sqrt(n)) and sample standard deviation of `values`."""
+    """Mean, t-interval (scipy.stats.t: mean +- t_{n-1} s / sqrt(n)) and sample standard deviation of `values`."""
     if not values:
         raise ValueError("mean_ci needs at least one value")
     n = len(values)
@@ -76,22 +114,30 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval
     if n < 2:
         return Interval(mean, None, None, None, n)
     std = statistics.stdev(values)
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, std, n)
+    if std == 0:
+        return Interval(mean, mean, mean, std, n)
+    low, high = scipy_stats.t.interval(confidence, n - 1, loc=mean, scale=std / n**0.5)
+    return Interval(mean, float(low), float(high), std, n)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """A paired comparison over seeds: the difference's mean and t-interval, the paired t-test, Cohen's d_z."""
+    """A paired comparison over seeds: the difference's mean and t-interval, the paired t-test, Cohen's d_z, and
+    the TOST p-value against the metric's equivalence margin (None without a margin)."""
 
     difference: Interval
     p: float | None  # two-sided paired t-test; None below two pairs or when all differences are equal
     d_z: float | None  # mean difference / standard deviation of the differences
+    p_tost: float | None = None  # the larger of the two one-sided p-values against -margin and +margin
     p_holm: float | None = None
+    p_tost_holm: float | None = None
 
 
-def paired(values: Mapping[int, float], baseline: Mapping[int, float]) -> Comparison | None:
-    """`values` minus `baseline` over the seeds both have (None without a common seed)."""
+def paired(
+    values: Mapping[int, float], baseline: Mapping[int, float], margin: float | None = None
+) -> Comparison | None:
+    """`values` minus `baseline` over the seeds both have (None without a common seed): scipy's paired t-test, and
+    with a `margin` its TOST (equivalent at level a when p_tost < a)."""
     seeds = sorted(set(values) & set(baseline))
     if not seeds:
         return None
@@ -100,8 +146,13 @@ def paired(values: Mapping[int, float], baseline: Mapping[int, float]) -> Compar
     # With all differences equal (up to rounding) the t statistic and d_z are undefined.
     if len(seeds) < 2 or statistics.pstdev(differences) <= 1e-12 * max(1.0, abs(interval.mean)):
         return Comparison(interval, None, None)
-    p = float(scipy_stats.ttest_1samp(differences, 0.0).pvalue)
-    return Comparison(interval, p, interval.mean / interval.std)
+    p = float(scipy_stats.ttest_rel([values[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
+    p_tost = None
+    if margin is not None:
+        above = scipy_stats.ttest_1samp(differences, -margin, alternative="greater").pvalue
+        below = scipy_stats.ttest_1samp(differences, margin, alternative="less").pvalue
+        p_tost = float(max(above, below))
+    return Comparison(interval, p, interval.mean / interval.std, p_tost)
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
@@ -138,11 +189,10 @@ def group_runs(records: Sequence[Record]) -> dict[tuple[str, str, str], list[Rec
 
 
 def summarize(records: Sequence[Record]) -> list[dict[str, Any]]:
-    """One row per (dataset, model, variant): seeds, an `Interval` per metric (None where unmeasured), and for
-    each default-setting method the `Comparison` to SAM of each compared metric, Holm-corrected per family."""
-    groups = group_runs(records)
+    """One row per (dataset, model, variant): its settings, seeds, and an `Interval` per metric (None where
+    unmeasured)."""
     rows = []
-    for (dataset, model, variant), group in groups.items():
+    for (dataset, model, variant), group in group_runs(records).items():
         first = group[0]
         row: dict[str, Any] = {
             "dataset": short_name(dataset),
@@ -154,19 +204,21 @@ def summarize(records: Sequence[Record]) -> list[dict[str, Any]]:
             "sam_rho": first.get("sam_rho"),
             "percentile": first.get("percentile"),
             "seeds": len(group),
+            "seed_list": [r["seed"] for r in group],
+            "probe": {  # the sharpness settings' radii the group was measured with
+                key: sorted({r["sharpness"]["settings"][key] for r in group if key in _settings(r)})
+                for key in ("rho", "scale_invariant_rho")
+            },
         }
         for name, read in METRICS.items():
             values = [v for v in (read(r) for r in group) if v is not None]
             row[name] = mean_ci(values) if values else None
-        baseline = groups.get((dataset, model, BASELINE), [])
-        for name in COMPARED:
-            comparison = None
-            if row["default"] and variant != BASELINE:
-                comparison = paired(_by_seed(group, name), _by_seed(baseline, name))
-            row[f"{name}_vs_sam"] = comparison
         rows.append(row)
-    _correct(rows)
     return rows
+
+
+def _settings(record: Record) -> Mapping[str, Any]:
+    return (record.get("sharpness") or {}).get("settings") or {}
 
 
 def _by_seed(group: Sequence[Record], metric: str) -> dict[int, float]:
@@ -174,34 +226,96 @@ def _by_seed(group: Sequence[Record], metric: str) -> dict[int, float]:
     return {r["seed"]: v for r in group if (v := read(r)) is not None}
 
 
-def _correct(rows: list[dict[str, Any]]) -> None:
-    """Holm-adjust each compared metric's p-values within each (dataset, model)."""
-    for name in COMPARED:
-        key = f"{name}_vs_sam"
-        families: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for row in rows:
-            if row[key] is not None:
-                families.setdefault((row["dataset"], row["model"]), []).append(row)
-        for family in families.values():
-            adjusted = holm([row[key].p for row in family])
-            for row, p_holm in zip(family, adjusted):
-                c = row[key]
-                row[key] = Comparison(c.difference, c.p, c.d_z, p_holm)
-
-
-def contrasts(
-    records: Sequence[Record], pairs: Sequence[tuple[str, str]] = ZSHARP_CONTRASTS
-) -> list[dict[str, Any]]:
-    """Paired comparisons of default-setting variants of one dataset and model, `a - b` for each (a, b) present,
-    per compared metric, Holm-corrected across the pairs."""
+def contrasts(records: Sequence[Record], family: str) -> list[dict[str, Any]]:
+    """The declared family's paired comparisons `a - b` (default settings, one dataset and model) for each pair
+    that ran, per compared metric: Holm-corrected within the family and metric, p-values and TOST p-values alike."""
     groups = {variant: group for (_, _, variant), group in group_runs(records).items()}
-    rows = [{"a": a, "b": b} for a, b in pairs if a in groups and b in groups]
+    rows = [{"family": family, "a": a, "b": b} for a, b in FAMILIES[family] if a in groups and b in groups]
     for name in COMPARED:
-        comparisons = [paired(_by_seed(groups[r["a"]], name), _by_seed(groups[r["b"]], name)) for r in rows]
+        margin = MARGINS.get(name)
+        comparisons = [
+            paired(_by_seed(groups[r["a"]], name), _by_seed(groups[r["b"]], name), margin) for r in rows
+        ]
         adjusted = holm([c.p if c else None for c in comparisons])
-        for row, c, p_holm in zip(rows, comparisons, adjusted):
-            row[name] = c and Comparison(c.difference, c.p, c.d_z, p_holm)
+        adjusted_tost = holm([c.p_tost if c else None for c in comparisons])
+        for row, c, p_holm, p_tost_holm in zip(rows, comparisons, adjusted, adjusted_tost):
+            row[name] = c and Comparison(c.difference, c.p, c.d_z, c.p_tost, p_holm, p_tost_holm)
     return rows
+
+
+def _at_default_rho(record: Record) -> bool:
+    return record.get("rho") == METHODS[record["method"]].rho if record["method"] in METHODS else True
+
+
+def _at_default_percentile(record: Record) -> bool:
+    return record.get("percentile") in (None, DEFAULT_PERCENTILE)
+
+
+SWEEP_AXES = {
+    "rho": _at_default_percentile,
+    "percentile": _at_default_rho,
+}  # axis -> the other one at default
+
+
+def sweeps(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """The sweeps the records hold, by axis: the runs of every method with more than one value on that axis (the
+    other axis at its default), restricted to the seeds that every cell of the sweep ran, so that cells and picks
+    compare the same seeds."""
+    found = {}
+    for axis, other_at_default in SWEEP_AXES.items():
+        cells: dict[str, dict[Any, set[int]]] = {}
+        for r in records:
+            if other_at_default(r):
+                cells.setdefault(r["method"], {}).setdefault(r.get(axis), set()).add(r["seed"])
+        swept = {method: values for method, values in cells.items() if len(values) > 1}
+        if not swept:
+            continue
+        seeds = set.intersection(*(s for values in swept.values() for s in values.values()))
+        found[axis] = [
+            r for r in records if r["method"] in swept and other_at_default(r) and r["seed"] in seeds
+        ]
+    return found
+
+
+def probe_radius(rows: Sequence[Mapping[str, Any]], setting: str = "rho") -> float | None:
+    """The radius of a worst-case probe (`rho`, or `scale_invariant_rho`) that the rows' records were measured
+    with (their sharpness settings); None if none was. Runs measured at different radii cannot share a column:
+    ValueError."""
+    radii = {rho for row in rows for rho in row["probe"][setting]}
+    if len(radii) > 1:
+        raise ValueError(f"the records measured sharpness at different radii {sorted(radii)}: not comparable")
+    return radii.pop() if radii else None
+
+
+def rank_correlation(records: Sequence[Record], x: str, y: str) -> tuple[float, float, int] | None:
+    """Spearman's rank correlation of two metrics over the runs at default settings that hold both (scipy.stats):
+    (r, two-sided p, runs); None below three runs."""
+    pairs = [
+        (METRICS[x](r), METRICS[y](r))
+        for r in records
+        if r["variant"] == r["method"] and METRICS[x](r) is not None and METRICS[y](r) is not None
+    ]
+    if len(pairs) < 3:
+        return None
+    result = scipy_stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+    return float(result.statistic), float(result.pvalue), len(pairs)
+
+
+def calibrated_rho(records: Sequence[Record], target: str, control: str) -> tuple[float, float]:
+    """The radius at which `control` pushes as hard as `target`: its mean in-training loss increase
+    L(w+e) - L(w), interpolated linearly in rho between the two control radii that bracket the target's mean.
+    Returns (the target's mean loss increase, the radius). ValueError if no two radii bracket it."""
+    read = METRICS["loss_increase"]
+    aim = statistics.fmean(read(r) for r in records if r["variant"] == target)
+    by_rho: dict[float, list[float]] = {}
+    for r in records:
+        if r["method"] == control:
+            by_rho.setdefault(r["rho"], []).append(read(r))
+    points = sorted((rho, statistics.fmean(values)) for rho, values in by_rho.items())
+    for (rho_a, a), (rho_b, b) in zip(points, points[1:]):
+        if min(a, b) <= aim <= max(a, b) and a != b:
+            return aim, rho_a + (aim - a) * (rho_b - rho_a) / (b - a)
+    raise ValueError(f"no two {control} radii bracket {target}'s loss increase {aim:.4f}: {points}")
 
 
 def chosen_by_validation(rows: Sequence[Mapping[str, Any]], method: str) -> Mapping[str, Any] | None:

@@ -1,13 +1,24 @@
-"""Markdown tables (of one dataset and model each) and a CSV of the rows that `stats.summarize` makes."""
+"""Markdown tables (of one dataset and model each) and CSVs of the rows that `stats.summarize` and
+`stats.contrasts` make."""
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hf_zsharp.reproduce.stats import METRICS, Comparison, Interval, chosen_by_validation
+from hf_zsharp.reproduce.stats import (
+    COMPARED,
+    MARGINS,
+    METRICS,
+    Comparison,
+    Interval,
+    calibrated_rho,
+    chosen_by_validation,
+    probe_radius,
+    summarize,
+)
 
 Row = Mapping[str, Any]
 
@@ -28,15 +39,30 @@ def _p(value: float | None) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def _comparison(row: Row, key: str, scale: float, fmt: str) -> list[str]:
-    """Δ [CI], p, Holm p, d_z of a row's comparison to SAM ("—" for SAM itself, n/a without one)."""
-    c: Comparison | None = row[key]
-    if row["variant"] == "sam":
-        return ["—"] * 4
-    if c is None:
-        return ["n/a"] * 4
-    d_z = "n/a" if c.d_z is None else f"{c.d_z:+.2f}"
-    return [_interval(c.difference, scale, "+" + fmt), _p(c.p), _p(c.p_holm), d_z]
+def _eigenvalue(row: Row, name: str, fmt: str) -> str:
+    """A Hessian end over the runs where Lanczos converged on it, with `(converged/measured)`; withheld if none."""
+    measured = row["sharpness"].n if row["sharpness"] is not None else 0
+    value: Interval | None = row[name]
+    if not measured:
+        return "n/a"
+    if value is None:
+        return f"withheld (0/{measured} converged)"
+    return f"{_interval(value, fmt=fmt)} ({value.n}/{measured})"
+
+
+def _measured(row: Row, name: str, fmt: str = ".3f") -> str:
+    """A measure that only some runs of the row hold (added later): its interval with `(runs/seeds)`."""
+    value: Interval | None = row[name]
+    if value is None:
+        return "not measured"
+    return _interval(value, fmt=fmt) + ("" if value.n == row["seeds"] else f" ({value.n}/{row['seeds']})")
+
+
+def _worst_case(rows: Sequence[Row], setting: str = "rho") -> str:
+    """A worst-case column's title, with the probe's radius from the records' sharpness settings."""
+    rho = probe_radius(rows, setting)
+    kind = "Scale-invariant worst case" if setting == "scale_invariant_rho" else "Worst-case increase"
+    return f"{kind} (ρ={'n/a' if rho is None else format(rho, 'g')})"
 
 
 def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -52,11 +78,8 @@ def _rho(row: Row) -> str:
 
 
 def accuracy_table(rows: Sequence[Row]) -> str:
-    """Test accuracy per method at its default settings: final epoch and best-validation epoch, and vs SAM."""
-    header = [
-        "Method", "ρ used", "Seeds", "Test acc., final (%)", "Test acc. at best val. epoch (%)",
-        "Δ final vs SAM (pp)", "p", "p (Holm)", "d_z",
-    ]  # fmt: skip
+    """Test accuracy per method at its default settings: at the final epoch and at the best validation epoch."""
+    header = ["Method", "ρ used", "Seeds", "Test acc., final (%)", "Test acc. at best val. epoch (%)"]
     lines = [
         [
             row["method"],
@@ -64,8 +87,7 @@ def accuracy_table(rows: Sequence[Row]) -> str:
             str(row["seeds"]),
             _interval(row["test_accuracy"], 100),
             _interval(row["test_accuracy_at_best_val"], 100),
-            *_comparison(row, "test_accuracy_vs_sam", 100, ".2f"),
-        ]  # fmt: skip
+        ]
         for row in rows
         if row["default"]
     ]
@@ -73,82 +95,119 @@ def accuracy_table(rows: Sequence[Row]) -> str:
 
 
 def sharpness_table(rows: Sequence[Row]) -> str:
-    """How hard each method's ascent pushed in training, and how sharp its trained model is, vs SAM."""
+    """How hard each method's ascent pushed in training, and how sharp its trained model is, beside its loss at w."""
     header = [
-        "Method", "‖e‖ in training", "L(w+e) − L(w) in training", "Worst-case increase (ρ=0.05)",
-        "Δ vs SAM", "p (Holm)", "d_z", "Hessian λmax", "Hessian λmin",
+        "Method", "‖e‖ in training", "L(w+e) − L(w) in training", "Loss at w", _worst_case(rows),
+        _worst_case(rows, "scale_invariant_rho"), "Hessian λmax", "Hessian λmin",
     ]  # fmt: skip
-    lines = []
-    for row in rows:
-        if not row["default"]:
-            continue
-        delta, _, p_holm, d_z = _comparison(row, "sharpness_vs_sam", 1, ".3f")
-        lines.append(
-            [
-                row["method"],
-                _interval(row["perturbation_norm"], fmt=".3f"),
-                _interval(row["loss_increase"], fmt=".3f"),
-                _interval(row["sharpness"], fmt=".3f"),
-                delta,
-                p_holm,
-                d_z,
-                _interval(row["hessian_max_eig"], fmt=".0f"),
-                _interval(row["hessian_min_eig"], fmt=".2f"),
-            ]  # fmt: skip
-        )
+    lines = [
+        [
+            row["method"],
+            _interval(row["perturbation_norm"], fmt=".3f"),
+            _interval(row["loss_increase"], fmt=".3f"),
+            _interval(row["loss_at_w"], fmt=".3f"),
+            _interval(row["sharpness"], fmt=".3f"),
+            _measured(row, "scale_invariant_sharpness"),
+            _eigenvalue(row, "hessian_max_eig", ".0f"),
+            _eigenvalue(row, "hessian_min_eig", ".2f"),
+        ]
+        for row in rows
+        if row["default"]
+    ]
     return _markdown(header, lines)
 
 
-def sweep_table(rows: Sequence[Row], methods: Sequence[str]) -> str:
-    """Every variant of the swept methods: ρ, total norm, validation and test accuracy, sharpness; the variant
-    validation picks is marked (test accuracy plays no part in the pick)."""
+def _seed_range(seeds: Sequence[int]) -> str:
+    seeds = sorted(seeds)
+    if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def sweep_table(rows: Sequence[Row], axis: str) -> str:
+    """Every cell of a sweep (rows of `stats.sweeps`, one seed set): settings, ascent, validation and test accuracy,
+    sharpness beside the loss at w; the cell validation picks per method is marked (test accuracy plays no part)."""
+    seeds = sorted({s for row in rows for s in row["seed_list"]})
     header = [
-        "Method", "ρ", "Percentile", "Seeds", "‖e‖ in training", "Val. acc. (%)", "Test acc., final (%)",
-        "Worst-case increase (ρ=0.05)", "Hessian λmax",
+        "Method", "ρ", "Percentile", "Seeds", "‖e‖ in training", "L(w+e) − L(w) in training",
+        "Jaccard(Z-score mask, magnitude mask)", "Val. acc. (%)", "Test acc., final (%)", "Loss at w",
+        _worst_case(rows), "Hessian λmax",
     ]  # fmt: skip
     lines = []
-    for method in methods:
-        variants = [r for r in rows if r["method"] == method]
-        chosen = chosen_by_validation(variants, method)
-        for row in sorted(variants, key=lambda r: (r["rho"] or 0.0, r["percentile"] or 0.0)):
-            mark = " (chosen by val.)" if row is chosen and len(variants) > 1 else ""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = [r for r in rows if r["method"] == method]
+        chosen = chosen_by_validation(cells, method)
+        for row in sorted(cells, key=lambda r: r[axis] or 0.0):
             lines.append(
                 [
-                    f"{method}{mark}",
+                    f"{method} (chosen by val.)" if row is chosen else method,
                     _rho(row),
                     "—" if row["percentile"] is None else f"{row['percentile']:g}",
                     str(row["seeds"]),
                     _interval(row["perturbation_norm"], fmt=".3f"),
+                    _interval(row["loss_increase"], fmt=".3f"),
+                    "—" if row["percentile"] is None else _measured(row, "mask_jaccard"),
                     _interval(row["val_accuracy"], 100),
                     _interval(row["test_accuracy"], 100),
+                    _interval(row["loss_at_w"], fmt=".3f"),
                     _interval(row["sharpness"], fmt=".3f"),
-                    _interval(row["hessian_max_eig"], fmt=".0f"),
+                    _eigenvalue(row, "hessian_max_eig", ".0f"),
                 ]
             )
-    return _markdown(header, lines)
+    caption = f"Every cell on seeds {_seed_range(seeds)}, the seeds all cells of this sweep ran.\n\n"
+    return caption + _markdown(header, lines)
+
+
+def _margin(name: str, scale: float, unit: str) -> str:
+    return f"±{MARGINS[name] * scale:g}{unit}"
 
 
 def contrast_table(rows: Sequence[Row]) -> str:
-    """ZSharp against each control (`stats.contrasts`): paired differences in test accuracy and sharpness."""
+    """A family's contrasts (`stats.contrasts`): paired differences a − b with 95 % t-intervals, paired-t p and
+    TOST p against the declared margins, both Holm-corrected within the family, per metric."""
     header = [
-        "Contrast", "Pairs", "Δ test acc. (pp)", "p (Holm)", "d_z", "Δ worst-case increase", "p (Holm)", "d_z",
+        "Contrast", "Pairs",
+        "Δ test acc. (pp)", "p (Holm)", f"TOST {_margin('test_accuracy', 100, ' pp')}: p (Holm)",
+        "Δ worst-case increase", "p (Holm)", f"TOST {_margin('sharpness', 1, '')}: p (Holm)",
+        "Δ loss at w", "p (Holm)",
     ]  # fmt: skip
     lines = []
     for row in rows:
-        cells = [f"{row['a']} − {row['b']}"]
-        accuracy, sharpness = row["test_accuracy"], row["sharpness"]
-        cells.append(str(accuracy.difference.n if accuracy else 0))
-        for c, scale, fmt in ((accuracy, 100, ".2f"), (sharpness, 1, ".3f")):
-            if c is None:
-                cells += ["n/a"] * 3
-                continue
+        accuracy = row["test_accuracy"]
+        cells = [f"{row['a']} − {row['b']}", str(accuracy.difference.n if accuracy else 0)]
+        for name, scale, fmt in (
+            ("test_accuracy", 100, ".2f"),
+            ("sharpness", 1, ".3f"),
+            ("loss_at_w", 1, ".3f"),
+        ):
+            c: Comparison | None = row[name]
             cells += [
-                _interval(c.difference, scale, "+" + fmt),
-                _p(c.p_holm),
-                "n/a" if c.d_z is None else f"{c.d_z:+.2f}",
+                "n/a" if c is None else _interval(c.difference, scale, "+" + fmt),
+                "n/a" if c is None else _p(c.p_holm),
             ]
+            if name in MARGINS:
+                cells.append("n/a" if c is None else _p(c.p_tost_holm))
         lines.append(cells)
     return _markdown(header, lines)
+
+
+def calibration_table(records: Sequence[Row], target: str, control: str, used: float | None) -> str:
+    """The runs that calibrate `control`'s radius to `target`'s in-training loss increase (`stats.calibrated_rho`),
+    the interpolated radius, and the radius the loss-matched method `used`."""
+    rows = summarize(records)
+    header = ["Method", "ρ", "Seeds", "‖e‖ in training", "L(w+e) − L(w) in training"]
+    lines = [
+        [row["method"], _rho(row), _seed_range(row["seed_list"]), _interval(row["perturbation_norm"], fmt=".3f"),
+         _interval(row["loss_increase"], fmt=".4f")]
+        for row in sorted(rows, key=lambda r: (r["method"] != target, r["rho"] or 0.0))
+    ]  # fmt: skip
+    aim, rho = calibrated_rho(records, target, control)
+    caption = (
+        f"\n{control} matches {target}'s mean loss increase {aim:.4f} at ρ = {rho:.4f} (linear interpolation "
+        f"between the bracketing radii); the loss-matched control runs at ρ = "
+        f"{'(not set)' if used is None else format(used, 'g')}.\n"
+    )
+    return _markdown(header, lines) + caption
 
 
 def cost_table(rows: Sequence[Row]) -> str:
@@ -167,8 +226,8 @@ def cost_table(rows: Sequence[Row]) -> str:
     return _markdown(header, lines)
 
 
-def _flat(row: Row) -> dict[str, Any]:
-    """A row as flat CSV cells: each interval as mean, low, high, std; each comparison as its numbers."""
+def _flat_row(row: Row) -> dict[str, Any]:
+    """A summary row as flat CSV cells: its settings, then each interval as mean, low, high, std."""
     cells: dict[str, Any] = {
         k: row[k] for k in ("dataset", "model", "method", "variant", "rho", "sam_rho", "percentile", "seeds")
     }
@@ -176,25 +235,30 @@ def _flat(row: Row) -> dict[str, Any]:
         value: Interval | None = row[name]
         for part in ("mean", "low", "high", "std"):
             cells[f"{name}_{part}"] = None if value is None else getattr(value, part)
-    for key in ("test_accuracy_vs_sam", "sharpness_vs_sam"):
-        c: Comparison | None = row[key]
-        parts: dict[str, Callable[[Comparison], Any]] = {
-            "delta": lambda c: c.difference.mean,
-            "delta_low": lambda c: c.difference.low,
-            "delta_high": lambda c: c.difference.high,
-            "p": lambda c: c.p,
-            "p_holm": lambda c: c.p_holm,
-            "d_z": lambda c: c.d_z,
-            "pairs": lambda c: c.difference.n,
-        }
-        for part, read in parts.items():
-            cells[f"{key}_{part}"] = None if c is None else read(c)
     return cells
 
 
-def table_csv(rows: Sequence[Row]) -> str:
-    """Every row as CSV (accuracies as fractions; empty cells where a value is undefined)."""
-    flat = [_flat(row) for row in rows]
+def _flat_contrast(row: Row) -> dict[str, Any]:
+    """A contrast as flat CSV cells: per compared metric the difference, its interval, p-values and d_z."""
+    cells: dict[str, Any] = {"family": row["family"], "a": row["a"], "b": row["b"]}
+    for name in COMPARED:
+        c: Comparison | None = row[name]
+        parts = {
+            "pairs": c and c.difference.n,
+            "delta": c and c.difference.mean,
+            "delta_low": c and c.difference.low,
+            "delta_high": c and c.difference.high,
+            "p": c and c.p,
+            "p_holm": c and c.p_holm,
+            "p_tost": c and c.p_tost,
+            "p_tost_holm": c and c.p_tost_holm,
+            "d_z": c and c.d_z,
+        }
+        cells |= {f"{name}_{part}": value for part, value in parts.items()}
+    return cells
+
+
+def _csv(flat: Sequence[Mapping[str, Any]]) -> str:
     buffer = io.StringIO()
     if flat:
         writer = csv.DictWriter(buffer, fieldnames=list(flat[0]), lineterminator="\n")
@@ -202,3 +266,13 @@ def table_csv(rows: Sequence[Row]) -> str:
         for cells in flat:
             writer.writerow({k: "" if v is None else v for k, v in cells.items()})
     return buffer.getvalue()
+
+
+def table_csv(rows: Sequence[Row]) -> str:
+    """Every summary row as CSV (accuracies as fractions; empty cells where a value is undefined)."""
+    return _csv([_flat_row(row) for row in rows])
+
+
+def contrasts_csv(rows: Sequence[Row]) -> str:
+    """Every contrast row (each with its `family`) as CSV."""
+    return _csv([_flat_contrast(row) for row in rows])
