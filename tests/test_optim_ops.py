@@ -104,3 +104,23 @@ def test_random_mask_draws_the_same_on_both_paths(monkeypatch) -> None:
         moved.append([p.detach() != b for p, b in zip(model.parameters(), before)])
     for a, b in zip(*moved, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("row_by_row", [True, False], ids=["cpu-path", "accelerator-path"])
+def test_deterministic_algorithms_mode_runs_and_restores_exactly(monkeypatch, row_by_row: bool) -> None:
+    """Under `torch.use_deterministic_algorithms(True)` (the Trainer's `full_determinism`) torch refuses `put_`:
+    both paths move and restore through ops it accepts, and the restore is still bit-exact."""
+    monkeypatch.setattr(selection, "row_by_row", lambda device: row_by_row)
+    model = model_with_grads("cnn")
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        optimizer.first_step()
+        assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        optimizer.restore()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)

@@ -197,7 +197,7 @@ class SAM(Optimizer):
                 torch._foreach_copy_(params, old)
             else:
                 for param, positions, values in zip(params, index.long().split(counts), old):
-                    param.put_(positions, values)
+                    _set_at(param, positions, values)
         self._saved = []
 
     @torch.no_grad()
@@ -343,8 +343,22 @@ def _add_at(param: Tensor, index: Tensor, values: Tensor) -> None:
     """Add `values` to `param`'s entries at logical flat positions `index` (distinct), as `_gather` chooses."""
     if selection.row_by_row(param.device) and param.is_contiguous():
         param.view(-1).index_add_(0, index, values)
+    elif (
+        torch.are_deterministic_algorithms_enabled()
+    ):  # put_ has no deterministic kernel: torch would refuse it
+        param.index_put_(torch.unravel_index(index, param.shape), values, accumulate=True)
     else:
         param.put_(index, values, accumulate=True)
+
+
+def _set_at(param: Tensor, index: Tensor, values: Tensor) -> None:
+    """Write `values` to `param`'s entries at logical flat positions `index` (distinct), as `_gather` chooses."""
+    if selection.row_by_row(param.device) and param.is_contiguous():
+        param.view(-1).index_copy_(0, index, values)
+    elif torch.are_deterministic_algorithms_enabled():  # as in _add_at
+        param.index_put_(torch.unravel_index(index, param.shape), values)
+    else:
+        param.put_(index, values)
 
 
 class Skips:
