@@ -316,3 +316,14 @@ def test_the_loss_matched_preset_uses_the_radius_its_committed_calibration_gives
     assert {r["seed"] for r in calibration} == {100}  # outside the reported seeds 0-9
     _, rho = calibrated_rho(calibration, "zsharp", "zsharp-random")
     assert METHODS[LOSS_MATCHED].rho == round(rho, 3)
+
+
+def test_a_sweep_alone_with_sharpness_writes_its_report_without_the_loss_at_w_figure(tmp_path):
+    """Runs off their method's default settings (a percentile sweep) with sharpness: the loss-at-w figure pools
+    default-setting runs only, so it is left out instead of failing the report after the first run."""
+    for seed in (0, 1):
+        run = record("zsharp", seed, 0.8, variant="zsharp_q0.9", sharp=0.3)
+        run["sharpness"]["loss"] = 0.5
+        write_record(tmp_path / "digits" / "resnet20" / "zsharp_q0.9" / f"seed-{seed}", run)
+    blocks = report.sections(finished_records(tmp_path), tmp_path / "figures")
+    assert "figure-loss-at-w" not in blocks and "sharpness" in blocks

@@ -85,10 +85,15 @@ def plot_methods(
     return _save(figure, path)
 
 
+def loss_at_w_runs(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The runs `plot_loss_at_w` draws: methods at their default settings with a measured loss at w."""
+    return [r for r in records if r["variant"] == r["method"] and METRICS["loss_at_w"](r) is not None]
+
+
 def plot_loss_at_w(records: Sequence[Mapping[str, Any]], title: str, path: str | Path) -> Path:
     """Per run of a method at its default settings: worst-case loss increase against the loss at w on the same
     images, so flatness can be read at matched training loss."""
-    runs = [r for r in records if r["variant"] == r["method"] and METRICS["loss_at_w"](r) is not None]
+    runs = loss_at_w_runs(records)
     if not runs:
         raise ValueError("No runs with a sharpness measurement to plot.")
     figure, axes = _figure(7.5, 5, 1)

@@ -81,7 +81,7 @@ def sections(
     if any(row["default"] for row in rows):
         methods_png = figures.plot_methods(rows, records, title, figure_dir / f"{figure_prefix}methods.png")
         blocks["figure-methods"] = f"![{title}: methods]({link_dir}{methods_png.name})\n"
-    if any(row["sharpness"] and row["loss_at_w"] for row in rows):
+    if figures.loss_at_w_runs(records):  # a sweep alone (no run at default settings) has no such figure
         loss_png = figures.plot_loss_at_w(records, title, figure_dir / f"{figure_prefix}loss-at-w.png")
         blocks["figure-loss-at-w"] = f"![{title}: sharpness against loss at w]({link_dir}{loss_png.name})\n"
         correlation = rank_correlation(records, "loss_at_w", "sharpness")
