@@ -4,6 +4,7 @@
     python scripts/make_results.py --check                # exit 1 if RESULTS.md, CSV or figures differ; writes nothing
     python scripts/make_results.py --collect reproduce-digits   # first copy a grid's run.json files in
     python scripts/make_results.py --collect reproduce-calibration --into digits-calibration
+    python scripts/make_results.py --collect reproduce-digits-long --into digits-long   # the second setting
 
 Each generated block of RESULTS.md lies between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`; the prose
 around them is left alone. Figures and the CSV go to results/. A record that cannot be read, or lacks what the tables
@@ -17,6 +18,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,7 @@ def collect(grid_dir: Path, records_dir: Path, replace: bool = False) -> int:
             refused.append(f"{source} would replace {target}, another run (differs in {why})")
     if refused:
         raise ValueError(
-            "\n".join(refused) + "\nPass --replace to replace them, or collect into another --dataset."
+            "\n".join(refused) + "\nPass --replace to replace them, or collect --into another folder."
         )
     for source, target in pairs:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,45 +80,60 @@ def collect(grid_dir: Path, records_dir: Path, replace: bool = False) -> int:
     return len(pairs)
 
 
-def generate(dataset: str, out_dir: Path) -> dict[str, str]:
-    """Every generated block of RESULTS.md from the records of results/<dataset>; its CSVs (summary rows and
-    contrasts) and figures go to `out_dir`."""
-    generated = report.document_blocks(
-        RESULTS / dataset, out_dir, f"{dataset}-", calibration_dir=RESULTS / f"{dataset}-calibration"
-    )
-    records = finished_records(RESULTS / dataset)
-    write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
-    rows = [row for family in FAMILIES for row in contrasts(records, family)]
-    write_atomic(out_dir / f"{dataset}-contrasts.csv", tables.contrasts_csv(rows))
+def generate(out_dir: Path) -> dict[str, str]:
+    """Every generated block of RESULTS.md from the records under results/ (`report.SETTINGS`); per setting its
+    CSVs (summary rows and contrasts), and the figures, go to `out_dir`."""
+    generated = report.results_blocks(RESULTS, out_dir)
+    for dataset in report.SETTINGS:
+        records = finished_records(RESULTS / dataset)
+        if records:
+            write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
+            rows = [row for family in FAMILIES for row in contrasts(records, family)]
+            write_atomic(out_dir / f"{dataset}-contrasts.csv", tables.contrasts_csv(rows))
     return generated
 
 
-def check(dataset: str) -> list[str]:
-    """What differs from what the records give (RESULTS.md, the CSV, each figure), generating into a temporary
-    folder: nothing under the repository is written."""
+def render(action: Callable[[str, Path], Any]) -> Any:
+    """RESULTS.md as the records give it and its files generated into a temporary folder (a document lacking a
+    block, or holding an unknown one, stops it there); returns `action(new_text, folder)`."""
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(scratch)
-        text = DOCUMENT.read_text(encoding="utf-8")
-        stale = [] if report.update_blocks(text, generate(dataset, out_dir)) == text else [DOCUMENT.name]
+        blocks = generate(out_dir)
+        return action(report.update_blocks(DOCUMENT.read_text(encoding="utf-8"), blocks), out_dir)
+
+
+def check() -> list[str]:
+    """What differs from what the records give (RESULTS.md, the CSVs, each figure): nothing under the repository
+    is written."""
+
+    def stale(text: str, out_dir: Path) -> list[str]:
+        found = [] if text == DOCUMENT.read_text(encoding="utf-8") else [DOCUMENT.name]
         for made in sorted(out_dir.iterdir()):
             committed = RESULTS / made.name
             if not committed.exists() or committed.read_bytes() != made.read_bytes():
-                stale.append(str(committed.relative_to(ROOT)))
-    return stale
+                found.append(str(committed.relative_to(ROOT)))
+        return found
+
+    return render(stale)
+
+
+def write(text: str, out_dir: Path) -> None:
+    """Put the generated files under results/ and the text in RESULTS.md."""
+    for made in sorted(out_dir.iterdir()):
+        write_atomic(RESULTS / made.name, made.read_bytes())
+    write_atomic(DOCUMENT, text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--dataset", default="digits", help="the records' folder under results/ (default: digits)"
-    )
-    parser.add_argument(
         "--collect", type=Path, help="a grid's output folder whose run.json files to copy in first"
     )
     parser.add_argument(
         "--into",
-        help="with --collect: the folder under results/ to copy into (default: the --dataset's; the loss-matched "
-        "control's calibration runs go to <dataset>-calibration)",
+        default="digits",
+        help="with --collect: the folder under results/ to copy into (default: digits; the second setting's runs "
+        "go to digits-long, the loss-matched control's calibration runs to digits-calibration)",
     )
     parser.add_argument(
         "--replace", action="store_true", help="with --collect: replace committed records of other runs"
@@ -129,20 +146,18 @@ def main() -> None:
         parser.error("--check writes nothing: it cannot --collect")
     try:
         if args.check:
-            stale = check(args.dataset)
+            stale = check()
             if stale:
                 sys.exit(f"{', '.join(stale)} differ from what the records give: run scripts/make_results.py")
             return
         if args.collect:
-            into = RESULTS / (args.into or args.dataset)
+            into = RESULTS / args.into
             print(
                 f"Copied {collect(args.collect, into, args.replace)} records from {args.collect} into {into}."
             )
-        text = DOCUMENT.read_text(encoding="utf-8")
-        new = report.update_blocks(text, generate(args.dataset, RESULTS))
+        render(write)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    write_atomic(DOCUMENT, new)
     print(
         f"Rewrote the generated blocks of {DOCUMENT.name}; figures and CSV in {RESULTS.relative_to(ROOT)}/."
     )

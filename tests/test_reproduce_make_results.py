@@ -122,3 +122,32 @@ def test_collect_into_another_records_folder(make_results, tmp_path):
     run(make_results, "--collect", str(grid), "--into", "digits-extra")
     assert (make_results.RESULTS / "digits-extra/digits/resnet20/zsharp/seed-0/run.json").exists()
     assert (make_results.ROOT / "RESULTS.md").read_text() == before  # the digits tables do not take them in
+
+
+def test_the_second_setting_gets_its_own_blocks_csv_and_figures(make_results, tmp_path):
+    """Records collected into digits-long fill the document's `long-` blocks; a document without them is refused,
+    naming the blocks, before anything is written."""
+    grid = tmp_path / "reproduce-digits-long"
+    for method in ("sam", "zsharp"):
+        for seed in range(3):
+            source = make_results.RESULTS / f"digits/digits/resnet20/{method}/seed-{seed}/run.json"
+            (grid / f"digits/resnet20/{method}/seed-{seed}").mkdir(parents=True)
+            shutil.copyfile(source, grid / f"digits/resnet20/{method}/seed-{seed}/run.json")
+    document = make_results.DOCUMENT.read_text()
+    with pytest.raises(SystemExit, match=r"missing from the document: \['long-accuracy'"):
+        run(make_results, "--collect", str(grid), "--into", "digits-long")
+    assert make_results.DOCUMENT.read_text() == document
+    assert not (make_results.RESULTS / "digits-long.csv").exists()
+
+    names = report.results_blocks(make_results.RESULTS, tmp_path / "scratch")
+    long_names = sorted(n for n in names if n.startswith("long-"))
+    assert {"long-provenance", "long-accuracy", "long-sharpness", "long-mechanism"} <= set(long_names)
+    make_results.DOCUMENT.write_text(
+        document + "".join(f"<!-- generated:{n} -->\n<!-- /generated:{n} -->\n" for n in long_names)
+    )
+    run(make_results)
+    assert (make_results.RESULTS / "digits-long.csv").exists()
+    assert (make_results.RESULTS / "digits-long-methods.png").exists()
+    text = make_results.DOCUMENT.read_text()
+    assert "<!-- generated:long-accuracy -->\n| Method" in text
+    run(make_results, "--check")

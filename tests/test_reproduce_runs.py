@@ -221,12 +221,8 @@ def test_a_committed_record_is_recreated_exactly_by_its_command(tmp_path):
 
 
 def test_results_md_is_what_the_committed_records_give(tmp_path):
-    """RESULTS.md's generated blocks are regenerated from results/digits (figures into a temporary folder)."""
+    """RESULTS.md's generated blocks are regenerated from the records under results/ (figures into a temporary
+    folder)."""
     document = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
-    blocks = report.document_blocks(
-        ROOT / "results" / "digits",
-        tmp_path,
-        "digits-",
-        calibration_dir=ROOT / "results" / "digits-calibration",
-    )
+    blocks = report.results_blocks(ROOT / "results", tmp_path)
     assert report.update_blocks(document, blocks) == document, "run scripts/make_results.py"

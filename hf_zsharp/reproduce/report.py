@@ -61,15 +61,20 @@ def provenance(records: Sequence[Record]) -> str:
 
 
 def sections(
-    records: Sequence[Record], figure_dir: Path, figure_prefix: str = "", link_dir: str = ""
+    records: Sequence[Record],
+    figure_dir: Path,
+    figure_prefix: str = "",
+    link_dir: str = "",
+    setting: str = "",
 ) -> dict[str, str]:
     """The generated blocks for records of one dataset and model: tables, figure links, provenance. Figures are
-    drawn into `figure_dir` and linked as `link_dir` + file name (the folder as seen from the document)."""
+    drawn into `figure_dir` and linked as `link_dir` + file name (the folder as seen from the document); their
+    titles name the `setting` when given."""
     rows = summarize(records)
     (dataset, model), *others = by_dataset_model(records)
     if others:
         raise ValueError("sections() takes the records of one dataset and model")
-    title = f"{dataset} / {model}"
+    title = f"{dataset} / {model}" + (f" ({setting})" if setting else "")
     blocks = {
         "provenance": provenance(records),
         "accuracy": tables.accuracy_table(rows),
@@ -122,6 +127,26 @@ def document_blocks(
         blocks["calibration"] = tables.calibration_table(
             finished_records(calibration_dir), "zsharp", "zsharp-random", matched and matched.rho
         )
+    return blocks
+
+
+# The settings RESULTS.md reports: a records folder under results/ and the prefix of its blocks' names. The first
+# is the main grid; its blocks also hold the loss-matched control's calibration and the presets' cost.
+SETTINGS: dict[str, str] = {"digits": "", "digits-long": "long-"}
+
+
+def results_blocks(results_dir: Path, figure_dir: Path) -> dict[str, str]:
+    """Every generated block of RESULTS.md from the records under `results_dir` (one folder per setting of
+    `SETTINGS`; a setting with no records yet has no blocks), figures drawn into `figure_dir`."""
+    (main, _), *others = SETTINGS.items()
+    blocks = document_blocks(
+        results_dir / main, figure_dir, f"{main}-", calibration_dir=results_dir / f"{main}-calibration"
+    )
+    for dataset, prefix in others:
+        records = finished_records(results_dir / dataset)
+        if records:
+            made = sections(records, figure_dir, f"{dataset}-", "results/", setting=dataset)
+            blocks.update({prefix + name: text for name, text in made.items()})
     return blocks
 
 

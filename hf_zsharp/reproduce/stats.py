@@ -68,7 +68,7 @@ METRICS: dict[str, Callable[[Record], float | None]] = {
     "train_samples_per_second": lambda r: r["timing"]["train_samples_per_second"],
 }
 # The compared metrics, each a Holm family of its own within each family of contrasts below.
-COMPARED = ("test_accuracy", "sharpness", "loss_at_w")
+COMPARED = ("test_accuracy", "sharpness", "scale_invariant_sharpness", "loss_at_w")
 # Equivalence margins, declared before any equivalence test was computed (issue 18): a paired difference whose 90 %
 # t-interval lies inside +-margin (both one-sided tests at 5 %, TOST) counts as equivalent. Test accuracy: +-1 pp.
 # Worst-case loss increase (the `sharpness` probe, in the loss's unit, nats): +-0.05, a judgement that a change

@@ -165,21 +165,24 @@ def _margin(name: str, scale: float, unit: str) -> str:
 def contrast_table(rows: Sequence[Row]) -> str:
     """A family's contrasts (`stats.contrasts`): paired differences a − b with 95 % t-intervals, paired-t p and
     TOST p against the declared margins, both Holm-corrected within the family, per metric."""
-    header = [
-        "Contrast", "Pairs",
-        "Δ test acc. (pp)", "p (Holm)", f"TOST {_margin('test_accuracy', 100, ' pp')}: p (Holm)",
-        "Δ worst-case increase", "p (Holm)", f"TOST {_margin('sharpness', 1, '')}: p (Holm)",
-        "Δ loss at w", "p (Holm)",
-    ]  # fmt: skip
+    # (metric, header, scale, format); the scale-invariant probe only where some pair measured it
+    metrics = [
+        ("test_accuracy", "Δ test acc. (pp)", 100, ".2f"),
+        ("sharpness", "Δ worst-case increase", 1, ".3f"),
+        ("scale_invariant_sharpness", "Δ scale-invariant worst case", 1, ".3f"),
+        ("loss_at_w", "Δ loss at w", 1, ".3f"),
+    ]
+    metrics = [m for m in metrics if m[0] != "scale_invariant_sharpness" or any(r[m[0]] for r in rows)]
+    header = ["Contrast", "Pairs"]
+    for name, title, scale, _ in metrics:
+        header += [title, "p (Holm)"]
+        if name in MARGINS:
+            header.append(f"TOST {_margin(name, scale, ' pp' if name == 'test_accuracy' else '')}: p (Holm)")
     lines = []
     for row in rows:
         accuracy = row["test_accuracy"]
         cells = [f"{row['a']} − {row['b']}", str(accuracy.difference.n if accuracy else 0)]
-        for name, scale, fmt in (
-            ("test_accuracy", 100, ".2f"),
-            ("sharpness", 1, ".3f"),
-            ("loss_at_w", 1, ".3f"),
-        ):
+        for name, _, scale, fmt in metrics:
             c: Comparison | None = row[name]
             cells += [
                 "n/a" if c is None else _interval(c.difference, scale, "+" + fmt),
