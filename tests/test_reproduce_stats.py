@@ -181,6 +181,28 @@ def test_contrasts_of_zsharp_with_its_controls():
     assert contrast_table(rows).count("| zsharp − zsharp-random | 5 |") == 1
 
 
+def test_a_measure_some_runs_lack_is_compared_on_the_pairs_that_hold_it_and_says_how_many():
+    runs = grid_records()
+    for r in runs:  # the scale-invariant probe, measured later: seeds 0-2 only
+        if r["sharpness"] is not None and r["seed"] < 3:
+            r["sharpness"]["scale_invariant_sharpness"] = (
+                4 * r["sharpness"]["sharpness"] + 0.001 * r["seed"] ** 2
+            )
+    (row,) = contrasts(runs, "mechanism")
+    c = row["scale_invariant_sharpness"]
+    expected = [4 * (0.02 - 0.011) * s - 0.8 for s in range(3)]  # 4 (0.3 + 0.02 s) - 4 (0.5 + 0.011 s)
+    assert c.difference.n == 3 and c.difference.mean == pytest.approx(sum(expected) / 3)
+    table = contrast_table([row])
+    assert "Δ scale-invariant worst case" in table and " (3 pairs) |" in table
+    assert "| zsharp − zsharp-random | 5 |" in table  # the accuracy pairs
+    for r in runs:
+        if r["sharpness"] is not None:
+            r["sharpness"].pop("scale_invariant_sharpness", None)
+    assert "scale-invariant" not in contrast_table(
+        contrasts(runs, "mechanism")
+    )  # nobody measured it: no column
+
+
 def test_sweeps_compare_their_cells_on_common_seeds_and_pick_on_validation_not_test():
     runs = grid_records()
     # rho 0.1 ran seeds 0-2 only: better on test, worse on validation. Validation must pick the default (0.05).

@@ -181,11 +181,16 @@ def contrast_table(rows: Sequence[Row]) -> str:
     lines = []
     for row in rows:
         accuracy = row["test_accuracy"]
-        cells = [f"{row['a']} − {row['b']}", str(accuracy.difference.n if accuracy else 0)]
+        pairs = accuracy.difference.n if accuracy else 0
+        cells = [f"{row['a']} − {row['b']}", str(pairs)]
         for name, _, scale, fmt in metrics:
             c: Comparison | None = row[name]
+            fewer = c is not None and c.difference.n != pairs  # a measure only some runs hold
             cells += [
-                "n/a" if c is None else _interval(c.difference, scale, "+" + fmt),
+                "n/a"
+                if c is None
+                else _interval(c.difference, scale, "+" + fmt)
+                + (f" ({c.difference.n} pairs)" if fewer else ""),
                 "n/a" if c is None else _p(c.p_holm),
             ]
             if name in MARGINS:
