@@ -18,7 +18,8 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,35 +94,34 @@ def generate(out_dir: Path) -> dict[str, str]:
     return generated
 
 
-def render(action: Callable[[str, Path], Any]) -> Any:
-    """RESULTS.md as the records give it and its files generated into a temporary folder (a document lacking a
-    block, or holding an unknown one, stops it there); returns `action(new_text, folder)`."""
+@contextmanager
+def rendered() -> Iterator[tuple[str, Path]]:
+    """RESULTS.md's text as the records give it, and a temporary folder holding its generated files; a document
+    lacking a block, or holding an unknown one, stops it before anything is yielded."""
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(scratch)
         blocks = generate(out_dir)
-        return action(report.update_blocks(DOCUMENT.read_text(encoding="utf-8"), blocks), out_dir)
+        yield report.update_blocks(DOCUMENT.read_text(encoding="utf-8"), blocks), out_dir
 
 
 def check() -> list[str]:
     """What differs from what the records give (RESULTS.md, the CSVs, each figure): nothing under the repository
     is written."""
-
-    def stale(text: str, out_dir: Path) -> list[str]:
-        found = [] if text == DOCUMENT.read_text(encoding="utf-8") else [DOCUMENT.name]
+    with rendered() as (text, out_dir):
+        stale = [] if text == DOCUMENT.read_text(encoding="utf-8") else [DOCUMENT.name]
         for made in sorted(out_dir.iterdir()):
             committed = RESULTS / made.name
             if not committed.exists() or committed.read_bytes() != made.read_bytes():
-                found.append(str(committed.relative_to(ROOT)))
-        return found
-
-    return render(stale)
+                stale.append(str(committed.relative_to(ROOT)))
+    return stale
 
 
-def write(text: str, out_dir: Path) -> None:
+def write() -> None:
     """Put the generated files under results/ and the text in RESULTS.md."""
-    for made in sorted(out_dir.iterdir()):
-        write_atomic(RESULTS / made.name, made.read_bytes())
-    write_atomic(DOCUMENT, text)
+    with rendered() as (text, out_dir):
+        for made in sorted(out_dir.iterdir()):
+            write_atomic(RESULTS / made.name, made.read_bytes())
+        write_atomic(DOCUMENT, text)
 
 
 def main() -> None:
@@ -155,7 +155,7 @@ def main() -> None:
             print(
                 f"Copied {collect(args.collect, into, args.replace)} records from {args.collect} into {into}."
             )
-        render(write)
+        write()
     except ValueError as error:
         sys.exit(f"error: {error}")
     print(

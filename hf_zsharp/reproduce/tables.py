@@ -165,25 +165,25 @@ def _margin(name: str, scale: float, unit: str) -> str:
 def contrast_table(rows: Sequence[Row]) -> str:
     """A family's contrasts (`stats.contrasts`): paired differences a − b with 95 % t-intervals, paired-t p and
     TOST p against the declared margins, both Holm-corrected within the family, per metric."""
-    # (metric, header, scale, format); the scale-invariant probe only where some pair measured it
+    # (metric, header, scale, format, unit of its TOST margin, shown even where no pair measured it)
     metrics = [
-        ("test_accuracy", "Δ test acc. (pp)", 100, ".2f"),
-        ("sharpness", "Δ worst-case increase", 1, ".3f"),
-        ("scale_invariant_sharpness", "Δ scale-invariant worst case", 1, ".3f"),
-        ("loss_at_w", "Δ loss at w", 1, ".3f"),
+        ("test_accuracy", "Δ test acc. (pp)", 100, ".2f", " pp", True),
+        ("sharpness", "Δ worst-case increase", 1, ".3f", "", True),
+        ("scale_invariant_sharpness", "Δ scale-invariant worst case", 1, ".3f", "", False),
+        ("loss_at_w", "Δ loss at w", 1, ".3f", "", True),
     ]
-    metrics = [m for m in metrics if m[0] != "scale_invariant_sharpness" or any(r[m[0]] for r in rows)]
+    metrics = [m for m in metrics if m[5] or any(r[m[0]] for r in rows)]
     header = ["Contrast", "Pairs"]
-    for name, title, scale, _ in metrics:
+    for name, title, scale, _, unit, _ in metrics:
         header += [title, "p (Holm)"]
         if name in MARGINS:
-            header.append(f"TOST {_margin(name, scale, ' pp' if name == 'test_accuracy' else '')}: p (Holm)")
+            header.append(f"TOST {_margin(name, scale, unit)}: p (Holm)")
     lines = []
     for row in rows:
         accuracy = row["test_accuracy"]
         pairs = accuracy.difference.n if accuracy else 0
         cells = [f"{row['a']} − {row['b']}", str(pairs)]
-        for name, _, scale, fmt in metrics:
+        for name, _, scale, fmt, _, _ in metrics:
             c: Comparison | None = row[name]
             fewer = c is not None and c.difference.n != pairs  # a measure only some runs hold
             cells += [
