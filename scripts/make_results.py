@@ -23,10 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hf_zsharp.reproduce import report, tables
+from hf_zsharp.reproduce import report
 from hf_zsharp.reproduce.grid import without_output_dir
-from hf_zsharp.reproduce.records import RECORD, finished_records, read_record, write_atomic
-from hf_zsharp.reproduce.stats import FAMILIES, contrasts, summarize
+from hf_zsharp.reproduce.records import RECORD, read_record, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -81,26 +80,13 @@ def collect(grid_dir: Path, records_dir: Path, replace: bool = False) -> int:
     return len(pairs)
 
 
-def generate(out_dir: Path) -> dict[str, str]:
-    """Every generated block of RESULTS.md from the records under results/ (`report.SETTINGS`); per setting its
-    CSVs (summary rows and contrasts), and the figures, go to `out_dir`."""
-    generated = report.results_blocks(RESULTS, out_dir)
-    for dataset in report.SETTINGS:
-        records = finished_records(RESULTS / dataset)
-        if records:
-            write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
-            rows = [row for family in FAMILIES for row in contrasts(records, family)]
-            write_atomic(out_dir / f"{dataset}-contrasts.csv", tables.contrasts_csv(rows))
-    return generated
-
-
 @contextmanager
 def rendered() -> Iterator[tuple[str, Path]]:
     """RESULTS.md's text as the records give it, and a temporary folder holding its generated files; a document
     lacking a block, or holding an unknown one, stops it before anything is yielded."""
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(scratch)
-        blocks = generate(out_dir)
+        blocks = report.results_blocks(RESULTS, out_dir)
         yield report.update_blocks(DOCUMENT.read_text(encoding="utf-8"), blocks), out_dir
 
 

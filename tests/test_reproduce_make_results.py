@@ -31,7 +31,7 @@ def make_results(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "ROOT", tmp_path)
     monkeypatch.setattr(module, "RESULTS", results)
     monkeypatch.setattr(module, "DOCUMENT", tmp_path / "RESULTS.md")
-    names = report.document_blocks(results / "digits", tmp_path / "scratch", "digits-")
+    names = report.results_blocks(results, tmp_path / "scratch")
     module.DOCUMENT.write_text(
         "".join(f"<!-- generated:{n} -->\n<!-- /generated:{n} -->\n" for n in names), encoding="utf-8"
     )

@@ -17,7 +17,7 @@ from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.grid import short_name
 from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
 from hf_zsharp.reproduce.records import finished_records, write_atomic
-from hf_zsharp.reproduce.stats import contrasts, rank_correlation, summarize, sweeps
+from hf_zsharp.reproduce.stats import FAMILIES, contrasts, rank_correlation, summarize, sweeps
 
 Record = Mapping[str, Any]
 
@@ -108,45 +108,36 @@ def sections(
     return blocks
 
 
-def document_blocks(
-    records_dir: Path,
-    figure_dir: Path,
-    figure_prefix: str,
-    link_dir: str = "results/",
-    calibration_dir: Path | None = None,
-) -> dict[str, str]:
-    """Every generated block of RESULTS.md: the sections of the records under `records_dir` (one dataset and
-    model; figures drawn into `figure_dir`, linked from `link_dir`), the calibration of the loss-matched control
-    from the records under `calibration_dir` (if it exists), and the cost of the paper presets."""
-    records = finished_records(records_dir)
-    if not records:
-        raise ValueError(f"No records under {records_dir}.")
-    blocks = {**sections(records, figure_dir, figure_prefix, link_dir), "preset-cost": preset_cost_table()}
-    if calibration_dir is not None and calibration_dir.exists():
-        matched = METHODS.get(LOSS_MATCHED)
-        blocks["calibration"] = tables.calibration_table(
-            finished_records(calibration_dir), "zsharp", "zsharp-random", matched and matched.rho
-        )
-    return blocks
-
-
 # The settings RESULTS.md reports: a records folder under results/ and the prefix of its blocks' names. The first
 # is the main grid; its blocks also hold the loss-matched control's calibration and the presets' cost.
 SETTINGS: dict[str, str] = {"digits": "", "digits-long": "long-"}
 
 
-def results_blocks(results_dir: Path, figure_dir: Path) -> dict[str, str]:
+def results_blocks(results_dir: Path, out_dir: Path) -> dict[str, str]:
     """Every generated block of RESULTS.md from the records under `results_dir` (one folder per setting of
-    `SETTINGS`; a setting with no records yet has no blocks), figures drawn into `figure_dir`."""
-    (main, _), *others = SETTINGS.items()
-    blocks = document_blocks(
-        results_dir / main, figure_dir, f"{main}-", calibration_dir=results_dir / f"{main}-calibration"
-    )
-    for dataset, prefix in others:
+    `SETTINGS`; a setting other than the main one with no records yet has no blocks). Each setting's figures and
+    CSVs (summary rows, contrasts) are written into `out_dir`; its records are read once."""
+    main = next(iter(SETTINGS))
+    blocks = {"preset-cost": preset_cost_table()}
+    calibration_dir = results_dir / f"{main}-calibration"
+    if calibration_dir.exists():
+        matched = METHODS.get(LOSS_MATCHED)
+        blocks["calibration"] = tables.calibration_table(
+            finished_records(calibration_dir), "zsharp", "zsharp-random", matched and matched.rho
+        )
+    for dataset, prefix in SETTINGS.items():
         records = finished_records(results_dir / dataset)
-        if records:
-            made = sections(records, figure_dir, f"{dataset}-", "results/", setting=dataset)
-            blocks.update({prefix + name: text for name, text in made.items()})
+        if not records:
+            if dataset == main:
+                raise ValueError(f"No records under {results_dir / dataset}.")
+            continue
+        made = sections(
+            records, out_dir, f"{dataset}-", "results/", setting="" if dataset == main else dataset
+        )
+        blocks.update({prefix + name: text for name, text in made.items()})
+        write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
+        rows = [row for family in FAMILIES for row in contrasts(records, family)]
+        write_atomic(out_dir / f"{dataset}-contrasts.csv", tables.contrasts_csv(rows))
     return blocks
 
 
