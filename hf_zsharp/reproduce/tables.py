@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from hf_zsharp.reproduce.stats import (
     COMPARED,
@@ -162,38 +162,48 @@ def _margin(name: str, scale: float, unit: str) -> str:
     return f"±{MARGINS[name] * scale:g}{unit}"
 
 
+class _ContrastColumn(NamedTuple):
+    metric: str
+    title: str
+    scale: float
+    fmt: str
+    unit: str  # of its TOST margin
+    always: bool  # shown even where no pair measured it
+
+
+_CONTRAST_COLUMNS = (
+    _ContrastColumn("test_accuracy", "Δ test acc. (pp)", 100, ".2f", " pp", True),
+    _ContrastColumn("sharpness", "Δ worst-case increase", 1, ".3f", "", True),
+    _ContrastColumn("scale_invariant_sharpness", "Δ scale-invariant worst case", 1, ".3f", "", False),
+    _ContrastColumn("loss_at_w", "Δ loss at w", 1, ".3f", "", True),
+)
+
+
 def contrast_table(rows: Sequence[Row]) -> str:
     """A family's contrasts (`stats.contrasts`): paired differences a − b with 95 % t-intervals, paired-t p and
     TOST p against the declared margins, both Holm-corrected within the family, per metric."""
-    # (metric, header, scale, format, unit of its TOST margin, shown even where no pair measured it)
-    metrics = [
-        ("test_accuracy", "Δ test acc. (pp)", 100, ".2f", " pp", True),
-        ("sharpness", "Δ worst-case increase", 1, ".3f", "", True),
-        ("scale_invariant_sharpness", "Δ scale-invariant worst case", 1, ".3f", "", False),
-        ("loss_at_w", "Δ loss at w", 1, ".3f", "", True),
-    ]
-    metrics = [m for m in metrics if m[5] or any(r[m[0]] for r in rows)]
+    columns = [c for c in _CONTRAST_COLUMNS if c.always or any(r[c.metric] for r in rows)]
     header = ["Contrast", "Pairs"]
-    for name, title, scale, _, unit, _ in metrics:
-        header += [title, "p (Holm)"]
-        if name in MARGINS:
-            header.append(f"TOST {_margin(name, scale, unit)}: p (Holm)")
+    for column in columns:
+        header += [column.title, "p (Holm)"]
+        if column.metric in MARGINS:
+            header.append(f"TOST {_margin(column.metric, column.scale, column.unit)}: p (Holm)")
     lines = []
     for row in rows:
         accuracy = row["test_accuracy"]
         pairs = accuracy.difference.n if accuracy else 0
         cells = [f"{row['a']} − {row['b']}", str(pairs)]
-        for name, _, scale, fmt, _, _ in metrics:
-            c: Comparison | None = row[name]
+        for column in columns:
+            c: Comparison | None = row[column.metric]
             fewer = c is not None and c.difference.n != pairs  # a measure only some runs hold
             cells += [
                 "n/a"
                 if c is None
-                else _interval(c.difference, scale, "+" + fmt)
+                else _interval(c.difference, column.scale, "+" + column.fmt)
                 + (f" ({c.difference.n} pairs)" if fewer else ""),
                 "n/a" if c is None else _p(c.p_holm),
             ]
-            if name in MARGINS:
+            if column.metric in MARGINS:
                 cells.append("n/a" if c is None else _p(c.p_tost_holm))
         lines.append(cells)
     return _markdown(header, lines)
