@@ -60,11 +60,15 @@ def collect(grid_dir: Path, records_dir: Path, replace: bool = False) -> int:
     """Copy every run.json under `grid_dir` to the same relative folder under `records_dir`; returns the count.
 
     Every record is read and checked first. One that would replace a committed record of another run (another
-    command or other hyper-parameters) is refused, naming both, unless `replace`: then nothing is copied."""
+    command or other hyper-parameters) is refused, naming both, unless `replace`: then nothing is copied. A folder
+    that does not exist or holds no record is an error, not zero records copied."""
     pairs = [
         (path, records_dir / path.parent.relative_to(grid_dir) / RECORD)
         for path in sorted(grid_dir.rglob(RECORD))
     ]
+    if not pairs:
+        what = "holds no " + RECORD if grid_dir.is_dir() else "is not a folder"
+        raise ValueError(f"--collect {grid_dir} {what}: give the --output_dir of an hf-zsharp-reproduce run.")
     refused = []
     for source, target in pairs:
         new = read_record(source)

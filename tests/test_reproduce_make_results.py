@@ -113,6 +113,18 @@ def test_collect_takes_the_same_run_made_in_another_folder(make_results, tmp_pat
     assert json.loads(committed.read_text())["finished_at"] == "later"
 
 
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_collect_from_a_folder_without_records_is_an_error_and_writes_nothing(make_results, tmp_path, make):
+    grid = tmp_path / "reproduce-digit"  # a misspelt or wrong folder
+    if make == "empty":
+        (grid / "digits").mkdir(parents=True)
+    before = snapshot(make_results.ROOT)
+    problem = "holds no run.json" if make == "empty" else "is not a folder"
+    with pytest.raises(SystemExit, match=f"--collect {grid} {problem}: give the --output_dir"):
+        run(make_results, "--collect", str(grid))
+    assert snapshot(make_results.ROOT) == before
+
+
 def test_collect_into_another_records_folder(make_results, tmp_path):
     grid = tmp_path / "calibration"
     source = make_results.RESULTS / "digits/digits/resnet20/zsharp/seed-0/run.json"
