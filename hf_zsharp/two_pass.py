@@ -16,7 +16,8 @@ import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -25,9 +26,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from hf_zsharp.optim import ASCENT_STATISTICS, SAM, frozen_batchnorm_stats
+from hf_zsharp.optim.second_pass import RngState, rng_state, set_rng_state
 from hf_zsharp.optim.sharded import is_sharded
-
-RngState = tuple[torch.Tensor, torch.Tensor | None]
 
 # The keys `TwoPassStep.pop_stats` logs, in this order: the optimizer's ASCENT_STATISTICS (means over the perturbed
 # steps), the mean loss increase L(w + e) - L(w) and the count of steps skipped for non-finite gradients.
@@ -168,13 +168,11 @@ class TwoPassStep:
             if self._pending:
                 raise RuntimeError("perturb changed within one optimizer step (between its micro-batches).")
             if sync:
-                # A skip left by a two-pass step that never reached optimizer.step() (a GradScaler skipped it)
-                # must not skip this plain step.
-                self.optimizer.skips.take_base_step()
+                self.optimizer.begin_plain_step()
                 self.optimizer_steps += 1
                 self._scaler_decides = self._scaler_enabled()
             return forward_backward()
-        rng = _rng_state(self.accelerator.device)
+        rng = rng_state(self.accelerator.device)
         with self._first_pass_sync():
             loss = forward_backward()
         self._pending.append((forward_backward, rng, loss))
@@ -214,19 +212,19 @@ class TwoPassStep:
             return
         self.log.ascent(optimizer.ascent_stats)
         self._scaler_decides = self._scaler_enabled()
-        after_first_pass = _rng_state(self.accelerator.device)
+        after_first_pass = rng_state(self.accelerator.device)
         try:
             self.model.zero_grad(set_to_none=True)
             last = len(self._pending) - 1
             increase = torch.zeros((), device=self.accelerator.device)
             with frozen_batchnorm_stats(self.model):
                 for i, (forward_backward, rng, first_loss) in enumerate(self._pending):
-                    _set_rng_state(rng, self.accelerator.device)
+                    set_rng_state(rng, self.accelerator.device)
                     with self.accelerator.no_sync(self.model) if i < last else contextlib.nullcontext():
                         increase += forward_backward().float() - first_loss.float()
             self.log.increase(increase if self.loss_shares else increase / len(self._pending))
         finally:
-            _set_rng_state(after_first_pass, self.accelerator.device)
+            set_rng_state(after_first_pass, self.accelerator.device)
             optimizer.restore()
 
     def _scaler_enabled(self) -> bool:
@@ -267,28 +265,62 @@ def accelerate_step(
     accelerator: Accelerator,
     model: nn.Module,
     optimizer: Optimizer,
-    compute_loss: Callable[[], torch.Tensor],
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     *,
     sync_ascent: bool = False,
     interval: int = 1,
 ) -> torch.Tensor:
-    """The two-pass replacement of `accelerator.backward(compute_loss())` in an Accelerate loop.
+    """The two-pass replacement of `accelerator.backward(loss)` in an Accelerate loop.
 
-    Call it inside `accelerator.accumulate(model)`; `compute_loss` runs the forward of the current micro-batch
-    and returns its loss (it is called again for the second pass). Then clip and call `optimizer.step()`,
-    `scheduler.step()`, `optimizer.zero_grad()` as usual. `interval=k` takes the two-pass step every k optimizer
-    steps (plain steps in between). Returns the first-pass loss, detached.
+    Call it inside `accelerator.accumulate(model)` with the current micro-batch: `loss_fn(model, batch)` returns its
+    loss (default: `model(**batch).loss`, for a dict batch and a transformers model). The batch is held with its own
+    first pass, so under gradient accumulation each micro-batch's second pass runs on that micro-batch. Then clip and
+    call `optimizer.step()`, `scheduler.step()`, `optimizer.zero_grad()` as usual; `pop_sam_stats(optimizer)` gives
+    the ascent statistics for `accelerator.log`. `interval=k` takes the two-pass step every k optimizer steps
+    (plain steps in between). Returns the first-pass loss, detached.
     """
     check_interval(interval)
+    if callable(batch) and not isinstance(batch, (Mapping, torch.Tensor)):
+        raise TypeError(
+            "accelerate_step takes the micro-batch itself, not a closure: accelerate_step(accelerator, model, "
+            "optimizer, batch) or with loss_fn=lambda model, batch: ... (a closure such as `lambda: "
+            "model(**batch).loss` reads `batch` when the second pass runs, a later micro-batch under accumulation)."
+        )
+    if loss_fn is None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"accelerate_step: a {type(batch).__name__} batch needs loss_fn(model, batch) returning the loss "
+                "(the default, model(**batch).loss, takes a dict batch)."
+            )
+        loss_fn = _model_loss
     step = _STEPS.get(optimizer)
     if step is None or step.model is not model or step.sync_ascent != sync_ascent:
         step = _STEPS[optimizer] = TwoPassStep(accelerator, model, optimizer, sync_ascent=sync_ascent)
-    forward_backward = functools.partial(_backward, accelerator, compute_loss)
+    forward_backward = functools.partial(_backward, accelerator, loss_fn, model, batch)
     return step(forward_backward, perturb=step.optimizer_steps % interval == 0)
 
 
-def _backward(accelerator: Accelerator, compute_loss: Callable[[], torch.Tensor]) -> torch.Tensor:
-    loss = compute_loss()
+def pop_sam_stats(optimizer: Optimizer) -> dict[str, float]:
+    """The ascent statistics of the `accelerate_step` steps of `optimizer` since the last call (means, with `sam_`
+    keys: LOGGED_STATISTICS), for `accelerator.log`; empty before the first step. One host sync."""
+    step = _STEPS.get(optimizer)
+    return {} if step is None else step.pop_stats()
+
+
+def _model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss a model returns for `batch`: a transformers `ModelOutput`'s (or a dict's) "loss"."""
+    outputs = model(**batch)
+    return outputs["loss"] if isinstance(outputs, Mapping) else outputs.loss
+
+
+def _backward(
+    accelerator: Accelerator,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    model: nn.Module,
+    batch: Any,
+) -> torch.Tensor:
+    loss = loss_fn(model, batch)
     accelerator.backward(loss)
     return loss.detach()
 
@@ -304,16 +336,3 @@ def _reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def _rng_state(device: torch.device) -> RngState:
-    """The RNG states a forward pass can draw from: the CPU generator and the accelerator device's."""
-    device_state = None if device.type == "cpu" else getattr(torch, device.type).get_rng_state(device)
-    return torch.get_rng_state(), device_state
-
-
-def _set_rng_state(state: RngState, device: torch.device) -> None:
-    cpu_state, device_state = state
-    torch.set_rng_state(cpu_state)
-    if device_state is not None:
-        getattr(torch, device.type).set_rng_state(device_state, device)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     accelerator,
                     model,
                     optimizer,
-                    lambda batch=batch: model(**batch).loss,
+                    batch,
                     sync_ascent=args.sync_ascent,
                     interval=args.sam_interval,
                 )

@@ -1,5 +1,5 @@
 """What users of torch optimizers expect from the SAM family: robustness, exact restore, checkpoints,
-Accelerate, argument checks, BatchNorm freezing and the closure step."""
+Accelerate, argument checks and BatchNorm freezing (the step's contract: test_step_contract.py)."""
 
 from __future__ import annotations
 
@@ -294,6 +294,7 @@ def test_scheduler_on_wrapper_reaches_base_optimizer() -> None:
     optimizer = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     optimizer.load_state_dict(optimizer.state_dict())
+    optimizer.begin_plain_step()
     optimizer.step()
     scheduler.step()
     assert optimizer.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -448,47 +449,6 @@ def test_frozen_batchnorm_stats() -> None:
     assert int(model.state_dict()["1.num_batches_tracked"]) == int(buffers["1.num_batches_tracked"]) + 1
 
 
-@pytest.mark.parametrize("method", ["zsharp", "sam"])
-def test_step_with_closure_equals_manual_two_pass(method: str) -> None:
-    torch.manual_seed(0)
-    manual_model = cnn()
-    closure_model = copy.deepcopy(manual_model)
-    manual = build(method, manual_model, momentum=0.9)
-    with_closure = build(method, closure_model, momentum=0.9)
-    for seed in range(2):
-        manual.zero_grad()
-        first_loss = loss_of(manual_model, seed)
-        first_loss.backward()
-        manual.first_step(zero_grad=True)
-        loss_of(manual_model, seed).backward()
-        manual.second_step(zero_grad=True)
-
-        def closure(seed: int = seed) -> torch.Tensor:
-            with_closure.zero_grad()
-            loss = loss_of(closure_model, seed)
-            loss.backward()
-            return loss
-
-        returned = with_closure.step(closure)
-        assert torch.equal(returned, first_loss)
-        assert all(
-            torch.equal(a, b)
-            for a, b in zip(
-                manual_model.state_dict().values(), closure_model.state_dict().values(), strict=True
-            )
-        )
-
-
-def test_step_without_closure_and_no_perturbation_is_a_base_step() -> None:
-    model = model_with_grads("mlp")
-    twin = copy.deepcopy(model)  # deepcopy leaves .grad behind
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        q.grad = p.grad.clone()
-    ZSharp(model.parameters(), torch.optim.SGD, lr=0.1).step()
-    torch.optim.SGD(twin.parameters(), lr=0.1).step()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
-
-
 def test_a_skipped_step_does_not_skip_the_next_plain_step() -> None:
     param = torch.nn.Parameter(torch.ones(3, 3))
     optimizer = ZSharp([param], torch.optim.SGD, lr=1.0)
@@ -497,5 +457,6 @@ def test_a_skipped_step_does_not_skip_the_next_plain_step() -> None:
     optimizer.second_step()
     assert torch.equal(param, torch.ones(3, 3)) and optimizer.skipped_perturbation
     param.grad = torch.ones(3, 3)
+    optimizer.begin_plain_step()
     optimizer.step()  # a plain step: nothing perturbed, the base optimizer steps
     assert torch.equal(param, torch.zeros(3, 3))

@@ -43,9 +43,7 @@ def accelerate_loop(model, steps, batch_size=8, accumulation=1, interval=1, scal
     record, params, calls = [], [], model.calls
     for batch in TinyData().batches(batch_size)[: steps * accumulation]:
         with accelerator.accumulate(model):
-            loss = accelerate_step(
-                accelerator, model, optimizer, lambda b=batch: model(**b)["loss"], interval=interval
-            )
+            loss = accelerate_step(accelerator, model, optimizer, batch, interval=interval)
             assert not loss.requires_grad
             optimizer.step()
             optimizer.zero_grad()
@@ -145,7 +143,7 @@ def test_an_error_in_the_second_pass_leaves_the_weights_and_rng_restored():
     batch = TinyData().batches(8)[0]
     passes = []
 
-    def compute_loss():
+    def compute_loss(model, batch):
         passes.append(1)
         if len(passes) == 2:
             raise RuntimeError("boom")
@@ -153,7 +151,7 @@ def test_an_error_in_the_second_pass_leaves_the_weights_and_rng_restored():
 
     start = torch.get_rng_state()
     with pytest.raises(RuntimeError, match="boom"):
-        accelerate_step(accelerator, model, optimizer, compute_loss)
+        accelerate_step(accelerator, model, optimizer, batch, compute_loss)
     after = torch.get_rng_state()
     assert torch.equal(flat(model), before)
     # The RNG is where the first pass alone leaves it.
@@ -163,7 +161,7 @@ def test_an_error_in_the_second_pass_leaves_the_weights_and_rng_restored():
     # Nothing is left pending: the next step is a normal two-pass step.
     passes.clear()
     calls = model.calls
-    accelerate_step(accelerator, model, optimizer, lambda: model(**batch)["loss"])
+    accelerate_step(accelerator, model, optimizer, batch)
     assert model.calls - calls == 2
 
 
@@ -218,9 +216,9 @@ def test_a_plain_optimizer_and_bad_interval_are_refused():
     with pytest.raises(TypeError, match="needs an hf_zsharp optimizer"):
         unwrap_sam_optimizer(optimizer)
     with pytest.raises(TypeError, match="needs an hf_zsharp optimizer"):
-        accelerate_step(accelerator, model, optimizer, lambda: model(**TinyData().batches(8)[0])["loss"])
+        accelerate_step(accelerator, model, optimizer, TinyData().batches(8)[0])
     with pytest.raises(ValueError, match="interval must be an integer >= 1"):
-        accelerate_step(accelerator, model, optimizer, lambda: None, interval=0)
+        accelerate_step(accelerator, model, optimizer, {}, interval=0)
 
 
 def test_the_no_trainer_script_trains_on_digits():

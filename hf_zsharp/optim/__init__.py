@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .batchnorm import frozen_batchnorm_stats
+from .second_pass import frozen_batchnorm_stats
 from .sam import ASAM, ASCENT_STATISTICS, SAM, FriendlySAM
 from .zsharp import MASKS, RADII, ZSharp
 

@@ -18,10 +18,15 @@ restores only its own shard.
 Host-device syncs: on one process (or DDP), `first_step` makes exactly one (`fetch`). `second_step` checks the gradients on the device;
 a torch fused base optimizer (`fused=True`) skips on that device flag with no sync, any other base optimizer
 needs one more transfer to decide.
+
+The contract of `step`: a step is begun by `first_step` (or `begin_plain_step`, for a step without ascent) and
+finished by `second_step` or `step()`; `step(closure)` takes the whole step; `step()` with nothing begun raises, so
+a loop that knows only `optimizer.step()` cannot silently train with the base optimizer alone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,9 +37,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import selection
+from .second_pass import frozen_batchnorm_stats, replayed_rng, rng_state
 from .sharded import local, process_group, whole_norms
 
 EPS = 1e-12
+# What `step()` says when no step was begun: how to take the two-pass step instead of a silent base step.
+NO_STEP_BEGUN = (
+    "{name}.step() was called without a closure and without first_step(): a sharpness-aware step takes two "
+    "forward/backward passes. Call optimizer.step(closure) with a closure that runs forward and backward and returns "
+    "the loss, or first_step() / second pass / second_step(); in your framework use its hf_zsharp integration "
+    "(ZSharpTrainer or ZSharpMixin, accelerate_step, hf_zsharp.lightning.ZSharpLightningModule, "
+    "hf_zsharp.timm.two_pass_step); begin_plain_step() first takes a deliberate step without ascent."
+)
+# The hyper-parameters each variant adds to the parameter groups, whichever method saved a state: what tells one
+# method's saved state from another's.
+METHOD_KEYS = ("rho", "adaptive", "eta", "sigma", "lmbda", "percentile", "radius", "mask")
 # The statistics `first_step` leaves in `ascent_stats` (logged by the two-pass step with a `sam_` prefix).
 ASCENT_STATISTICS = ("perturbation_norm", "kept_fraction")
 
@@ -122,7 +139,8 @@ class SAM(Optimizer):
     Wraps `base_optimizer` (a torch optimizer class, built here on the same parameter groups with
     `base_kwargs`). `step(closure)` runs the whole two-pass step; `step()` without a closure finishes a
     step begun with `first_step` (restore, then base step), so `GradScaler.step(optimizer)` and
-    `Trainer`'s own `optimizer.step()` work unchanged.
+    `Trainer`'s own `optimizer.step()` work unchanged, and raises when no step was begun.
+    `adaptive=True` (davda54/sam's flag) is ASAM with eta 0: e = rho * T^2 g / ||T g||, T = |w|.
     """
 
     default_rho = 0.05
@@ -135,6 +153,7 @@ class SAM(Optimizer):
         params: Iterable[Any],
         base_optimizer: type[Optimizer] = torch.optim.AdamW,
         rho: float | None = None,
+        adaptive: bool = False,
         *,
         method_defaults: dict[str, Any] | None = None,
         **base_kwargs: Any,
@@ -147,7 +166,10 @@ class SAM(Optimizer):
             "base_optimizer",
             f"must be a torch.optim.Optimizer class such as torch.optim.AdamW, got {base_optimizer!r}",
         )
-        super().__init__(params, {"rho": rho, **(method_defaults or {}), **base_kwargs})
+        self.adaptive = bool(adaptive)
+        method_defaults = {**({"eta": 0.0} if adaptive else {}), **(method_defaults or {})}
+        self.method_keys = ("rho", *method_defaults)
+        super().__init__(params, {"rho": rho, **method_defaults, **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         # One state too: `state_dict()` is then a plain torch one holding the base's state (what torch's
@@ -156,6 +178,7 @@ class SAM(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.skipped_perturbation = False
         self.skips = Skips()
+        self._begun = False  # a step begun (first_step or begin_plain_step) that step() or second_step finishes
         self.ascent_stats: dict[str, float] = {}
         # Per applied group: its tensors, then (dense) None, None and their copies, or (sparse) the positions
         # (int32 when they fit), per-tensor counts and the old values.
@@ -171,6 +194,7 @@ class SAM(Optimizer):
         """
         if self._saved:
             raise RuntimeError("first_step() called twice: call restore() or second_step() in between")
+        self._begun = True
         self._groups = {id(p): group for group in self.param_groups for p in group["params"]}
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         params = [p for p in params if p.numel()]  # empty tensors move nothing
@@ -210,10 +234,19 @@ class SAM(Optimizer):
         sync (the `found_inf` protocol GradScaler uses); any other base optimizer reads it (one transfer).
         """
         self.restore()
+        self._begun = False
         if self.skips.take_base_step():
             self._base_step_if_finite()
         if zero_grad:
             self.zero_grad()
+
+    def begin_plain_step(self) -> None:
+        """Begin a step without ascent: the next `step()` is the base optimizer's step alone (skipped if the
+        gradients are not finite). For deliberate plain steps, such as those between `sam_interval` ones."""
+        if self._saved:
+            raise RuntimeError("begin_plain_step() after first_step(): finish that step with second_step() first")
+        self.skips.take_base_step()  # a skip left by a step that never reached step() does not skip this one
+        self._begun = True
 
     def _base_step_if_finite(self) -> None:
         """Step the base optimizer unless a gradient is not finite, counting skips on the device."""
@@ -241,38 +274,118 @@ class SAM(Optimizer):
         return self.skips.pop()
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """With `closure` (zero grads, forward, backward, return loss): the full two-pass step.
+        """Without `closure`: finish the step begun by `first_step` or `begin_plain_step` (see `second_step`);
+        raises if none was begun.
 
-        Without: finish the current step (see `second_step`); a plain base step if nothing is perturbed (also
-        skipped if the gradients are not finite).
+        With `closure` (forward, backward, return the loss): the whole two-pass step, two passes in all. If the
+        gradients of the first pass are already there (davda54/sam's `loss.backward(); optimizer.step(closure)`),
+        the closure runs once, as the second pass; otherwise (no gradient since the last step, as in torch's
+        closure idiom or Lightning's) it runs the first pass too, and the second replays its random draws. The
+        second pass leaves BatchNorm running statistics alone. Returns the first pass's loss when the closure
+        ran it (else None); the gradients are cleared (None) afterwards, so the next step starts clean.
         """
         if closure is None:
+            if not self._begun:
+                raise RuntimeError(NO_STEP_BEGUN.format(name=type(self).__name__))
             self.second_step()
             return None
-        self.zero_grad()
-        with torch.enable_grad():
-            loss = closure()
-        if self.first_step(zero_grad=True):
+        if self._begun:
+            raise RuntimeError(
+                "step(closure) while a step is begun (first_step or begin_plain_step): finish it with step() or "
+                "second_step() first"
+            )
+        loss, replay = None, None
+        device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
+        if not self._has_gradients():
+            replay = rng_state(device)
             with torch.enable_grad():
+                loss = closure()
+            if self._begun:  # the closure took both passes itself (hf_zsharp.lightning's): finish the step
+                return self._finish_closure_step(loss)
+            if _from_lightning(closure):
+                self.zero_grad(set_to_none=True)
+                raise RuntimeError(
+                    f"{type(self).__name__} under PyTorch Lightning's automatic optimization: Lightning's closure "
+                    "would log each step twice and cannot take the second pass under 16-bit precision or gradient "
+                    "accumulation. Make your LightningModule subclass hf_zsharp.lightning.ZSharpLightningModule."
+                )
+        if self.first_step(zero_grad=True):
+            with torch.enable_grad(), frozen_batchnorm_stats(), replayed_rng(replay, device):
                 closure()
+        return self._finish_closure_step(loss)
+
+    def _finish_closure_step(self, loss: Tensor | None) -> Tensor | None:
         self.second_step()
+        self.zero_grad(set_to_none=True)
         return loss
+
+    def _has_gradients(self) -> bool:
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
+
+    def method_settings(self) -> dict[str, Any]:
+        """The method's hyper-parameters as the optimizer uses them (its first parameter group's): rho and the
+        variant's own (e.g. ZSharp's percentile, radius and mask), defaults resolved."""
+        group = self.param_groups[0]
+        return {key: group[key] for key in self.method_keys}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the state (the base optimizer's, e.g. Adam moments) and param groups, shared with the base again.
 
         `Optimizer.load_state_dict` replaces the state and the group dicts (Accelerate's `prepare` calls it);
-        relinking keeps an LR scheduler on this wrapper reaching the base optimizer.
+        relinking keeps an LR scheduler on this wrapper reaching the base optimizer. A state saved by another
+        method (or by a plain optimizer) is refused, naming both: its groups would lack this method's settings.
         """
+        self._check_method(state_dict)
         super().load_state_dict(state_dict)
         self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
 
+    def _check_method(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a state whose parameter groups hold another method's hyper-parameters than this optimizer's."""
+        groups = state_dict.get("param_groups") or [{}]
+        saved = tuple(key for key in METHOD_KEYS if key in groups[0])
+        if set(saved) != set(self.method_keys):
+            raise ValueError(
+                f"Cannot load this optimizer state into {type(self).__name__}: it was saved by "
+                f"{_method_name(saved)}, whose settings differ ({', '.join(saved) or 'none'} instead of "
+                f"{', '.join(self.method_keys)}). Resume with the method that saved it, or start a new run."
+            )
+
     def _moves(self, params: list[Tensor]) -> Ascent | None:
         """SAM's perturbation for `params` (all with gradients), or None if the gradients are not finite."""
+        if self.adaptive:
+            return self._adaptive_moves(params)
         grads = [local(p.grad) for p in params]
         (host_norms,) = self._norms(params, grads)
         return self._global_moves(params, grads, host_norms)
+
+    def _adaptive_moves(self, params: list[Tensor]) -> Ascent | None:
+        """ASAM's perturbation: e = rho * T^2 g / ||T g||, T = |w| + eta where `_adapted` says, 1 elsewhere."""
+        grads = [local(p.grad) for p in params]
+        scaled, directions = list(grads), list(grads)
+        for eta, positions in self._adapted(params).items():  # T g and T^2 g, T = |w| + eta, foreach ops
+            scales = torch._foreach_abs([local(params[i]) for i in positions])
+            torch._foreach_add_(scales, eta)
+            tg = torch._foreach_mul([grads[i] for i in positions], scales)
+            for i, x, y in zip(positions, tg, torch._foreach_mul(tg, scales)):
+                scaled[i], directions[i] = x, y
+        host_scaled, host_dirs = self._norms(params, scaled, directions)
+        total = math.sqrt(sum(n * n for n in host_scaled))
+        if not math.isfinite(total):
+            return None
+        alphas = [self._rho(p) / (total + EPS) for p in params]
+        return Ascent([Move(*move) for move in zip(params, directions, alphas, host_dirs)], [])
+
+    def _adapted(self, params: list[Tensor]) -> dict[float, list[int]]:
+        """Positions of the parameters T applies to, by their group's eta (T = 1 for the others): as in the ASAM
+        authors' code, those whose name contains "weight" when the groups hold names, else every parameter."""
+        positions: dict[float, list[int]] = {}
+        for i, p in enumerate(params):
+            group = self._group(p)
+            names = group.get("param_names")
+            if names is None or "weight" in names[_position(group["params"], p)]:
+                positions.setdefault(group["eta"], []).append(i)
+        return positions
 
     def _norms(self, params: list[Tensor], *tensor_lists: list[Tensor]) -> list[list[float]]:
         """Per list of `params`' (local) tensors, their norms on the host: one `fetch`. Under FSDP2 the whole
@@ -418,6 +531,24 @@ def _skips_on_device(optimizer: Optimizer) -> bool:
     )
 
 
+def _method_name(keys: tuple[str, ...]) -> str:
+    """The method whose parameter groups hold these of METHOD_KEYS."""
+    if not keys:
+        return "a plain optimizer (no rho: not a sharpness-aware one)"
+    for name, marker in (("ZSharp", "percentile"), ("FriendlySAM", "sigma"), ("ASAM", "eta")):
+        if marker in keys:
+            return name
+    return "SAM"
+
+
+def _from_lightning(closure: Callable[..., Any]) -> bool:
+    """Whether `closure` is PyTorch Lightning's (its precision plugin's wrapper or its loop's closure object)."""
+    if isinstance(closure, functools.partial):
+        return _from_lightning(closure.func) or any(map(_from_lightning, closure.args))
+    owner = getattr(closure, "__self__", closure)
+    return type(owner).__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+
+
 def _position(params: list[Tensor], param: Tensor) -> int:
     return next(i for i, p in enumerate(params) if p is param)
 
@@ -451,33 +582,9 @@ class ASAM(SAM):
         **base_kwargs: Any,
     ) -> None:
         check_argument(eta >= 0, "eta", f"must be >= 0, got {eta}")
-        super().__init__(params, base_optimizer, rho, method_defaults={"eta": eta}, **base_kwargs)
-
-    def _moves(self, params: list[Tensor]) -> Ascent | None:
-        grads = [local(p.grad) for p in params]
-        scaled, directions = list(grads), list(grads)
-        for eta, positions in self._adapted(params).items():  # T g and T^2 g, T = |w| + eta, foreach ops
-            scales = torch._foreach_abs([local(params[i]) for i in positions])
-            torch._foreach_add_(scales, eta)
-            tg = torch._foreach_mul([grads[i] for i in positions], scales)
-            for i, x, y in zip(positions, tg, torch._foreach_mul(tg, scales)):
-                scaled[i], directions[i] = x, y
-        host_scaled, host_dirs = self._norms(params, scaled, directions)
-        total = math.sqrt(sum(n * n for n in host_scaled))
-        if not math.isfinite(total):
-            return None
-        alphas = [self._rho(p) / (total + EPS) for p in params]
-        return Ascent([Move(*move) for move in zip(params, directions, alphas, host_dirs)], [])
-
-    def _adapted(self, params: list[Tensor]) -> dict[float, list[int]]:
-        """Positions of the parameters T applies to, by their group's eta (T = 1 for the others)."""
-        positions: dict[float, list[int]] = {}
-        for i, p in enumerate(params):
-            group = self._group(p)
-            names = group.get("param_names")
-            if names is None or "weight" in names[_position(group["params"], p)]:
-                positions.setdefault(group["eta"], []).append(i)
-        return positions
+        super().__init__(
+            params, base_optimizer, rho, adaptive=True, method_defaults={"eta": eta}, **base_kwargs
+        )
 
 
 class FriendlySAM(SAM):
