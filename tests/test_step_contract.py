@@ -21,7 +21,9 @@ METHODS = ["zsharp", "sam", "asam", "fsam"]
 
 
 def build(method: str, model: nn.Module, **kwargs):
-    return create_sam_optimizer(method, model.named_parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **kwargs)
+    return create_sam_optimizer(
+        method, model.named_parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **kwargs
+    )
 
 
 class Counted(nn.Module):
@@ -73,7 +75,9 @@ def test_step_without_closure_or_first_step_refuses_to_take_a_base_step(method: 
     optimizer = build(method, model)
     before = copy.deepcopy(model.state_dict())
     loss_of(model).backward()
-    with pytest.raises(RuntimeError, match=r"step\(\) was called without a closure and without first_step\(\)"):
+    with pytest.raises(
+        RuntimeError, match=r"step\(\) was called without a closure and without first_step\(\)"
+    ):
         optimizer.step()
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -175,7 +179,12 @@ def test_davda54_signature_adaptive_true_is_asam_with_eta_zero() -> None:
 
 @pytest.mark.parametrize(
     ("saved", "loaded", "named"),
-    [("zsharp", "sam", "ZSharp"), ("sam", "zsharp", "SAM"), ("fsam", "asam", "FriendlySAM"), ("asam", "fsam", "ASAM")],
+    [
+        ("zsharp", "sam", "ZSharp"),
+        ("sam", "zsharp", "SAM"),
+        ("fsam", "asam", "FriendlySAM"),
+        ("asam", "fsam", "ASAM"),
+    ],
 )
 def test_loading_another_methods_state_is_refused_naming_both(saved: str, loaded: str, named: str) -> None:
     model = mlp()

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .second_pass import frozen_batchnorm_stats
 from .sam import ASAM, ASCENT_STATISTICS, SAM, FriendlySAM
+from .second_pass import frozen_batchnorm_stats
 from .zsharp import MASKS, RADII, ZSharp
 
 __all__ = [

@@ -178,7 +178,9 @@ class SAM(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.skipped_perturbation = False
         self.skips = Skips()
-        self._begun = False  # a step begun (first_step or begin_plain_step) that step() or second_step finishes
+        self._begun = (
+            False  # a step begun (first_step or begin_plain_step) that step() or second_step finishes
+        )
         self.ascent_stats: dict[str, float] = {}
         # Per applied group: its tensors, then (dense) None, None and their copies, or (sparse) the positions
         # (int32 when they fit), per-tensor counts and the old values.
@@ -244,7 +246,9 @@ class SAM(Optimizer):
         """Begin a step without ascent: the next `step()` is the base optimizer's step alone (skipped if the
         gradients are not finite). For deliberate plain steps, such as those between `sam_interval` ones."""
         if self._saved:
-            raise RuntimeError("begin_plain_step() after first_step(): finish that step with second_step() first")
+            raise RuntimeError(
+                "begin_plain_step() after first_step(): finish that step with second_step() first"
+            )
         self.skips.take_base_step()  # a skip left by a step that never reached step() does not skip this one
         self._begun = True
 
