@@ -1,0 +1,30 @@
+"""The README's code blocks, for the tests that execute them: every block a user may copy runs in a test."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks(heading: str) -> list[str]:
+    """The ```python blocks of the README section under `heading` (a whole heading line, e.g. "### timm"), in
+    order, up to the next heading of the same or a higher level."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    level = len(heading) - len(heading.lstrip("#"))
+    start = lines.index(heading) + 1
+    end = next(
+        (
+            i
+            for i in range(start, len(lines))
+            if re.match(r"#{1,%d} " % level, lines[i]) and not _inside_block(lines, i)
+        ),
+        len(lines),
+    )
+    section = "\n".join(lines[start:end])
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+
+
+def _inside_block(lines: list[str], index: int) -> bool:
+    return sum(line.startswith("```") for line in lines[:index]) % 2 == 1
