@@ -17,9 +17,12 @@ _EXPORTS = {
     "ZSharp": "hf_zsharp.optim",
     "create_sam_optimizer": "hf_zsharp.optim",
     "frozen_batchnorm_stats": "hf_zsharp.optim",
+    "ZSharpArgumentsMixin": "hf_zsharp.args",
     "ZSharpTrainingArguments": "hf_zsharp.args",
+    "ZSharpMixin": "hf_zsharp.trainer",
     "ZSharpTrainer": "hf_zsharp.trainer",
     "accelerate_step": "hf_zsharp.two_pass",
+    "pop_sam_stats": "hf_zsharp.two_pass",
     "sharpness": "hf_zsharp.sharpness",
 }
 

@@ -39,10 +39,9 @@ _ZSHARP = inspect.signature(ZSharp).parameters
 
 
 @dataclass
-class ZSharpTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the sharpness-aware step of `ZSharpTrainer` (ZSharp by default)."""
-
-    _argument_group_name = "Training options (transformers.TrainingArguments, then the sharpness-aware ones)"
+class ZSharpArgumentsMixin:
+    """The sharpness-aware options of `ZSharpMixin`, for any `TrainingArguments` subclass: put it first, e.g.
+    `@dataclass class ZSharpSFTConfig(ZSharpArgumentsMixin, SFTConfig)` for TRL's SFTTrainer."""
 
     sam: str = field(
         default="zsharp",
@@ -101,14 +100,6 @@ class ZSharpTrainingArguments(TrainingArguments):
         },
     )
 
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Write into an output_dir that already holds a run (its files are overwritten, never deleted). "
-            "Without it, hf-zsharp-train refuses such a directory."
-        },
-    )
-
     def __post_init__(self) -> None:
         # Checked before TrainingArguments' own set-up, which would already initialise DeepSpeed/FSDP.
         if self.sam not in SAM_METHODS:
@@ -161,6 +152,21 @@ class ZSharpTrainingArguments(TrainingArguments):
         if self.sam in METHODS:
             kwargs.update({option: getattr(self, name) for option, name in METHODS[self.sam].options.items()})
         return kwargs
+
+
+@dataclass
+class ZSharpTrainingArguments(ZSharpArgumentsMixin, TrainingArguments):
+    """`TrainingArguments` with the sharpness-aware step of `ZSharpTrainer` (ZSharp by default)."""
+
+    _argument_group_name = "Training options (transformers.TrainingArguments, then the sharpness-aware ones)"
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an output_dir that already holds a run (its files are overwritten, never deleted). "
+            "Without it, hf-zsharp-train refuses such a directory."
+        },
+    )
 
 
 @dataclass

@@ -41,20 +41,28 @@ FRAMEWORKS = ("torch", "transformers", "accelerate", "datasets", "hf_zsharp")
 _SECRET_KEY = re.compile(r"(token|secret|password)$", re.IGNORECASE)
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
 REDACTED = "<redacted>"
-# The row labels of the methods' options, by constructor argument (`MethodInfo.options` names their settings key).
-_OPTION_LABELS = {"percentile": "Z-score percentile Q_p", "radius": "Radius normalisation", "mask": "Mask"}
+# The row labels of the methods' options, by constructor argument (`MethodInfo.setting_key` names their key).
+_OPTION_LABELS = {
+    "percentile": "Z-score percentile Q_p",
+    "radius": "Radius normalisation",
+    "mask": "Mask",
+    "eta": "eta (ASAM: T = |w| + eta)",
+    "sigma": "sigma (Friendly-SAM: ascent along g - sigma * m)",
+    "lmbda": "lambda (Friendly-SAM: EMA factor of m)",
+}
 # settings key -> row label, in table order: the sharpness-aware rows a method reads (every method reads rho and
 # the interval, each its own options; "none" reads none), then the rows of every run.
 _METHOD_ROWS = {
     "sam_rho": "rho (ascent radius)",
     **{
-        key: _OPTION_LABELS[option]
+        info.setting_key(option): _OPTION_LABELS[option]
         for info in METHODS.values()
-        for option, key in info.options.items()
-        if option in _OPTION_LABELS
+        for option in info.hyperparameters
     },
     "sam_interval": "Perturbation interval (steps)",
 }
+# The section added to a host trainer's own card (a language model's, TRL's, ...), between these markers.
+_SECTION_START, _SECTION_END = "<!-- hf_zsharp -->", "<!-- /hf_zsharp -->"
 _RUN_ROWS = {
     "optim": "Base optimizer",
     "learning_rate": "Learning rate",
@@ -284,11 +292,12 @@ def write_model_card(
     dataset_split: str | None = None,
     repo_id: str | None = None,
     description: str | None = None,
+    secrets: Iterable[str] = (),
 ) -> Path:
     """Write README.md, the training-curves PNG and zsharp_args.json into a saved model folder.
 
     Call after `save_model` (and the image processor's `save_pretrained`): the loading snippet adapts to
-    what the folder holds. Returns the card's path.
+    what the folder holds. `secrets`: tokens to redact besides those `settings` holds. Returns the card's path.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -312,7 +321,39 @@ def write_model_card(
         plot_training_curves(log_history, output_dir / CURVES_NAME)
     save_zsharp_args(output_dir, settings)
     path = output_dir / CARD_NAME
-    path.write_text(redact_tokens(str(card), tokens_in_use(settings)), encoding="utf-8")
+    path.write_text(redact_tokens(str(card), tokens_in_use(settings, secrets)), encoding="utf-8")
+    return path
+
+
+def add_sam_section(output_dir: Path, settings: Mapping[str, Any] | Any, secrets: Iterable[str] = ()) -> Path:
+    """Add to the host trainer's card in `output_dir` (README.md, written by e.g. TRL) what hf_zsharp did: the
+    method, the settings table and the tags; the card's own task, metadata and text stay. Replaces the section an
+    earlier call added, so cards rewritten at each checkpoint hold it once. Returns the card's path."""
+    clean = public_settings(settings)
+    method = str(clean.get("sam", ""))
+    path = output_dir / CARD_NAME
+    card = (
+        ModelCard.load(path) if path.is_file() else ModelCard(f"---\n---\n\n# {output_dir.resolve().name}\n")
+    )
+    rows = "\n".join(f"| {label} | {value} |" for label, value in _settings_rows(clean, method))
+    section = (
+        f"{_SECTION_START}\n## Sharpness-aware training\n\nThe weights were optimised with **{METHOD_TITLES[method]}** "
+        "through the `hf_zsharp` package: each optimizer step takes two forward/backward passes, the second at "
+        "weights moved up the loss by the ascent of radius rho, and the base optimizer updates the original weights "
+        "with the second gradient. The training metrics above count each step once, at the original weights.\n\n"
+        f"| Setting | Value |\n|---|---|\n{rows}\n{_SECTION_END}"
+    )
+    text = card.text
+    if _SECTION_START in text and _SECTION_END in text:
+        before, rest = text.split(_SECTION_START, 1)
+        text = before + section + rest.split(_SECTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card.text = text
+    card.data.tags = sorted(
+        {*(card.data.tags or []), *TAGS[:2], *([method] if method not in ("zsharp", "none") else [])}
+    )
+    path.write_text(redact_tokens(str(card), tokens_in_use(settings, secrets)), encoding="utf-8")
     return path
 
 
@@ -388,7 +429,8 @@ def _format(value: Any) -> str:
 
 def _settings_rows(settings: Mapping[str, Any], method: str) -> list[tuple[str, str]]:
     rows = [("Method", f"`{method}`: {METHOD_TITLES[method]}")]
-    read = {"sam_rho", "sam_interval", *METHODS[method].options.values()} if method in METHODS else set()
+    info = METHODS.get(method)
+    read = {"sam_rho", "sam_interval", *map(info.setting_key, info.hyperparameters)} if info else set()
     labels = {key: label for key, label in _METHOD_ROWS.items() if key in read} | _RUN_ROWS
     # --max_steps > 0 replaces the epochs (Trainer's rule); -1 or 0 leaves them.
     del labels["num_train_epochs" if (settings.get("max_steps") or -1) > 0 else "max_steps"]

@@ -65,11 +65,17 @@ def check_interval(interval: object, name: str = "interval") -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {interval!r}.")
 
 
+def inner_optimizer(optimizer: Optimizer | None) -> Optimizer | None:
+    """The optimizer inside Accelerate's (or another) wrapper that keeps it as `.optimizer`: an hf_zsharp one if
+    there is one."""
+    while optimizer is not None and not isinstance(optimizer, SAM) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def unwrap_sam_optimizer(optimizer: Optimizer) -> SAM:
     """The hf_zsharp optimizer inside Accelerate's (or another) wrapper that keeps it as `.optimizer`."""
-    inner = optimizer
-    while not isinstance(inner, SAM) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = inner_optimizer(optimizer)
     if not isinstance(inner, SAM):
         raise TypeError(
             f"The two-pass step needs an hf_zsharp optimizer (ZSharp, SAM, ASAM, FriendlySAM); got {type(optimizer)!r}."
@@ -133,6 +139,7 @@ class TwoPassStep:
     The logged `sam_loss_increase` is L(w + e) - L(w) of the step's batch, from the losses both passes compute
     anyway. `loss_shares=True` says that `forward_backward` returns each micro-batch's share of the step's
     loss (as `Trainer.training_step` does), which add up; otherwise the micro-batches' losses are averaged.
+    `second_pass` is a context the second passes run in (e.g. keeping a trainer's per-step metrics to the first).
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class TwoPassStep:
         optimizer: Optimizer,
         sync_ascent: bool = False,
         loss_shares: bool = False,
+        second_pass: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         check_supported(accelerator)
         self.accelerator = accelerator
@@ -150,6 +158,7 @@ class TwoPassStep:
         self.sharded = getattr(accelerator, "is_fsdp2", False) or any(map(is_sharded, model.parameters()))
         self.sync_ascent = sync_ascent or self.sharded
         self.loss_shares = loss_shares
+        self.second_pass = second_pass
         self.optimizer_steps = 0
         self._pending: list[tuple[Callable[[], torch.Tensor], RngState, torch.Tensor]] = []
         self.log = StepLog()
@@ -217,7 +226,7 @@ class TwoPassStep:
             self.model.zero_grad(set_to_none=True)
             last = len(self._pending) - 1
             increase = torch.zeros((), device=self.accelerator.device)
-            with frozen_batchnorm_stats(self.model):
+            with frozen_batchnorm_stats(self.model), self.second_pass():
                 for i, (forward_backward, rng, first_loss) in enumerate(self._pending):
                     set_rng_state(rng, self.accelerator.device)
                     with self.accelerator.no_sync(self.model) if i < last else contextlib.nullcontext():

@@ -9,17 +9,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def python_blocks(heading: str) -> list[str]:
-    """The ```python blocks of the README section under `heading` (a whole heading line, e.g. "### timm"), in
-    order, up to the next heading of the same or a higher level."""
+    """The ```python blocks under `heading` (a whole heading line, e.g. "## With timm"), in order, up to the next
+    heading (of any level: a subsection's blocks are its own)."""
     lines = README.read_text(encoding="utf-8").splitlines()
-    level = len(heading) - len(heading.lstrip("#"))
     start = lines.index(heading) + 1
     end = next(
-        (
-            i
-            for i in range(start, len(lines))
-            if re.match(r"#{1,%d} " % level, lines[i]) and not _inside_block(lines, i)
-        ),
+        (i for i in range(start, len(lines)) if re.match(r"#+ ", lines[i]) and not _inside_block(lines, i)),
         len(lines),
     )
     section = "\n".join(lines[start:end])

@@ -183,6 +183,9 @@ def test_a_finished_run_says_where_its_results_are_and_the_card_states_steps_and
     card = (out / "README.md").read_text()
     assert "| Training steps | 2 |" in card and "| Epochs |" not in card  # --max_steps replaces the epochs
     assert "| Processes | 1 |" in card and "| Total batch size | 8 |" in card and "| Epochs run |" in card
+    # The default run states the rho its optimizer used (the method's default), not "null" and no row.
+    assert "| rho (ascent radius) | 0.05 |" in card and "| Z-score percentile Q_p | 0.95 |" in card
+    assert json.loads((out / "zsharp_args.json").read_text())["sam_rho"] == 0.05
 
 
 def test_small_models_on_the_cpu_take_one_thread_unless_omp_num_threads_is_set(monkeypatch):
@@ -529,6 +532,25 @@ def test_resume_from_checkpoint_last_resumes_the_last_checkpoint_and_says_which(
     with pytest.raises(SystemExit, match="checkpoint-3'? is the end of a finished run \\(step 3 of 3\\)"):
         train("--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "last")
     assert (out / "all_results.json").read_text() == results and not (out / "checkpoint-4").exists()
+
+
+def test_a_resume_with_other_sharpness_settings_or_method_is_refused_naming_them(tmp_path):
+    """The checkpoint's optimizer keeps its own rho and percentile when loaded: a run stating 0.5 while its
+    optimizer used 0.05 is refused, as is another --sam (which failed with a bare `error: 'percentile'`)."""
+    out = tmp_path / "out"
+    steps = ["--save_strategy", "steps", "--save_steps", "2", "--max_train_samples", "16"]
+    train("--output_dir", out, *FAST, *steps)
+    again = ["--output_dir", out, *FAST, *steps, "--max_steps", "3", "--resume_from_checkpoint", "last"]
+    with pytest.raises(
+        SystemExit,
+        match=r"error: .*sam_rho 0\.05 \(this run: 0\.5\), zsharp_percentile 0\.95 \(this run: 0\.5\)",
+    ):
+        train(*again, "--sam_rho", "0.5", "--zsharp_percentile", "0.5")
+    with pytest.raises(
+        SystemExit, match="error: Cannot load this optimizer state into SAM: it was saved by ZSharp"
+    ):
+        train(*again, "--sam", "sam")
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2  # nothing trained
 
 
 @pytest.mark.parametrize(

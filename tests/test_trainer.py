@@ -1,6 +1,7 @@
 """ZSharpTrainingArguments and ZSharpTrainer on the CPU (DDP: test_ddp.py)."""
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 from tiny_training import TinyData, TinyNet, decay_groups, flat, tiny_args
-from transformers import HfArgumentParser, TrainerCallback, get_linear_schedule_with_warmup
+from transformers import HfArgumentParser, PretrainedConfig, TrainerCallback, get_linear_schedule_with_warmup
 
 from hf_zsharp.args import ZSharpTrainingArguments
 from hf_zsharp.optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_batchnorm_stats
@@ -267,7 +268,7 @@ def test_a_plain_optimizer_is_refused(tmp_path):
 def test_args_must_be_zsharp_arguments(tmp_path):
     from transformers import TrainingArguments
 
-    with pytest.raises(TypeError, match="needs ZSharpTrainingArguments"):
+    with pytest.raises(TypeError, match="needs arguments with the sharpness-aware options"):
         ZSharpTrainer(model=TinyNet(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
 
 
@@ -567,11 +568,18 @@ def test_fsdp2_with_bf16_refuses_a_batchnorm_model_before_training():
     check_fsdp2_batchnorm(with_norm, SimpleNamespace(is_fsdp2=False, mixed_precision="bf16"))
 
 
-def test_create_model_card_writes_the_hf_zsharp_card(tmp_path):
+class TinyNetForImageClassification(TinyNet):
+    """TinyNet under an image classifier's name: the kind of model hf_zsharp's own card describes."""
+
+
+def test_create_model_card_writes_the_hf_zsharp_card_for_an_image_classifier(tmp_path):
     """Trainer.push_to_hub and users calling create_model_card get hf_zsharp's card, not Trainer's generic one."""
     args = tiny_args(str(tmp_path), eval_strategy="steps", eval_steps=2, logging_steps=1, sam_rho=0.1)
     trainer = ZSharpTrainer(
-        model=TinyNet(), args=args, train_dataset=TinyData(), eval_dataset=TinyData(16, 2)
+        model=TinyNetForImageClassification(),
+        args=args,
+        train_dataset=TinyData(),
+        eval_dataset=TinyData(16, 2),
     )
     trainer.train()
     trainer.create_model_card(model_name="tiny-zsharp", finetuned_from="someone/base", dataset="someone/data")
@@ -579,3 +587,92 @@ def test_create_model_card_writes_the_hf_zsharp_card(tmp_path):
     assert "# tiny-zsharp" in card and "ZSharp (SAM with Z-score gradient filtering" in card
     assert "| rho (ascent radius) | 0.1 |" in card and "| Evaluation loss |" in card
     assert "base_model: someone/base" in card and (tmp_path / "training_curves.png").is_file()
+    assert "pipeline_tag: image-classification" in card
+
+
+def test_another_model_keeps_the_host_trainers_card_with_the_zsharp_section(tmp_path):
+    """A model that is not an image classifier is never described as one: Trainer's own card, plus what ZSharp
+    did (method, settings with rho resolved) and its tags; a second call replaces the section."""
+    model = TinyNet()
+    model.config = PretrainedConfig()  # Trainer's own card reads the model's config
+    trainer = train(tmp_path, model, sam="asam", logging_steps=1)
+    for _ in range(2):
+        trainer.create_model_card(model_name="tiny-asam")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "image classifier" not in card and "image-classification" not in card
+    assert (
+        "generated_from_trainer" in card and "sharpness-aware-minimization" in card
+    )  # Trainer's tags and ours
+    assert card.count("## Sharpness-aware training") == 1
+    assert "ASAM (adaptive SAM" in card and "| rho (ascent radius) | 0.5 |" in card
+    assert "| eta (ASAM: T = |w| + eta) | 0.01 |" in card
+    stated = json.loads((tmp_path / "out" / "zsharp_args.json").read_text())
+    assert stated["sam_rho"] == 0.5 and stated["asam_eta"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("sam", "rho", "stated"),
+    [
+        (
+            "zsharp",
+            None,
+            {"sam_rho": 0.05, "zsharp_percentile": 0.95, "sam_radius": "tensor", "sam_mask": "zscore"},
+        ),
+        ("fsam", 0.2, {"sam_rho": 0.2, "fsam_sigma": 1.0, "fsam_lmbda": 0.9}),
+        ("sam", None, {"sam_rho": 0.05}),
+    ],
+)
+def test_the_stated_settings_are_the_optimizers_with_defaults_resolved(tmp_path, sam, rho, stated):
+    trainer = ZSharpTrainer(model=TinyNet(), args=tiny_args(str(tmp_path), sam=sam, sam_rho=rho))
+    assert {key: trainer.stated_settings()[key] for key in stated} == stated  # before training: resolved
+    trainer = train(tmp_path, sam=sam, sam_rho=rho)
+    settings = trainer.stated_settings()
+    assert {key: settings[key] for key in stated} == stated
+    assert trainer.optimizer.optimizer.method_settings() == {
+        option: settings[key]
+        for option, key in zip(trainer.optimizer.optimizer.method_keys, stated, strict=True)
+    }
+
+
+def _checkpointed(tmp_path, **run):
+    train(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, **run)
+    return str(tmp_path / "out" / "checkpoint-2")
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ({"sam_rho": 0.5}, r"sam_rho 0\.05 \(this run: 0\.5\)"),
+        ({"zsharp_percentile": 0.5}, r"zsharp_percentile 0\.95 \(this run: 0\.5\)"),
+        ({"sam_mask": "random"}, r"sam_mask 'zscore' \(this run: 'random'\)"),
+    ],
+)
+def test_a_resume_with_other_sharpness_settings_is_refused_naming_them(tmp_path, changed, named):
+    checkpoint = _checkpointed(tmp_path)
+    trainer = ZSharpTrainer(
+        model=TinyNet(),
+        args=tiny_args(str(tmp_path / "again"), max_steps=4, **changed),
+        train_dataset=TinyData(),
+    )
+    with pytest.raises(ValueError, match=named):
+        trainer.train(resume_from_checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("saved", "resumed", "named"),
+    [
+        ("zsharp", "sam", "into SAM: it was saved by ZSharp"),
+        ("sam", "fsam", "into FriendlySAM: it was saved by SAM"),
+        ("none", "zsharp", "into ZSharp: it was saved by a plain optimizer"),
+        ("zsharp", "none", "was trained with a sharpness-aware method"),
+    ],
+)
+def test_a_resume_with_another_method_is_refused_naming_both(tmp_path, saved, resumed, named):
+    checkpoint = _checkpointed(tmp_path, sam=saved)
+    trainer = ZSharpTrainer(
+        model=TinyNet(),
+        args=tiny_args(str(tmp_path / "again"), max_steps=4, sam=resumed),
+        train_dataset=TinyData(),
+    )
+    with pytest.raises(ValueError, match=named):
+        trainer.train(resume_from_checkpoint=checkpoint)

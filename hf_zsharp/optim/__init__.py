@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "ZSharp",
     "create_sam_optimizer",
     "frozen_batchnorm_stats",
+    "stated_settings",
 ]
 
 
@@ -44,6 +46,34 @@ class MethodInfo:
     def default_rho(self) -> float:
         return self.cls.default_rho
 
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        """The constructor's options that its parameter groups hold besides rho (e.g. ZSharp's percentile, radius
+        and mask; ASAM's eta), read off the signature."""
+        own = ("self", "params", "base_optimizer", "rho", "adaptive", "seed")
+        return tuple(
+            name
+            for name, parameter in inspect.signature(self.cls.__init__).parameters.items()
+            if name not in own and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        )
+
+    def resolve(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters the method's constructor makes of `kwargs` (rho and `hyperparameters`), defaults
+        resolved: what `SAM.method_settings()` of the optimizer built with them reports."""
+        defaults = inspect.signature(self.cls.__init__).parameters
+        rho = kwargs.get("rho")
+        return {
+            "rho": self.default_rho if rho is None else rho,
+            **{name: kwargs.get(name, defaults[name].default) for name in self.hyperparameters},
+        }
+
+    def setting_key(self, option: str) -> str:
+        """The key under which a run states `option` (zsharp_args.json, the card): the arguments field that sets
+        it (`sam_rho`, `zsharp_percentile`, ...), or `<method>_<option>` for one that no field sets."""
+        if option == "rho":
+            return "sam_rho"
+        return self.options.get(option) or f"{next(k for k, v in METHODS.items() if v is self)}_{option}"
+
 
 METHODS: dict[str, MethodInfo] = {
     "zsharp": MethodInfo(
@@ -55,6 +85,12 @@ METHODS: dict[str, MethodInfo] = {
     "asam": MethodInfo(ASAM, "ASAM (adaptive SAM, Kwon et al. 2021)", {}),
     "fsam": MethodInfo(FriendlySAM, "Friendly-SAM (Li et al. 2024)", {}),
 }
+
+
+def stated_settings(method: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's hyper-parameters (`SAM.method_settings()`: option -> value) under the keys a run states them."""
+    info = METHODS[method]
+    return {info.setting_key(option): value for option, value in values.items()}
 
 
 def create_sam_optimizer(
