@@ -200,3 +200,23 @@ def test_loading_a_plain_optimizers_state_is_refused() -> None:
     with pytest.raises(ValueError, match="saved by a plain optimizer"):
         ZSharp(model.parameters()).load_state_dict(state)
     assert isinstance(FriendlySAM(model.parameters()), SAM)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules:UserWarning")
+def test_complex_parameters_are_refused_at_construction_naming_them() -> None:
+    model = nn.Linear(3, 3).to(torch.complex64)
+    with pytest.raises(ValueError, match="params: complex parameters are not supported.*weight, bias"):
+        ZSharp(model.named_parameters())
+
+
+def test_sparse_gradients_are_refused_naming_the_parameter_before_any_move() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    optimizer = ZSharp(model.named_parameters(), torch.optim.SGD, lr=0.1)
+    model(torch.tensor([1, 2])).sum().backward()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        ValueError, match=r"needs dense gradients; these are sparse: 0\.weight .*sparse=False"
+    ):
+        optimizer.first_step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -170,6 +170,14 @@ class SAM(Optimizer):
         method_defaults = {**({"eta": 0.0} if adaptive else {}), **(method_defaults or {})}
         self.method_keys = ("rho", *method_defaults)
         super().__init__(params, {"rho": rho, **method_defaults, **base_kwargs})
+        complex_params = [
+            _name(group, p) for group in self.param_groups for p in group["params"] if p.is_complex()
+        ]
+        check_argument(
+            not complex_params,
+            "params",
+            f"complex parameters are not supported (the ascent's norms and statistics are real): {', '.join(complex_params)}",
+        )
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         # One state too: `state_dict()` is then a plain torch one holding the base's state (what torch's
@@ -196,10 +204,16 @@ class SAM(Optimizer):
         """
         if self._saved:
             raise RuntimeError("first_step() called twice: call restore() or second_step() in between")
-        self._begun = True
         self._groups = {id(p): group for group in self.param_groups for p in group["params"]}
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         params = [p for p in params if p.numel()]  # empty tensors move nothing
+        sparse = [_name(self._groups[id(p)], p) for p in params if p.grad.is_sparse]
+        if sparse:
+            raise ValueError(
+                f"{type(self).__name__} needs dense gradients; these are sparse: {', '.join(sparse)} (e.g. "
+                "nn.Embedding(sparse=True): build it with sparse=False)."
+            )
+        self._begun = True
         self._process_group = process_group(params)
         ascent = self._moves(params) if params else Ascent([], [])
         self.skipped_perturbation = ascent is None
@@ -551,6 +565,12 @@ def _from_lightning(closure: Callable[..., Any]) -> bool:
         return _from_lightning(closure.func) or any(map(_from_lightning, closure.args))
     owner = getattr(closure, "__self__", closure)
     return type(owner).__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+
+
+def _name(group: dict[str, Any], param: Tensor) -> str:
+    """The parameter's name when the groups hold names (`model.named_parameters()`), else its shape."""
+    names = group.get("param_names")
+    return names[_position(group["params"], param)] if names else f"a parameter of shape {tuple(param.shape)}"
 
 
 def _position(params: list[Tensor], param: Tensor) -> int:
