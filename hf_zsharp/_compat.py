@@ -19,3 +19,27 @@ def require_torch(feature: str, version: str = TORCH_FLOOR) -> None:
             f"hf_zsharp's {feature} needs torch>={version}, found torch {torch.__version__}: "
             f"pip install -U 'torch>={version}'"
         )
+
+
+def timm_optimizer_registry() -> object:
+    """timm's default `OptimizerRegistry`, where `create_optimizer_v2(model, NAME)` and train.py's `--opt NAME`
+    look optimizers up, for `hf_zsharp.timm` to register its own in.
+
+    timm exports `OptimInfo` and `list_optimizers` but no way to register one: the registry is the private
+    `timm.optim._optim_factory.default_registry`, with `register(OptimInfo)`; checked in timm 1.0.23 and 1.0.31.
+    """
+    try:
+        from timm.optim import _optim_factory
+    except ImportError:
+        _optim_factory = None
+    registry = getattr(_optim_factory, "default_registry", None)
+    if not callable(getattr(registry, "register", None)):
+        import timm
+
+        raise ImportError(
+            f"hf_zsharp.timm registers its optimizers in timm's optimizer registry "
+            f"(timm.optim._optim_factory.default_registry, checked in timm 1.0.23 to 1.0.31), which timm "
+            f"{timm.__version__} lacks: pip install 'timm>=1.0.23', or build the optimizer without timm's factory "
+            "(hf_zsharp.create_sam_optimizer)."
+        )
+    return registry
