@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_zsharp import ZSharpArgumentsMixin, ZSharpMixin  # noqa: E402
 
-WORDS = "the a cat dog sat ran on under mat log fast slow and".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "fast", "slow", "and"]
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
 

@@ -337,6 +337,12 @@ class SAM(Optimizer):
         self.zero_grad(set_to_none=True)
         return loss
 
+    @property
+    def step_begun(self) -> bool:
+        """Whether a step was begun (`first_step` or `begin_plain_step`) that `step()` or `second_step` has not
+        finished: true after a step a GradScaler skipped (it never called `step()`)."""
+        return self._begun
+
     def _has_gradients(self) -> bool:
         return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
