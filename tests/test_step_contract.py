@@ -83,6 +83,20 @@ def test_step_without_closure_or_first_step_refuses_to_take_a_base_step(method: 
         assert torch.equal(value, before[key]), key
 
 
+def test_step_with_zero_gradients_initialises_the_state_as_torch_checkpointing_does() -> None:
+    """torch.distributed.checkpoint's `_init_optim_state` calls `step()` with zero gradients at lr 0: with no
+    gradient the ascent is zero and the two-pass step is the base step, so it is taken, not refused."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = ZSharp(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    _init_optim_state(optimizer)
+    assert len(optimizer.state) == len(list(model.parameters()))  # Adam's moments exist
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_a_deliberate_plain_step_is_the_base_optimizers_step() -> None:
     model = mlp()
     twin = copy.deepcopy(model)

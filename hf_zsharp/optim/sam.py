@@ -293,7 +293,9 @@ class SAM(Optimizer):
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Without `closure`: finish the step begun by `first_step` or `begin_plain_step` (see `second_step`);
-        raises if none was begun.
+        raises if none was begun, unless every gradient is zero or absent: then the two-pass step's ascent would
+        be zero and its step the base step, which is taken (torch's distributed checkpoint initialises an
+        optimizer's state so, with zero gradients at lr 0).
 
         With `closure` (forward, backward, return the loss): the whole two-pass step, two passes in all. If the
         gradients of the first pass are already there (davda54/sam's `loss.backward(); optimizer.step(closure)`),
@@ -303,7 +305,7 @@ class SAM(Optimizer):
         ran it (else None); the gradients are cleared (None) afterwards, so the next step starts clean.
         """
         if closure is None:
-            if not self._begun:
+            if not self._begun and not self._gradients_all_zero():
                 raise RuntimeError(NO_STEP_BEGUN.format(name=type(self).__name__))
             self.second_step()
             return None
@@ -342,6 +344,11 @@ class SAM(Optimizer):
         """Whether a step was begun (`first_step` or `begin_plain_step`) that `step()` or `second_step` has not
         finished: true after a step a GradScaler skipped (it never called `step()`)."""
         return self._begun
+
+    def _gradients_all_zero(self) -> bool:
+        """Whether every gradient is zero or absent (one host read)."""
+        grads = [local(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return not grads or not fetch(torch.stack(norms(grads)).ne(0).any().float())[0][0]
 
     def _has_gradients(self) -> bool:
         return any(p.grad is not None for group in self.param_groups for p in group["params"])
