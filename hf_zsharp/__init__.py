@@ -10,7 +10,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ASCENT_STATISTICS": "hf_zsharp.optim",
+    "ASCENT_STATISTICS": "hf_zsharp.keys",
     "SAM": "hf_zsharp.optim",
     "ASAM": "hf_zsharp.optim",
     "FriendlySAM": "hf_zsharp.optim",

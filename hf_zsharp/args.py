@@ -24,11 +24,11 @@ from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_zsharp.cards import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.data import DIGITS
+from hf_zsharp.keys import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.models import CODE_FILES, PAPER_MODELS
 from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp
-from hf_zsharp.two_pass import check_interval, unsupported_error
+from hf_zsharp.support import check_interval, unsupported_error
 
 SAM_METHODS = (*METHODS, "none")
 # `TrainingArguments.optim` values whose optimizer is a plain torch optimizer stepping on `.grad`, which the

@@ -21,14 +21,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainingArguments
 
+from hf_zsharp.keys import CARD_NAME, CURVES_NAME, LOGGED_STATISTICS, ZSHARP_ARGS_NAME
 from hf_zsharp.optim import METHODS
-from hf_zsharp.two_pass import LOGGED_STATISTICS
 
-CARD_NAME = "README.md"
-CURVES_NAME = "training_curves.png"
-ZSHARP_ARGS_NAME = "zsharp_args.json"
-# The record of what a run wrote to its output folder (and may publish): `push_to_hub` on the folder uploads it.
-MANIFEST_NAME = "zsharp_manifest.json"
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 
 METHOD_TITLES = {

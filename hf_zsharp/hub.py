@@ -22,13 +22,12 @@ from typing import Any
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.utils import validate_repo_id
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import cards
-from hf_zsharp.cards import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
-from hf_zsharp.trainer import ZSharpTrainer
+from hf_zsharp.keys import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ class RunOutputs:
 
     def __init__(
         self,
-        trainer: ZSharpTrainer,
+        trainer: Trainer,  # a ZSharpMixin trainer
         repo_id: str | None,
         *,
         model_name: str,

@@ -29,9 +29,10 @@ except ImportError as error:
         "hf_zsharp.lightning needs PyTorch Lightning: pip install 'hf_zsharp[lightning]'"
     ) from error
 
-from hf_zsharp.optim import ASCENT_STATISTICS, SAM, frozen_batchnorm_stats
+from hf_zsharp.keys import ASCENT_STATISTICS, LOGGED_STATISTICS
+from hf_zsharp.optim import SAM, frozen_batchnorm_stats
 from hf_zsharp.optim.second_pass import replayed_rng, rng_state
-from hf_zsharp.two_pass import LOGGED_STATISTICS, unwrap_sam_optimizer
+from hf_zsharp.two_pass import unwrap_sam_optimizer
 
 _ASCENT_KEYS = LOGGED_STATISTICS[: len(ASCENT_STATISTICS)]
 _LOSS_INCREASE, _SKIPPED_STEPS = LOGGED_STATISTICS[len(ASCENT_STATISTICS) :]

@@ -32,7 +32,8 @@ from hf_zsharp.cards import (
 )
 from hf_zsharp.optim import METHODS, SAM, create_sam_optimizer, stated_settings
 from hf_zsharp.optim.sam import METHOD_KEYS
-from hf_zsharp.two_pass import TwoPassStep, check_supported, inner_optimizer, unwrap_sam_optimizer
+from hf_zsharp.support import check_supported
+from hf_zsharp.two_pass import TwoPassStep, inner_optimizer, unwrap_sam_optimizer
 
 
 class ZSharpMixin:

@@ -21,48 +21,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import nn
 from torch.optim import Optimizer
 
-from hf_zsharp.optim import ASCENT_STATISTICS, SAM, frozen_batchnorm_stats
+from hf_zsharp.keys import ASCENT_STATISTICS, LOGGED_STATISTICS
+from hf_zsharp.optim import SAM, frozen_batchnorm_stats
 from hf_zsharp.optim.second_pass import RngState, rng_state, set_rng_state
 from hf_zsharp.optim.sharded import is_sharded
+from hf_zsharp.support import check_interval, check_supported
 
-# The keys `TwoPassStep.pop_stats` logs, in this order: the optimizer's ASCENT_STATISTICS (means over the perturbed
-# steps), the mean loss increase L(w + e) - L(w) and the count of steps skipped for non-finite gradients.
-LOGGED_STATISTICS = (*(f"sam_{name}" for name in ASCENT_STATISTICS), "sam_loss_increase", "sam_skipped_steps")
 _LOSS_INCREASE, _SKIPPED_STEPS = LOGGED_STATISTICS[len(ASCENT_STATISTICS) :]
-
-
-# Set-ups where the two-pass step would be wrong, and why.
-UNSUPPORTED = {
-    DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward: two passes would step twice)",
-    DistributedType.FSDP: "FSDP1 (its flat parameters hide the tensors whose statistics the ascent needs)",
-    DistributedType.MEGATRON_LM: "Megatron-LM (its engine owns the backward and the step)",
-}
-
-
-def unsupported_error(kind: DistributedType) -> ValueError:
-    """The error for a set-up in UNSUPPORTED, with what to use instead."""
-    return ValueError(
-        f"The two-pass sharpness-aware step does not support {UNSUPPORTED[kind]}. Use FSDP2 to shard the model "
-        "(fsdp=True with fsdp_config={'version': 2}, or fsdp_version: 2 in an Accelerate config), DDP (torchrun, or "
-        "accelerate launch with a multi-GPU/multi-CPU config), or sam='none'."
-    )
-
-
-def check_supported(accelerator: Accelerator) -> None:
-    """Refuse an Accelerator whose distributed set-up is in UNSUPPORTED; FSDP2 is supported."""
-    kind = accelerator.distributed_type
-    if kind in UNSUPPORTED and not (kind == DistributedType.FSDP and getattr(accelerator, "is_fsdp2", False)):
-        raise unsupported_error(kind)
-
-
-def check_interval(interval: object, name: str = "interval") -> None:
-    """The two-pass step every `interval` optimizer steps: an integer >= 1."""
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {interval!r}.")
 
 
 def inner_optimizer(optimizer: Optimizer | None) -> Optimizer | None:

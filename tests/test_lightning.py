@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hf_zsharp import create_sam_optimizer, frozen_batchnorm_stats
+from hf_zsharp.keys import LOGGED_STATISTICS
 from hf_zsharp.lightning import ZSharpLightningModule
-from hf_zsharp.two_pass import LOGGED_STATISTICS
 
 STEPS = 3
 METHODS = ["zsharp", "sam", "asam", "fsam"]

@@ -13,8 +13,8 @@ from transformers import HfArgumentParser, PretrainedConfig, TrainerCallback, ge
 
 from hf_zsharp.args import ZSharpTrainingArguments
 from hf_zsharp.optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_batchnorm_stats
+from hf_zsharp.support import check_supported
 from hf_zsharp.trainer import ZSharpTrainer, check_fsdp2_batchnorm
-from hf_zsharp.two_pass import check_supported
 
 # Two float32 computations of the same training that round differently (fused or for-loop AdamW, batch 8 or 2 x 4,
 # the Trainer or a plain loop, another CPU's kernels or thread count) end a few ulps apart, because every gradient of

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .sam import ASAM, ASCENT_STATISTICS, SAM, FriendlySAM
+from hf_zsharp.keys import ASCENT_STATISTICS
+
+from .sam import ASAM, SAM, FriendlySAM
 from .second_pass import frozen_batchnorm_stats
 from .zsharp import MASKS, RADII, ZSharp
 

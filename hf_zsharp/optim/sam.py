@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hf_zsharp.keys import ASCENT_STATISTICS
+
 from . import selection
 from .second_pass import frozen_batchnorm_stats, replayed_rng, rng_state
 from .sharded import local, process_group, whole_norms
@@ -52,8 +54,6 @@ NO_STEP_BEGUN = (
 # The hyper-parameters each variant adds to the parameter groups, whichever method saved a state: what tells one
 # method's saved state from another's.
 METHOD_KEYS = ("rho", "adaptive", "eta", "sigma", "lmbda", "percentile", "radius", "mask")
-# The statistics `first_step` leaves in `ascent_stats` (logged by the two-pass step with a `sam_` prefix).
-ASCENT_STATISTICS = ("perturbation_norm", "kept_fraction")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from hf_zsharp.args import model_kind, parse_train_args
 from hf_zsharp.data import load_image_dataset
 from hf_zsharp.image_data import CachedImages, paper_image_data, processor_image_data
+from hf_zsharp.keys import LOGGED_STATISTICS
 from hf_zsharp.reproduce.grid import Plan, RunSpec
 from hf_zsharp.reproduce.mask_overlap import LOG_KEY as MASK_JACCARD
 from hf_zsharp.reproduce.mask_overlap import MaskOverlap
@@ -31,7 +32,6 @@ from hf_zsharp.reproduce.presets import METHODS, SharpnessSettings
 from hf_zsharp.reproduce.recipe import paper_trainer_hooks
 from hf_zsharp.reproduce.records import RECORD_FORMAT, code_version, environment
 from hf_zsharp.run import TrainingRun, run_training
-from hf_zsharp.two_pass import LOGGED_STATISTICS
 
 # Per-epoch keys kept in a record's history (the Trainer's epoch logs, training and validation).
 HISTORY_KEYS = (
