@@ -1,10 +1,12 @@
 """The arguments of training with hf_zsharp and how `hf-zsharp-train` reads them.
 
 The model and data to use (`ModelArguments`, `DataArguments`), `ZSharpTrainingArguments` (`TrainingArguments`
-plus the options of `ZSharpTrainer`), the recipe of `hf-zsharp-train` and its parser (flags and `--config`).
+plus the options of `ZSharpTrainer`), the recipe of `hf-zsharp-train` and its parser (flags and `--config`), and
+`ResolvedRun`: every value a run derives from its arguments, resolved once after parsing and handed down frozen.
 """
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -14,8 +16,11 @@ import re
 import tempfile
 import textwrap
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,10 +29,10 @@ from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_zsharp.data import DIGITS
+from hf_zsharp.catalog import DIGITS, DatasetFacts, dataset_facts, paper_image_size
 from hf_zsharp.keys import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.models import CODE_FILES, PAPER_MODELS
-from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp
+from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp, stated_settings
 from hf_zsharp.support import check_interval, unsupported_error
 
 SAM_METHODS = (*METHODS, "none")
@@ -200,7 +205,7 @@ class DataArguments:
     _argument_group_name = "Data options"
 
     dataset_name: str = field(
-        default="digits",
+        default=DIGITS,
         metadata={
             "help": "A Hub dataset id (uoft-cs/cifar10, uoft-cs/cifar100, zh-plus/tiny-imagenet, ...), a local "
             "imagefolder / parquet / save_to_disk folder, or 'digits' (scikit-learn's digits, offline)."
@@ -244,9 +249,22 @@ COMMON_RECIPE: dict[str, Any] = {
     "logging_strategy": "epoch",
     "save_strategy": "epoch",
 }
-KIND_RECIPES: dict[str, dict[str, Any]] = {
+
+
+class ModelKind(Enum):
+    """How a model starts: one of the paper's models from scratch, or a pretrained one (Hub id, folder, timm)."""
+
+    FROM_SCRATCH = "from scratch"
+    PRETRAINED = "pretrained"
+
+    @classmethod
+    def of(cls, model_name_or_path: str) -> "ModelKind":
+        return cls.FROM_SCRATCH if model_name_or_path.lower() in PAPER_MODELS else cls.PRETRAINED
+
+
+KIND_RECIPES: dict[ModelKind, dict[str, Any]] = {
     # The paper's models from scratch (the embedded default: ResNet-20 on digits, ~1 min on 2 CPU cores).
-    "from scratch": {
+    ModelKind.FROM_SCRATCH: {
         "num_train_epochs": 4,
         "learning_rate": 3e-3,
         "weight_decay": 5e-5,
@@ -255,7 +273,7 @@ KIND_RECIPES: dict[str, dict[str, Any]] = {
         "per_device_eval_batch_size": 256,
     },
     # Hub / local / timm checkpoints: the usual fine-tuning recipe of transformers' image-classification example.
-    "pretrained": {
+    ModelKind.PRETRAINED: {
         "num_train_epochs": 3,
         "learning_rate": 5e-5,
         "lr_scheduler_type": "linear",
@@ -263,20 +281,13 @@ KIND_RECIPES: dict[str, dict[str, Any]] = {
         "per_device_eval_batch_size": 64,
     },
 }
-DEFAULT_IMAGE_SIZES = {DIGITS: 16, "tinyimagenet": 64}  # paper models from scratch; 32 otherwise
-
-
-def model_kind(model_name_or_path: str) -> str:
-    """The kind of model: "from scratch" for the paper's models, "pretrained" for those loaded from a Hub id or
-    folder."""
-    return "from scratch" if model_name_or_path.lower() in PAPER_MODELS else "pretrained"
 
 
 def recipe_help() -> str:
     """The default run and the recipe in words, for `--help`."""
     titles = {
-        "from scratch": "paper models (from scratch)",
-        "pretrained": "pretrained models (Hub, folder, timm)",
+        ModelKind.FROM_SCRATCH: "paper models (from scratch)",
+        ModelKind.PRETRAINED: "pretrained models (Hub, folder, timm)",
     }
     lines = [
         "Train or fine-tune an image classifier with ZSharp (or a SAM baseline). With no arguments: ResNet-20",
@@ -342,7 +353,9 @@ class TrainArgumentParser(HfArgumentParser):
         known, unknown = self.parse_known_args(argv)
         if unknown:
             raise ValueError(self._unknown_message(unknown))
-        self.set_defaults(**{**COMMON_RECIPE, **KIND_RECIPES[model_kind(known.model_name_or_path)], **config})
+        self.set_defaults(
+            **{**COMMON_RECIPE, **KIND_RECIPES[ModelKind.of(known.model_name_or_path)], **config}
+        )
         model_args, data_args, training_args, _ = self.parse_args_into_dataclasses(argv)
         return model_args, data_args, training_args
 
@@ -462,9 +475,10 @@ RUN_FILES = (
 )
 
 
-def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
+def check_output_dir(run: "ResolvedRun") -> None:
     """Refuse, before any work, an output directory that cannot be written, or that holds another run or files
     this run would overwrite (unless asked to overwrite or resume it), or whose checkpoints Trainer's rotation would delete."""
+    training_args = run.training
     output_dir = Path(training_args.output_dir)
     existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
     if not existing.is_dir():
@@ -480,9 +494,8 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
             f"Output directory {str(output_dir)!r} cannot be written ({error.strerror or error} in "
             f"{str(existing)!r}); choose another --output_dir."
         ) from error
-    resume_last_checkpoint(training_args)
-    check_unfinished(training_args)
-    if not output_dir.is_dir() or training_args.resume_from_checkpoint:
+    check_unfinished(training_args, run.resume_from)
+    if not output_dir.is_dir() or run.resume_from:
         return
     checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
     if not training_args.overwrite_output_dir:
@@ -503,11 +516,11 @@ def check_output_dir(training_args: ZSharpTrainingArguments) -> None:
         )
 
 
-def check_unfinished(training_args: ZSharpTrainingArguments) -> None:
+def check_unfinished(training_args: ZSharpTrainingArguments, checkpoint: str | None) -> None:
     """Refuse resuming from the checkpoint that ends a finished run, with the same length: Trainer's loop would
     train one step past the end and overwrite the run's results."""
-    state_file = Path(str(training_args.resume_from_checkpoint or "")) / "trainer_state.json"
-    if not training_args.resume_from_checkpoint or not state_file.is_file():
+    state_file = Path(str(checkpoint or "")) / "trainer_state.json"
+    if not checkpoint or not state_file.is_file():
         return
     state = json.loads(state_file.read_text(encoding="utf-8"))
     step, max_steps = state.get("global_step", 0), state.get("max_steps", 0)
@@ -521,22 +534,83 @@ def check_unfinished(training_args: ZSharpTrainingArguments) -> None:
         )
     if finished:
         raise ValueError(
-            f"--resume_from_checkpoint: {str(training_args.resume_from_checkpoint)!r} is the end of a finished run "
+            f"--resume_from_checkpoint: {str(checkpoint)!r} is the end of a finished run "
             f"(step {step} of {max(training_args.max_steps, 0) or max_steps}), and resuming it would train a step "
             "past the end. Raise --max_steps or --num_train_epochs to train further, or choose another --output_dir."
         )
 
 
-def resume_last_checkpoint(training_args: ZSharpTrainingArguments) -> None:
-    """`--resume_from_checkpoint true` or `last`, as in the transformers examples: the last checkpoint of the
-    output directory (refused, before training, when there is none)."""
-    if str(training_args.resume_from_checkpoint).lower() not in ("true", "last"):
-        return
+def resume_checkpoint(training_args: ZSharpTrainingArguments) -> str | None:
+    """The checkpoint folder to resume from: `--resume_from_checkpoint` as given, or for `true` / `last` (as in
+    the transformers examples) the output directory's last checkpoint (refused, before training, when it has none)."""
+    given = training_args.resume_from_checkpoint
+    if str(given).lower() not in ("true", "last"):
+        return given or None
     output_dir = training_args.output_dir
     last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if last is None:
         raise ValueError(
-            f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: {str(output_dir)!r} holds no "
-            "checkpoint-* folder to resume from; pass a checkpoint folder, or leave the flag out."
+            f"--resume_from_checkpoint {given}: {str(output_dir)!r} holds no checkpoint-* folder to resume from; "
+            "pass a checkpoint folder, or leave the flag out."
         )
-    training_args.resume_from_checkpoint = last
+    return last
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A training run as `run_training` carries it out, resolved once from the user's arguments, which nothing
+    changes afterwards: what the model is, its input size, the dataset's known facts, the sharpness-aware
+    method's settings with their defaults (rho included), where a push goes and which checkpoint a resume reads.
+    `trainer_args` is the Trainer's own copy: the method's resolved settings, and no Trainer push (the run
+    publishes what it wrote itself, after the card exists)."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: ZSharpTrainingArguments
+    trainer_args: ZSharpTrainingArguments
+    kind: ModelKind
+    image_size: int | None  # the paper models' input side; None for a pretrained model (its processor's)
+    dataset: DatasetFacts | None
+    sam_settings: Mapping[str, Any]  # keyed as a run states them (`sam_rho`, `zsharp_percentile`, ...)
+    push_to: str | None  # the Hub repo a --push_to_hub run publishes to
+    resume_from: str | None
+
+
+def resolve_run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: ZSharpTrainingArguments,
+    *,
+    sam_rho: float | None = None,
+) -> ResolvedRun:
+    """Resolve every derived value of a run from its parsed arguments (which stay as they are). `sam_rho`
+    overrides the arguments' radius (the reproduction's `sam-matched` scales it by the model's tensor count)."""
+    kind = ModelKind.of(model_args.model_name_or_path)
+    image_size = None
+    if kind is ModelKind.FROM_SCRATCH:
+        image_size = model_args.image_size or paper_image_size(data_args.dataset_name)
+    trainer_args = copy.copy(training_args)
+    trainer_args.push_to_hub = False  # the run's own push, after the card exists (hub.RunOutputs)
+    settings: dict[str, Any] = {}
+    if training_args.sam in METHODS:
+        kwargs = training_args.sam_kwargs()
+        if sam_rho is not None:
+            kwargs["rho"] = sam_rho
+        resolved = METHODS[training_args.sam].resolve(kwargs)
+        trainer_args.sam_rho = resolved["rho"]
+        settings = stated_settings(training_args.sam, resolved)
+    push_to = None
+    if training_args.push_to_hub:
+        push_to = training_args.hub_model_id or Path(training_args.output_dir).resolve().name
+    return ResolvedRun(
+        model=model_args,
+        data=data_args,
+        training=training_args,
+        trainer_args=trainer_args,
+        kind=kind,
+        image_size=image_size,
+        dataset=dataset_facts(data_args.dataset_name),
+        sam_settings=MappingProxyType(settings),
+        push_to=push_to,
+        resume_from=resume_checkpoint(training_args),
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from hf_zsharp import hub, reproduce
-from hf_zsharp.args import model_kind, parse_train_args
+from hf_zsharp.args import ModelKind, parse_train_args, resolve_run
 from hf_zsharp.run import TrainingRun, run_training
 
 logger = logging.getLogger(__name__)
@@ -27,9 +27,9 @@ def train_main(argv: list[str] | None = None) -> None:
     if not argv:
         logger.info("No arguments: training the default recipe (hf-zsharp-train --help lists it).")
     try:
-        model_args, data_args, training_args = parse_train_args(argv)
-        choose_threads(model_args.model_name_or_path, training_args.use_cpu)
-        run = run_training(model_args, data_args, training_args)
+        run = resolve_run(*parse_train_args(argv))
+        choose_threads(run.kind, run.training.use_cpu)
+        run = run_training(run)
         if run.trainer.is_world_process_zero():
             print(run_summary(run))
         run.trainer.accelerator.end_training()  # under torchrun: leave the process group before exiting
@@ -45,14 +45,14 @@ def reproduce_main(argv: list[str] | None = None) -> None:
     reproduce.main(sys.argv[1:] if argv is None else argv)
 
 
-def choose_threads(model_name_or_path: str, use_cpu: bool) -> None:
+def choose_threads(kind: ModelKind, use_cpu: bool) -> None:
     """One intra-op thread for the paper's small models on the CPU, unless OMP_NUM_THREADS says otherwise.
 
     Their layers are too small to gain from more threads, and on a machine under other load extra threads wait
     for cores (the embedded default took 3 minutes instead of 16 s on a loaded 2-core machine). The thread count
     changes the rounding, so a run's exact accuracy depends on it: OMP_NUM_THREADS=N reproduces a run made on N.
     """
-    if use_cpu and model_kind(model_name_or_path) == "from scratch" and "OMP_NUM_THREADS" not in os.environ:
+    if use_cpu and kind is ModelKind.FROM_SCRATCH and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
         logger.info("One intra-op thread for a small model on the CPU (set OMP_NUM_THREADS to choose).")
 

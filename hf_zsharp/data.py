@@ -22,29 +22,17 @@ import numpy as np
 import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 
+from hf_zsharp.catalog import DIGITS, dataset_facts
+
 logger = logging.getLogger(__name__)
 
-DIGITS = "digits"
 IMAGE, LABELS = "image", "labels"  # the columns of a loaded dataset
 PIXELS = "pixel_values"  # the model input that a batch of images is passed as
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
 IMAGE_COLUMN_NAMES = ("img", "image")
 LABEL_COLUMN_NAMES = ("label", "fine_label", "labels", "coarse_label")
 
-# Per-channel mean and std of the training images (the values the ZSharp paper's code base uses for CIFAR).
-NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
-}
-
 _DECODER = datasets.Image()
-
-
-def dataset_key(dataset_name: str) -> str:
-    """The key of a dataset in per-dataset tables: the last part of its Hub id or path, lower-case letters and
-    digits only (`uoft-cs/cifar10`, `./CIFAR-10/` -> `cifar10`)."""
-    return re.sub(r"[^a-z0-9]", "", Path(dataset_name.rstrip("/")).name.lower())
 
 
 class DataError(ValueError):
@@ -123,14 +111,16 @@ def _choose_splits(
     eval_split: str | None,
     train_val_split: float | None,
 ) -> list[str]:
-    """The training split and, unless a fraction of it is held out, the evaluation split: named, or the first of
-    EVAL_SPLIT_NAMES; each must exist and hold examples."""
+    """The training split and, unless a fraction of it is held out, the evaluation split: named, else the known
+    dataset's (`catalog`), else the first of EVAL_SPLIT_NAMES; each must exist and hold examples."""
     splits = list(raw)
     for name in (train_split, eval_split):
         if name is not None and name not in raw:
             raise DataError(f"Dataset {dataset_name!r} has no split {name!r}; its splits are {splits}.")
     if eval_split is None and train_val_split is None:
-        eval_split = next((name for name in EVAL_SPLIT_NAMES if name in raw and name != train_split), None)
+        facts = dataset_facts(dataset_name)
+        candidates = EVAL_SPLIT_NAMES if facts is None else (facts.eval_split, *EVAL_SPLIT_NAMES)
+        eval_split = next((name for name in candidates if name in raw and name != train_split), None)
         if eval_split is None:
             raise DataError(
                 f"Dataset {dataset_name!r} has no evaluation split (found {splits}; looked for "
@@ -525,13 +515,11 @@ def drop_undecodable_images(
 def normalization_stats(
     dataset_name: str, train_dataset: Dataset | None = None, max_images: int = 5000
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std for `dataset_name`: known values for CIFAR-10/100 and Tiny-ImageNet, else computed.
-
-    The computed statistics use up to `max_images` training images (decoded to RGB, pixels in [0, 1]).
-    """
-    key = dataset_key(dataset_name)
-    if key in NORMALIZATION_STATS:
-        return NORMALIZATION_STATS[key]
+    """Per-channel mean and std for `dataset_name`: a known dataset's (`catalog`: CIFAR-10/100, Tiny-ImageNet), else
+    computed from up to `max_images` training images (decoded to RGB, pixels in [0, 1])."""
+    facts = dataset_facts(dataset_name)
+    if facts is not None and facts.mean is not None:
+        return facts.mean, facts.std
     if train_dataset is None:
         raise ValueError(
             f"No known normalisation statistics for {dataset_name!r}; pass the training split to compute them."

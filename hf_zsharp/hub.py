@@ -27,6 +27,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import cards
+from hf_zsharp.args import ResolvedRun
 from hf_zsharp.keys import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 
 logger = logging.getLogger(__name__)
@@ -253,25 +254,21 @@ class RunOutputs:
     """
 
     def __init__(
-        self,
-        trainer: Trainer,  # a ZSharpMixin trainer
-        repo_id: str | None,
-        *,
-        model_name: str,
-        base_model: str | None,
-        dataset_name: str,
-        dataset_split: str | None,
+        self, trainer: Trainer, run: ResolvedRun, *, model_name: str, base_model: str | None
     ) -> None:
-        self.trainer, self.args, self.repo_id = trainer, trainer.args, repo_id
+        """`trainer`: a `ZSharpMixin` trainer; the card states `run`'s settings (the user's arguments with the
+        method's settings resolved)."""
+        self.trainer, self.args, self.repo_id = trainer, trainer.args, run.push_to
         self.card = {
             "model_name": model_name,
             "finetuned_from": base_model,
-            "dataset": dataset_name,
-            "dataset_split": dataset_split,
-            "repo_id": repo_id,
+            "dataset": run.data.dataset_name,
+            "dataset_split": run.data.eval_split,
+            "repo_id": run.push_to,
+            "settings": {**cards.public_settings(run.training), **run.sam_settings},
         }
         self.before = snapshot(self.args.output_dir)
-        self.api = HfApi() if repo_id is not None else None
+        self.api = HfApi() if self.repo_id is not None else None
         self.in_progress: Future | None = None
 
     def write_card(self, metrics: dict[str, Any]) -> None:

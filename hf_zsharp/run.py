@@ -28,15 +28,15 @@ from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import hub
 from hf_zsharp.args import (
-    DEFAULT_IMAGE_SIZES,
     DataArguments,
     ModelArguments,
+    ModelKind,
+    ResolvedRun,
     ZSharpTrainingArguments,
     check_output_dir,
-    model_kind,
 )
 from hf_zsharp.augment import augment_inputs
-from hf_zsharp.data import LABELS, dataset_key, load_image_dataset, normalization_stats
+from hf_zsharp.data import LABELS, load_image_dataset, normalization_stats
 from hf_zsharp.image_data import (
     check_image_size,
     paper_image_data,
@@ -62,14 +62,16 @@ class TrainingRun:
 
 
 def load_model(
-    model_args: ModelArguments, labels: list[str]
+    model_args: ModelArguments, labels: list[str], image_size: int | None = None
 ) -> tuple[PreTrainedModel, Any | None, str | None]:
-    """The model with a classifier for `labels`, its image processor, and its Hub/local base (None from scratch)."""
+    """The model with a classifier for `labels`, its image processor, and its Hub/local base (None from scratch,
+    at `image_size`, or the arguments' own)."""
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
     name = model_args.model_name_or_path
-    if model_kind(name) == "from scratch":
-        return build_model(name, len(labels), id2label, label2id, model_args.image_size), None, None
+    if ModelKind.of(name) is ModelKind.FROM_SCRATCH:
+        size = image_size or model_args.image_size
+        return build_model(name, len(labels), id2label, label2id, size), None, None
     try:
         config = AutoConfig.from_pretrained(
             name,
@@ -109,9 +111,7 @@ def run_name(
 
 
 def run_training(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: ZSharpTrainingArguments,
+    run: ResolvedRun,
     *,
     callbacks: list[TrainerCallback] | None = None,
     optimizer_cls_and_kwargs: tuple[type[Optimizer], dict[str, Any]] | None = None,
@@ -123,16 +123,12 @@ def run_training(
     only the files this run wrote are pushed. `callbacks` and `optimizer_cls_and_kwargs` (the base optimizer)
     go to the Trainer, of class `trainer_cls` (a `ZSharpTrainer`), for the reproduction's paper recipe.
     """
-    check_output_dir(training_args)
-    output_dir = training_args.output_dir
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # our own push, after the card exists
-    repo_id = (training_args.hub_model_id or Path(output_dir).resolve().name) if push else None
-    if push:
-        hub.check_push_prerequisites(repo_id, training_args.hub_token)
-    if model_args.image_size is None:
-        model_args.image_size = DEFAULT_IMAGE_SIZES.get(dataset_key(data_args.dataset_name), 32)
-    if model_kind(model_args.model_name_or_path) == "from scratch":
-        check_image_size(model_args.image_size, training_args.per_device_train_batch_size)
+    model_args, data_args, training_args = run.model, run.data, run.trainer_args
+    check_output_dir(run)
+    if run.push_to is not None:
+        hub.check_push_prerequisites(run.push_to, training_args.hub_token)
+    if run.image_size is not None:
+        check_image_size(run.image_size, training_args.per_device_train_batch_size)
     with training_args.main_process_first(desc="loading the dataset"):
         dataset = load_image_dataset(
             data_args.dataset_name,
@@ -149,11 +145,13 @@ def run_training(
         if limit is not None:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
     set_seed(training_args.seed)  # the model's initialisation depends on it
-    model, processor, base_model = load_model(model_args, dataset["train"].features[LABELS].names)
+    model, processor, base_model = load_model(
+        model_args, dataset["train"].features[LABELS].names, run.image_size
+    )
     if processor is None:
         mean, std = normalization_stats(data_args.dataset_name, dataset["train"])
-        data = paper_image_data(dataset, mean, std, model_args.image_size)
-        processor = paper_image_processor(model_args.image_size, mean, std)
+        data = paper_image_data(dataset, mean, std, run.image_size)
+        processor = paper_image_processor(run.image_size, mean, std)
     else:
         data = processor_image_data(dataset, processor)
     if data.augment is not None:  # cached splits: crop, flip and normalise each batch on the device
@@ -172,18 +170,18 @@ def run_training(
     )
     outputs = hub.RunOutputs(
         trainer,
-        repo_id,
-        model_name=repo_id.rsplit("/", 1)[-1] if repo_id else run_name(model_args, data_args, training_args),
+        run,
+        model_name=run.push_to.rsplit("/", 1)[-1]
+        if run.push_to
+        else run_name(model_args, data_args, training_args),
         base_model=base_model,
-        dataset_name=data_args.dataset_name,
-        dataset_split=data_args.eval_split,
     )
-    if push and training_args.hub_strategy != HubStrategy.END:
+    if run.push_to is not None and training_args.hub_strategy != HubStrategy.END:
         trainer.add_callback(hub.PushOnSave(outputs))
-    if training_args.resume_from_checkpoint:
-        logger.info("Resuming training from the checkpoint %s.", training_args.resume_from_checkpoint)
+    if run.resume_from:
+        logger.info("Resuming training from the checkpoint %s.", run.resume_from)
     try:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=run.resume_from)
     finally:
         outputs.wait()  # the last background push reads the files the end of the run rewrites
     metrics = {**train_result.metrics, **trainer.evaluate()}
@@ -193,7 +191,7 @@ def run_training(
     trainer.save_state()
     if trainer.is_world_process_zero():
         outputs.write_card(metrics)
-        if push:
+        if run.push_to is not None:
             outputs.push_at_the_end()
     return TrainingRun(
         metrics=metrics, trainer=trainer, log_history=list(trainer.state.log_history), dataset=dataset

@@ -176,24 +176,26 @@ class ZSharpMixin:
         with _own_class(self.model) if self.is_fsdp_enabled else contextlib.nullcontext():
             super()._save(output_dir, state_dict)
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+    def create_model_card(self, *args: Any, settings: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """An image classifier trained by a plain `Trainer` host gets hf_zsharp's card (method, settings, results,
         training curves; `cards.write_model_card`); any other model or host keeps the host's card, to which the
-        ZSharp section and settings are added. `metrics` default to the last evaluation logged."""
+        ZSharp section and settings are added. `settings` (default `stated_settings()`) are what the card and
+        zsharp_args.json state; `metrics` default to the last evaluation logged."""
         if not self.is_world_process_zero():
             return
+        settings = self.stated_settings() if settings is None else settings
         host = super().create_model_card
         if host.__func__ is not Trainer.create_model_card or not _image_classifier(self.model):
             accepted = inspect.signature(host).parameters
             host(*args, **{k: v for k, v in kwargs.items() if k in accepted})
-            settings = self.stated_settings()
             add_sam_section(Path(self.args.output_dir), settings, tokens_in_use(self.args))
             save_zsharp_args(self.args.output_dir, settings)
             return
-        self._write_image_card(*args, **kwargs)
+        self._write_image_card(settings, *args, **kwargs)
 
     def _write_image_card(
         self,
+        settings: dict[str, Any],
         *,
         model_name: str | None = None,
         finetuned_from: str | None = None,
@@ -207,7 +209,7 @@ class ZSharpMixin:
             metrics = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), {})
         write_model_card(
             self.args.output_dir,
-            settings=self.stated_settings(),
+            settings=settings,
             metrics=metrics,
             log_history=self.state.log_history,
             model_name=model_name,

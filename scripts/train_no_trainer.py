@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from hf_zsharp.augment import BatchAugment, augment_inputs
-from hf_zsharp.data import DIGITS, LABELS, PIXELS, load_image_dataset, normalization_stats
+from hf_zsharp.catalog import DIGITS
+from hf_zsharp.data import LABELS, PIXELS, load_image_dataset, normalization_stats
 from hf_zsharp.image_data import paper_image_data
 from hf_zsharp.models import PAPER_MODELS, build_model
 from hf_zsharp.optim import METHODS, create_sam_optimizer

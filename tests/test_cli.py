@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from transformers import TrainerCallback
 
 from hf_zsharp import hub
-from hf_zsharp.args import COMMON_RECIPE, parse_train_args
+from hf_zsharp.args import COMMON_RECIPE, ModelKind, parse_train_args, resolve_run
 from hf_zsharp.cli import choose_threads, train_main
 from hf_zsharp.run import run_training
 
@@ -193,13 +193,13 @@ def test_small_models_on_the_cpu_take_one_thread_unless_omp_num_threads_is_set(m
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(2)
-        choose_threads("resnet20", use_cpu=True)
+        choose_threads(ModelKind.of("resnet20"), use_cpu=True)
         assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        choose_threads("some/vit", use_cpu=True)  # a pretrained model keeps torch's default
+        choose_threads(ModelKind.of("some/vit"), use_cpu=True)  # a pretrained model keeps torch's default
         assert torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        choose_threads("resnet20", use_cpu=True)
+        choose_threads(ModelKind.of("resnet20"), use_cpu=True)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
@@ -285,8 +285,7 @@ def test_a_slow_push_during_training_does_not_hold_the_steps(tmp_path, fake_hub)
         "--hub_token",
         TOKEN,
     ]
-    model_args, data_args, training_args = parse_train_args([*argv, "--hub_strategy", "every_save"])
-    run_training(model_args, data_args, training_args, callbacks=[Watch()])
+    run_training(resolve_run(*parse_train_args([*argv, "--hub_strategy", "every_save"])), callbacks=[Watch()])
     # Every step ended while the first push was still uploading; the saves at steps 2-4 were not pushed.
     assert seen == {1: False, 2: False, 3: False, 4: False, "uploads started during training": 1}
     messages = [call[2]["commit_message"] for call in fake_hub.calls if call[0] == "upload_folder"]

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 from transformers.models.timm_wrapper import TimmWrapperImageProcessor
 
-from hf_zsharp.data import NORMALIZATION_STATS, DataError, load_image_dataset, normalization_stats
+from hf_zsharp.catalog import DATASETS
+from hf_zsharp.data import DataError, load_image_dataset, normalization_stats
 from hf_zsharp.image_data import collate_fn, paper_transforms, processor_transforms, with_image_transforms
 
 
@@ -363,9 +364,9 @@ def test_processor_transforms_follow_the_image_processor():
 
 
 def test_normalization_stats_known_and_computed():
-    assert normalization_stats("uoft-cs/cifar10") == NORMALIZATION_STATS["cifar10"]
-    assert normalization_stats("uoft-cs/cifar100") == NORMALIZATION_STATS["cifar100"]
-    assert normalization_stats("zh-plus/tiny-imagenet") == NORMALIZATION_STATS["tinyimagenet"]
+    for name in ("uoft-cs/cifar10", "uoft-cs/cifar100", "zh-plus/tiny-imagenet"):
+        facts = next(f for f in DATASETS.values() if f.hub_id == name)
+        assert normalization_stats(name) == (facts.mean, facts.std)
     halves = [PIL.Image.new("RGB", (4, 4), (0, 51, 255)), PIL.Image.new("RGB", (4, 4), (255, 51, 255))]
     dataset = datasets.Dataset.from_dict({"image": halves}).cast_column("image", datasets.Image(decode=False))
     mean, std = normalization_stats("my-data", dataset)

@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import Dataset as TorchDataset
 from transformers import TrainerCallback
 
-from hf_zsharp.args import model_kind, parse_train_args
+from hf_zsharp.args import parse_train_args, resolve_run
 from hf_zsharp.data import load_image_dataset
 from hf_zsharp.image_data import CachedImages, paper_image_data, processor_image_data
 from hf_zsharp.keys import LOGGED_STATISTICS
@@ -31,7 +31,7 @@ from hf_zsharp.reproduce.mask_overlap import MaskOverlap
 from hf_zsharp.reproduce.presets import METHODS, SharpnessSettings
 from hf_zsharp.reproduce.recipe import paper_trainer_hooks
 from hf_zsharp.reproduce.records import RECORD_FORMAT, code_version, environment
-from hf_zsharp.run import TrainingRun, run_training
+from hf_zsharp.run import TrainingRun, load_model, run_training
 
 # Per-epoch keys kept in a record's history (the Trainer's epoch logs, training and validation).
 HISTORY_KEYS = (
@@ -44,13 +44,6 @@ HISTORY_KEYS = (
 def filtered_tensor_count(model: torch.nn.Module) -> int:
     """L: the trainable tensors with ndim > 1, which ZSharp filters and moves by rho each."""
     return sum(1 for p in model.parameters() if p.requires_grad and p.ndim > 1)
-
-
-class MatchedRadius(TrainerCallback):
-    """sam-matched: scales the run's rho by sqrt(L) once the model exists, before the optimizer is built."""
-
-    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        args.sam_rho = args.sam_rho * math.sqrt(filtered_tensor_count(model))
 
 
 class BestValidation(TrainerCallback):
@@ -162,19 +155,23 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     """Train, test and (if asked) measure one run; its record (None on processes other than the main one)."""
     flags = plan.flags(spec)
     model_args, data_args, training_args = parse_train_args(flags)
+    run = resolve_run(model_args, data_args, training_args)
+    if METHODS[spec.method].matched:  # sam-matched: rho * sqrt(L), ZSharp's total norm on this model
+        with torch.random.fork_rng(devices=[]):  # building it draws its initialisation: not the run's draws
+            count = filtered_tensor_count(load_model(model_args, ["0", "1"], run.image_size)[0])
+        run = resolve_run(
+            model_args, data_args, training_args, sam_rho=training_args.sam_rho * math.sqrt(count)
+        )
     hooks = paper_trainer_hooks(training_args) if plan.preset.paper_recipe else {}
     best = BestValidation()
-    matched = MatchedRadius() if METHODS[spec.method].matched else None
     overlap = [MaskOverlap()] if METHODS[spec.method].filtered else []  # acts on Z-score masks only
-    callbacks = [*hooks.pop("callbacks", []), best, *([matched] if matched else []), *overlap]
+    callbacks = [*hooks.pop("callbacks", []), best, *overlap]
     start = time.perf_counter()
-    training = run_training(model_args, data_args, training_args, callbacks=callbacks, **hooks)
+    training = run_training(run, callbacks=callbacks, **hooks)
     wall_time = time.perf_counter() - start
     trainer = training.trainer
     train, test = training.dataset["train"], load_test_split(data_args, model_args.cache_dir)
-    image_size = (
-        model_args.image_size if model_kind(model_args.model_name_or_path) == "from scratch" else None
-    )
+    image_size = run.image_size
     test = like_eval(training, test, image_size)
     final = _evaluate_test(trainer, test)
     sharpness = None
@@ -200,7 +197,9 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
         "seed": spec.seed,
         "rho": spec.effective_rho,
         "percentile": spec.effective_percentile,
-        "sam_rho": training_args.sam_rho,  # the radius the optimizer used (sam-matched: rho * sqrt(L))
+        "sam_rho": run.sam_settings.get(
+            "sam_rho"
+        ),  # the radius the optimizer used (sam-matched: rho * sqrt(L))
         "filtered_tensors": filtered_tensor_count(trainer.model),
         "metrics": {
             **final,
