@@ -9,7 +9,6 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import re
@@ -32,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_zsharp.catalog import DIGITS, DatasetFacts, dataset_facts, paper_image_size
 from hf_zsharp.keys import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.models import CODE_FILES, PAPER_MODELS
-from hf_zsharp.optim import MASKS, METHODS, RADII, ZSharp, stated_settings
+from hf_zsharp.optim import METHODS, OPTIONS, Option, stated_settings
 from hf_zsharp.support import check_interval, unsupported_error
 
 SAM_METHODS = (*METHODS, "none")
@@ -40,70 +39,10 @@ SAM_METHODS = (*METHODS, "none")
 # two-pass wrapper can drive. The others step inside backward (LOMO), keep two sets of weights (schedule-free),
 # quantise their state (bitsandbytes, torchao) or need a special device (XLA, NPU).
 SUPPORTED_BASE_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
-_ZSHARP = inspect.signature(ZSharp).parameters
 
 
-@dataclass
-class ZSharpArgumentsMixin:
-    """The sharpness-aware options of `ZSharpMixin`, for any `TrainingArguments` subclass: put it first, e.g.
-    `@dataclass class ZSharpSFTConfig(ZSharpArgumentsMixin, SFTConfig)` for TRL's SFTTrainer."""
-
-    sam: str = field(
-        default="zsharp",
-        metadata={
-            "help": "Sharpness-aware method wrapped around the `optim` base optimizer: "
-            + "; ".join(f"'{name}': {info.title}" for name, info in METHODS.items())
-            + "; or 'none' (the base optimizer alone, one pass).",
-            "choices": list(SAM_METHODS),
-        },
-    )
-    sam_rho: float | None = field(
-        default=None,
-        metadata={
-            "help": "Ascent radius rho. Default: the method's own ("
-            + ", ".join(f"{name} {info.default_rho}" for name, info in METHODS.items())
-            + ")."
-        },
-    )
-    zsharp_percentile: float = field(
-        default=_ZSHARP["percentile"].default,
-        metadata={
-            "help": "ZSharp only: entries of each filtered gradient tensor with |z-score| above this quantile are "
-            "kept for the ascent (0.95 keeps about one entry in twenty)."
-        },
-    )
-    sam_radius: str = field(
-        default=_ZSHARP["radius"].default,
-        metadata={
-            "help": "ZSharp only: normalise the filtered ascent per tensor ('tensor', the paper's code) or over "
-            "all tensors at once ('global').",
-            "choices": list(RADII),
-        },
-    )
-    sam_mask: str = field(
-        default=_ZSHARP["mask"].default,
-        metadata={
-            "help": "ZSharp only: which gradient entries to keep: 'zscore' (the method), the ablation controls "
-            "'magnitude' (largest |g|) and 'random' at the same sparsity, or 'none' (every entry: SAM normalised "
-            "per tensor).",
-            "choices": list(MASKS),
-        },
-    )
-    sam_interval: int = field(
-        default=1,
-        metadata={
-            "help": "Take the two-pass sharpness-aware step every k optimizer steps and plain base-optimizer "
-            "steps in between (1 = every step)."
-        },
-    )
-    sam_sync_ascent: bool = field(
-        default=False,
-        metadata={
-            "help": "Multi-process (DDP) only: all-reduce the first-pass gradient before the ascent, so training "
-            "matches one process on the global batch. Default: each replica perturbs with its own gradient and "
-            "the first pass skips the all-reduce, as in the SAM paper. Under FSDP2 the ascent is always synced."
-        },
-    )
+class _SharpnessAwareOptions:
+    """What `ZSharpArgumentsMixin` does with its fields (declared below it, from the methods' declarations)."""
 
     def __post_init__(self) -> None:
         # Checked before TrainingArguments' own set-up, which would already initialise DeepSpeed/FSDP.
@@ -115,28 +54,16 @@ class ZSharpArgumentsMixin:
             raise ValueError(
                 f"sam_rho must be a positive number (or None for the method default); got {self.sam_rho}."
             )
-        if not 0.0 <= self.zsharp_percentile < 1.0:
-            raise ValueError(
-                f"zsharp_percentile must lie in [0, 1) (0 disables the filter: plain SAM); got "
-                f"{self.zsharp_percentile}."
-            )
-        if self.sam_radius not in RADII:
-            raise ValueError(f"sam_radius must be one of {', '.join(RADII)}; got {self.sam_radius!r}.")
-        if self.sam_mask not in MASKS:
-            raise ValueError(f"sam_mask must be one of {', '.join(MASKS)}; got {self.sam_mask!r}.")
+        for option in OPTIONS:
+            option.validate(getattr(self, option.field), option.field)
         check_interval(self.sam_interval, "sam_interval")
-        ignored = [
-            field_name
-            for option, field_name in METHODS["zsharp"].options.items()
-            if self.sam not in ("zsharp", "none")
-            and field_name != "seed"
-            and getattr(self, field_name) != _ZSHARP[option].default
-        ]
-        if ignored:
-            warnings.warn(
-                f"{', '.join(ignored)} only apply to sam='zsharp'; ignored for sam={self.sam!r}.",
-                stacklevel=2,
-            )
+        for name, info in METHODS.items():
+            ignored = [o.field for o in info.options if getattr(self, o.field) != o.default(info.cls)]
+            if ignored and self.sam not in (name, "none"):
+                warnings.warn(
+                    f"{', '.join(ignored)} only apply to sam={name!r}; ignored for sam={self.sam!r}.",
+                    stacklevel=2,
+                )
         if not self.use_cpu and not torch.accelerator.is_available():
             # On a machine without an accelerator, Accelerate runs torchrun's processes as one DDP group (gloo)
             # only when told use_cpu; otherwise each process would train alone into the same output_dir.
@@ -155,8 +82,83 @@ class ZSharpArgumentsMixin:
         """The keyword arguments of the `sam` method's constructor: rho (if set) and the options it reads."""
         kwargs: dict[str, object] = {} if self.sam_rho is None else {"rho": self.sam_rho}
         if self.sam in METHODS:
-            kwargs.update({option: getattr(self, name) for option, name in METHODS[self.sam].options.items()})
+            info = METHODS[self.sam]
+            kwargs.update({option.name: getattr(self, option.field) for option in info.options})
+            kwargs.update({name: getattr(self, source) for name, source in info.from_run.items()})
         return kwargs
+
+
+def _option_field(option: Option) -> tuple[str, type, Any]:
+    """A dataclass field of `ZSharpArgumentsMixin` for a method's option: the constructor's default and type."""
+    info = next(info for info in METHODS.values() if option in info.options)
+    default = option.default(info.cls)
+    metadata = {"help": option.help, **({"choices": list(option.choices)} if option.choices else {})}
+    return option.field, type(default), field(default=default, metadata=metadata)
+
+
+# The sharpness-aware options of `ZSharpMixin`, for any `TrainingArguments` subclass: put it first, e.g.
+# `@dataclass class ZSharpSFTConfig(ZSharpArgumentsMixin, SFTConfig)` for TRL's SFTTrainer. Each method's own
+# options come from its optimizer class (`hf_zsharp.optim.OPTIONS`): declaring one there adds its field here.
+ZSharpArgumentsMixin = dataclasses.make_dataclass(
+    "ZSharpArgumentsMixin",
+    [
+        (
+            "sam",
+            str,
+            field(
+                default="zsharp",
+                metadata={
+                    "help": "Sharpness-aware method wrapped around the `optim` base optimizer: "
+                    + "; ".join(f"'{name}': {info.title}" for name, info in METHODS.items())
+                    + "; or 'none' (the base optimizer alone, one pass).",
+                    "choices": list(SAM_METHODS),
+                },
+            ),
+        ),
+        (
+            "sam_rho",
+            float | None,
+            field(
+                default=None,
+                metadata={
+                    "help": "Ascent radius rho. Default: the method's own ("
+                    + ", ".join(f"{name} {info.default_rho}" for name, info in METHODS.items())
+                    + ")."
+                },
+            ),
+        ),
+        *map(_option_field, OPTIONS),
+        (
+            "sam_interval",
+            int,
+            field(
+                default=1,
+                metadata={
+                    "help": "Take the two-pass sharpness-aware step every k optimizer steps and plain "
+                    "base-optimizer steps in between (1 = every step)."
+                },
+            ),
+        ),
+        (
+            "sam_sync_ascent",
+            bool,
+            field(
+                default=False,
+                metadata={
+                    "help": "Multi-process (DDP) only: all-reduce the first-pass gradient before the ascent, so "
+                    "training matches one process on the global batch. Default: each replica perturbs with its "
+                    "own gradient and the first pass skips the all-reduce, as in the SAM paper. Under FSDP2 the "
+                    "ascent is always synced."
+                },
+            ),
+        ),
+    ],
+    bases=(_SharpnessAwareOptions,),
+)
+ZSharpArgumentsMixin.__module__ = __name__
+ZSharpArgumentsMixin.__doc__ = (
+    "The sharpness-aware options of `ZSharpMixin`, for any `TrainingArguments` subclass."
+)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainingArguments
 
 from hf_zsharp.keys import CARD_NAME, CURVES_NAME, LOGGED_STATISTICS, ZSHARP_ARGS_NAME
-from hf_zsharp.optim import METHODS
+from hf_zsharp.optim import METHODS, OPTIONS
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 
@@ -36,24 +36,11 @@ FRAMEWORKS = ("torch", "transformers", "accelerate", "datasets", "hf_zsharp")
 _SECRET_KEY = re.compile(r"(token|secret|password)$", re.IGNORECASE)
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
 REDACTED = "<redacted>"
-# The row labels of the methods' options, by constructor argument (`MethodInfo.setting_key` names their key).
-_OPTION_LABELS = {
-    "percentile": "Z-score percentile Q_p",
-    "radius": "Radius normalisation",
-    "mask": "Mask",
-    "eta": "eta (ASAM: T = |w| + eta)",
-    "sigma": "sigma (Friendly-SAM: ascent along g - sigma * m)",
-    "lmbda": "lambda (Friendly-SAM: EMA factor of m)",
-}
 # settings key -> row label, in table order: the sharpness-aware rows a method reads (every method reads rho and
-# the interval, each its own options; "none" reads none), then the rows of every run.
+# the interval, each its own options, declared on its optimizer class; "none" reads none), then the rows of every run.
 _METHOD_ROWS = {
     "sam_rho": "rho (ascent radius)",
-    **{
-        info.setting_key(option): _OPTION_LABELS[option]
-        for info in METHODS.values()
-        for option in info.hyperparameters
-    },
+    **{option.field: option.label for option in OPTIONS},
     "sam_interval": "Perturbation interval (steps)",
 }
 # The section added to a host trainer's own card (a language model's, TRL's, ...), between these markers.
@@ -425,7 +412,7 @@ def _format(value: Any) -> str:
 def _settings_rows(settings: Mapping[str, Any], method: str) -> list[tuple[str, str]]:
     rows = [("Method", f"`{method}`: {METHOD_TITLES[method]}")]
     info = METHODS.get(method)
-    read = {"sam_rho", "sam_interval", *map(info.setting_key, info.hyperparameters)} if info else set()
+    read = {"sam_rho", "sam_interval", *(option.field for option in info.options)} if info else set()
     labels = {key: label for key, label in _METHOD_ROWS.items() if key in read} | _RUN_ROWS
     # --max_steps > 0 replaces the epochs (Trainer's rule); -1 or 0 leaves them.
     del labels["num_train_epochs" if (settings.get("max_steps") or -1) > 0 else "max_steps"]

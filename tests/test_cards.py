@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -226,3 +227,27 @@ def test_public_settings_from_training_arguments_drops_tokens(tmp_path):
 
     path = save_zsharp_args(tmp_path, args)
     assert path.name == ZSHARP_ARGS_NAME and FAKE_TOKEN not in path.read_text()
+
+
+def test_every_method_option_is_declared_once_and_derives_its_field_check_row_and_record():
+    """A method's option is declared on its optimizer class (`Option`); the arguments' field with the
+    constructor's default, the check of a bad value, the card's row and the stated key all follow from it."""
+    import dataclasses
+
+    from hf_zsharp.args import ZSharpTrainingArguments
+    from hf_zsharp.cards import _METHOD_ROWS
+    from hf_zsharp.optim import METHODS, OPTIONS
+
+    fields = {f.name: f for f in dataclasses.fields(ZSharpTrainingArguments)}
+    for info in METHODS.values():
+        for option in info.options:
+            assert fields[option.field].default == option.default(info.cls)
+            assert _METHOD_ROWS[option.field] == option.label
+            assert info.setting_key(option.name) == option.field
+    assert len({o.field for o in OPTIONS}) == len(OPTIONS)  # one field per option
+    with pytest.raises(ValueError, match=r"fsam_lmbda: must be in \[0, 1\), got 1\.5"):
+        ZSharpTrainingArguments(output_dir="out", sam="fsam", fsam_lmbda=1.5)
+    with pytest.raises(ValueError, match="lmbda: must be in"):
+        METHODS["fsam"].cls(
+            [torch.nn.Parameter(torch.zeros(2))], lmbda=1.5
+        )  # the constructor checks the same

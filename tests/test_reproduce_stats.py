@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import spearmanr, ttest_1samp, ttest_rel
 
 from hf_zsharp.reproduce import report
-from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
+from hf_zsharp.reproduce.presets import LOSS_MATCHED, VARIANTS
 from hf_zsharp.reproduce.records import finished_records, write_record
 from hf_zsharp.reproduce.stats import (
     MARGINS,
@@ -337,7 +337,7 @@ def test_the_loss_matched_preset_uses_the_radius_its_committed_calibration_gives
     calibration = finished_records(Path(__file__).resolve().parents[1] / "results" / "digits-calibration")
     assert {r["seed"] for r in calibration} == {100}  # outside the reported seeds 0-9
     _, rho = calibrated_rho(calibration, "zsharp", "zsharp-random")
-    assert METHODS[LOSS_MATCHED].rho == round(rho, 3)
+    assert VARIANTS[LOSS_MATCHED].rho == round(rho, 3)
 
 
 def test_a_sweep_alone_with_sharpness_writes_its_report_without_the_loss_at_w_figure(tmp_path):

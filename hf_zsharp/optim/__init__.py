@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch.optim import Optimizer
 
 from hf_zsharp.keys import ASCENT_STATISTICS
 
+from .options import Option
 from .sam import ASAM, SAM, FriendlySAM
 from .second_pass import frozen_batchnorm_stats
 from .zsharp import MASKS, RADII, ZSharp
@@ -25,6 +25,8 @@ __all__ = [
     "SAM",
     "FriendlySAM",
     "MethodInfo",
+    "OPTIONS",
+    "Option",
     "ZSharp",
     "create_sam_optimizer",
     "frozen_batchnorm_stats",
@@ -34,59 +36,45 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """One sharpness-aware method: its class, its title for model cards, and the options it reads.
-
-    `options` maps the method's constructor arguments (beyond `rho`) to the `ZSharpTrainingArguments` fields
-    that set them.
-    """
+    """One sharpness-aware method: its class (whose `options` declare its hyper-parameters beyond rho), its title
+    for model cards, and the constructor arguments it takes from run-wide settings (`from_run`: argument ->
+    arguments field, e.g. ZSharp's random-mask seed from the run's seed)."""
 
     cls: type[SAM]
     title: str
-    options: dict[str, str]
+    from_run: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def default_rho(self) -> float:
         return self.cls.default_rho
 
     @property
-    def hyperparameters(self) -> tuple[str, ...]:
-        """The constructor's options that its parameter groups hold besides rho (e.g. ZSharp's percentile, radius
-        and mask; ASAM's eta), read off the signature."""
-        own = ("self", "params", "base_optimizer", "rho", "adaptive", "seed")
-        return tuple(
-            name
-            for name, parameter in inspect.signature(self.cls.__init__).parameters.items()
-            if name not in own and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        )
+    def options(self) -> tuple[Option, ...]:
+        return self.cls.options
 
     def resolve(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """The hyper-parameters the method's constructor makes of `kwargs` (rho and `hyperparameters`), defaults
+        """The hyper-parameters the method's constructor makes of `kwargs` (rho and its options), defaults
         resolved: what `SAM.method_settings()` of the optimizer built with them reports."""
-        defaults = inspect.signature(self.cls.__init__).parameters
         rho = kwargs.get("rho")
         return {
             "rho": self.default_rho if rho is None else rho,
-            **{name: kwargs.get(name, defaults[name].default) for name in self.hyperparameters},
+            **{o.name: kwargs.get(o.name, o.default(self.cls)) for o in self.options},
         }
 
     def setting_key(self, option: str) -> str:
-        """The key under which a run states `option` (zsharp_args.json, the card): the arguments field that sets
-        it (`sam_rho`, `zsharp_percentile`, ...), or `<method>_<option>` for one that no field sets."""
-        if option == "rho":
-            return "sam_rho"
-        return self.options.get(option) or f"{next(k for k, v in METHODS.items() if v is self)}_{option}"
+        """The key under which a run states the constructor argument `option` (zsharp_args.json, the card): its
+        arguments field (`sam_rho`, `zsharp_percentile`, ...)."""
+        return "sam_rho" if option == "rho" else next(o.field for o in self.options if o.name == option)
 
 
 METHODS: dict[str, MethodInfo] = {
-    "zsharp": MethodInfo(
-        ZSharp,
-        "ZSharp (SAM with Z-score gradient filtering, Yun 2025)",
-        {"percentile": "zsharp_percentile", "radius": "sam_radius", "mask": "sam_mask", "seed": "seed"},
-    ),
-    "sam": MethodInfo(SAM, "SAM (sharpness-aware minimization, Foret et al. 2021)", {}),
-    "asam": MethodInfo(ASAM, "ASAM (adaptive SAM, Kwon et al. 2021)", {}),
-    "fsam": MethodInfo(FriendlySAM, "Friendly-SAM (Li et al. 2024)", {}),
+    "zsharp": MethodInfo(ZSharp, "ZSharp (SAM with Z-score gradient filtering, Yun 2025)", {"seed": "seed"}),
+    "sam": MethodInfo(SAM, "SAM (sharpness-aware minimization, Foret et al. 2021)"),
+    "asam": MethodInfo(ASAM, "ASAM (adaptive SAM, Kwon et al. 2021)"),
+    "fsam": MethodInfo(FriendlySAM, "Friendly-SAM (Li et al. 2024)"),
 }
+# Every method's options, each once, in the order of METHODS: the arguments' fields, the card's rows.
+OPTIONS: tuple[Option, ...] = tuple(option for info in METHODS.values() for option in info.options)
 
 
 def stated_settings(method: str, values: Mapping[str, Any]) -> dict[str, Any]:

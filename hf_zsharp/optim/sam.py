@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from hf_zsharp.keys import ASCENT_STATISTICS
 
 from . import selection
+from .options import Option
 from .second_pass import frozen_batchnorm_stats, replayed_rng, rng_state
 from .sharded import local, process_group, whole_norms
 
@@ -144,6 +145,8 @@ class SAM(Optimizer):
     """
 
     default_rho = 0.05
+    # The method's hyper-parameters beyond rho (each checked here, and a flag of the training arguments).
+    options: tuple[Option, ...] = ()
     # Whether the ascent is the same for gradients scaled by any positive factor (a GradScaler's loss scale); if
     # not, the two-pass step unscales the first-pass gradients before `first_step`.
     scale_invariant = True
@@ -168,6 +171,8 @@ class SAM(Optimizer):
         )
         self.adaptive = bool(adaptive)
         method_defaults = {**({"eta": 0.0} if adaptive else {}), **(method_defaults or {})}
+        for option in self.options:
+            option.validate(method_defaults[option.name])
         self.method_keys = ("rho", *method_defaults)
         super().__init__(params, {"rho": rho, **method_defaults, **base_kwargs})
         complex_params = [
@@ -609,6 +614,16 @@ class ASAM(SAM):
     """
 
     default_rho = 0.5
+    options = (
+        Option(
+            "eta",
+            "asam_eta",
+            "ASAM only: the offset of its per-entry scale T = |w| + eta.",
+            "eta (ASAM: T = |w| + eta)",
+            check=lambda eta: eta >= 0,
+            requirement=">= 0",
+        ),
+    )
 
     def __init__(
         self,
@@ -618,7 +633,6 @@ class ASAM(SAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        check_argument(eta >= 0, "eta", f"must be >= 0, got {eta}")
         super().__init__(
             params, base_optimizer, rho, adaptive=True, method_defaults={"eta": eta}, **base_kwargs
         )
@@ -631,6 +645,22 @@ class FriendlySAM(SAM):
     """
 
     scale_invariant = False  # the EMA mixes steps with different loss scales: it needs true gradients
+    options = (
+        Option(
+            "sigma",
+            "fsam_sigma",
+            "Friendly-SAM only: the ascent follows g - sigma * m, m the moving average of past gradients.",
+            "sigma (Friendly-SAM: ascent along g - sigma * m)",
+        ),
+        Option(
+            "lmbda",
+            "fsam_lmbda",
+            "Friendly-SAM only: the factor of that moving average, m <- lmbda * m + (1 - lmbda) * g.",
+            "lambda (Friendly-SAM: EMA factor of m)",
+            check=lambda lmbda: 0 <= lmbda < 1,
+            requirement="in [0, 1)",
+        ),
+    )
 
     def __init__(
         self,
@@ -641,7 +671,6 @@ class FriendlySAM(SAM):
         lmbda: float = 0.9,
         **base_kwargs: Any,
     ) -> None:
-        check_argument(0 <= lmbda < 1, "lmbda", f"must be in [0, 1), got {lmbda}")
         friendly = {"sigma": sigma, "lmbda": lmbda}
         super().__init__(params, base_optimizer, rho, method_defaults=friendly, **base_kwargs)
         # Apart from `state`: a torch optimizer initialises a parameter's state only while it is empty.

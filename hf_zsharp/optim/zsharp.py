@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import selection
-from .sam import EPS, SAM, Ascent, Move, SparseMoves, check_argument, fetch, norms
+from .options import Option
+from .sam import EPS, SAM, Ascent, Move, SparseMoves, fetch, norms
 from .selection import flat, on_device, top_share, top_share_centred, top_shares
 from .sharded import (
     exact_top_share,
@@ -94,6 +95,34 @@ class ZSharp(SAM):
             `state_dict()`, so a resumed run draws the same masks).
     """
 
+    options = (
+        Option(
+            "percentile",
+            "zsharp_percentile",
+            "ZSharp only: entries of each filtered gradient tensor with |z-score| above this quantile are kept for "
+            "the ascent (0.95 keeps about one entry in twenty).",
+            "Z-score percentile Q_p",
+            check=lambda q: 0 <= q < 1,
+            requirement="in [0, 1) (0 disables the filter: plain SAM)",
+        ),
+        Option(
+            "radius",
+            "sam_radius",
+            "ZSharp only: normalise the filtered ascent per tensor ('tensor', the paper's code) or over all "
+            "tensors at once ('global').",
+            "Radius normalisation",
+            choices=RADII,
+        ),
+        Option(
+            "mask",
+            "sam_mask",
+            "ZSharp only: which gradient entries to keep: 'zscore' (the method), the ablation controls 'magnitude' "
+            "(largest |g|) and 'random' at the same sparsity, or 'none' (every entry: SAM normalised per tensor).",
+            "Mask",
+            choices=MASKS,
+        ),
+    )
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -105,9 +134,6 @@ class ZSharp(SAM):
         seed: int = 0,
         **base_kwargs: Any,
     ) -> None:
-        check_argument(0 <= percentile < 1, "percentile", f"must be in [0, 1), got {percentile}")
-        check_argument(radius in RADII, "radius", f"must be one of {RADII}, got {radius!r}")
-        check_argument(mask in MASKS, "mask", f"must be one of {MASKS}, got {mask!r}")
         filtering = {"percentile": percentile, "radius": radius, "mask": mask}
         super().__init__(params, base_optimizer, rho, method_defaults=filtering, **base_kwargs)
         self._seed = seed

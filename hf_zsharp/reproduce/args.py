@@ -14,7 +14,7 @@ from transformers import HfArgumentParser
 
 from hf_zsharp.models import PAPER_MODELS
 from hf_zsharp.reproduce.grid import COMMAND
-from hf_zsharp.reproduce.presets import METHODS, PRESETS
+from hf_zsharp.reproduce.presets import PRESETS, VARIANTS
 
 
 def _words(text: str | None, option: str) -> tuple[str, ...] | None:
@@ -149,7 +149,7 @@ class ReproduceArguments:
 def build_parser() -> HfArgumentParser:
     """The reproduction's own options; every other flag goes to each run's `hf-zsharp-train` arguments."""
     presets = "\n".join(f"  {name}: {preset.description}" for name, preset in PRESETS.items())
-    methods = "\n".join(f"  {name}: {method.description}" for name, method in METHODS.items())
+    methods = "\n".join(f"  {name}: {method.description}" for name, method in VARIANTS.items())
     return HfArgumentParser(
         ReproduceArguments,
         prog=COMMAND,

@@ -27,22 +27,21 @@ from hf_zsharp.reproduce.grid import (
     without_output_dir,
 )
 from hf_zsharp.reproduce.lock import LOCK, run_lock
-from hf_zsharp.reproduce.presets import PRESETS
+from hf_zsharp.reproduce.presets import PERCENTILE, PRESETS, VARIANTS
 from hf_zsharp.reproduce.records import code_version, load_record, write_record
 from hf_zsharp.reproduce.runner import train_one
 
-# Training flags the grid sets per run, and the reproduction option that sets them instead.
+# Training flags the grid sets per run, and the reproduction option that sets them instead: the run's place, and
+# every flag of the methods' variants (the method and the options they set), less the radius and percentile axes.
 GRID_FLAGS = {
     "output_dir": "--output_dir",
     "seed": "--seeds",
     "model_name_or_path": "--models",
     "dataset_name": "--datasets",
     "num_train_epochs": "--epochs",
-    "sam": "--methods",
-    "sam_mask": "--methods",
-    "sam_radius": "--methods",
+    **{flag[2:]: "--methods" for method in VARIANTS.values() for flag in method.flags[::2]},
     "sam_rho": "--rho",
-    "zsharp_percentile": "--percentile",
+    PERCENTILE.field: "--percentile",
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_zsharp.models import build_model
-from hf_zsharp.reproduce.presets import METHODS, PRESETS, Preset
+from hf_zsharp.reproduce.presets import PRESETS, VARIANTS, Preset
 
 # Training split size, classes and image side of each paper dataset; 10 % of the training split is held out.
 DATASETS = {"cifar10": (50_000, 10), "cifar100": (50_000, 100), "tiny-imagenet": (100_000, 200)}
@@ -78,7 +78,7 @@ def preset_cost_table(
             cost = count_flops(model, classes, size)
             two_pass = run_flops(cost, train_images, preset.epochs, two_pass=True)
             grid = sum(
-                run_flops(cost, train_images, preset.epochs, two_pass=METHODS[m].rho is not None)
+                run_flops(cost, train_images, preset.epochs, two_pass=VARIANTS[m].rho is not None)
                 for m in preset.methods
             ) * len(preset.seeds)
             lines.append(

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_zsharp.reproduce.presets import METHODS
+from hf_zsharp.reproduce.presets import VARIANTS
 from hf_zsharp.reproduce.records import write_atomic
 from hf_zsharp.reproduce.stats import METRICS, Interval, probe_radius, summarize
 
@@ -40,7 +40,7 @@ def _probe(rows: Sequence[Row]) -> str:
 
 
 def _colour(method: str) -> str:
-    names = list(METHODS)
+    names = list(VARIANTS)
     return f"C{names.index(method) % 10}" if method in names else "k"
 
 

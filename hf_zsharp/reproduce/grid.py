@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_zsharp.models import PAPER_MODELS
-from hf_zsharp.reproduce.presets import DEFAULT_PERCENTILE, METHODS, Preset
+from hf_zsharp.reproduce.presets import DEFAULT_PERCENTILE, VARIANTS, Preset
 
 COMMAND = "hf-zsharp-reproduce"
 
@@ -34,12 +34,12 @@ class RunSpec:
     @property
     def effective_rho(self) -> float | None:
         """The radius the method is given (before sam-matched's sqrt(L) scaling); None without an ascent."""
-        return METHODS[self.method].rho if self.rho is None else self.rho
+        return VARIANTS[self.method].rho if self.rho is None else self.rho
 
     @property
     def effective_percentile(self) -> float | None:
         """The filter's percentile for ZSharp-filtered methods, else None."""
-        if not METHODS[self.method].filtered:
+        if not VARIANTS[self.method].filtered:
             return None
         return DEFAULT_PERCENTILE if self.percentile is None else self.percentile
 
@@ -71,7 +71,7 @@ def short_name(name: str) -> str:
 
 def _variants(method: str, rhos: Sequence[float | None], percentiles: Sequence[float | None]) -> list[tuple]:
     """The (rho, percentile) pairs a method takes from the sweep axes; a default value is stored as None."""
-    spec = METHODS[method]
+    spec = VARIANTS[method]
     rho_values = [None] if spec.rho is None else [None if r == spec.rho else r for r in rhos]
     q_values = [None if q == DEFAULT_PERCENTILE else q for q in percentiles] if spec.filtered else [None]
     return list(dict.fromkeys((r, q) for r in rho_values for q in q_values))
@@ -109,9 +109,9 @@ def expand_grid(
 
 def check_names(methods: Sequence[str], models: Sequence[str], datasets: Sequence[str]) -> None:
     """Catch typos before hours of training: unknown methods, and models/datasets that cannot be found."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in VARIANTS]
     if unknown:
-        raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
+        raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
     for kind, names, builtin in (("model", models, PAPER_MODELS), ("dataset", datasets, ("digits",))):
         for name in names:
             if name.lower() in builtin or Path(name).expanduser().exists():
@@ -138,7 +138,7 @@ class Plan:
 
     def flags(self, spec: RunSpec) -> list[str]:
         """The `hf-zsharp-train` flags of one run (later flags win): preset, method, user extras, then the grid's."""
-        method = METHODS[spec.method]
+        method = VARIANTS[spec.method]
         rho = [] if spec.effective_rho is None else ["--sam_rho", repr(spec.effective_rho)]
         percentile = (
             []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 from hf_zsharp.optim import METHODS as OPTIMIZERS
@@ -25,12 +24,19 @@ class Method:
         return " ".join(self.flags) + (f", rho {self.rho:g}{extra}" if self.rho is not None else "")
 
 
-DEFAULT_PERCENTILE: float = inspect.signature(ZSharp).parameters["percentile"].default
+PERCENTILE = next(option for option in OPTIMIZERS["zsharp"].options if option.name == "percentile")
+DEFAULT_PERCENTILE: float = PERCENTILE.default(ZSharp)
 
 
-def _variant(optimizer: str, *flags: str, filtered: bool = False, matched: bool = False) -> Method:
-    """A method built on `hf_zsharp.optim.METHODS[optimizer]`, at that optimizer's default radius."""
-    return Method(("--sam", optimizer, *flags), OPTIMIZERS[optimizer].default_rho, filtered, matched)
+def _variant(optimizer: str, rho: float | None = None, matched: bool = False, **options: str) -> Method:
+    """A method built on `hf_zsharp.optim.METHODS[optimizer]` with some of its options set (by constructor
+    argument, e.g. mask="random": the flag `--sam_mask random`), at `rho` or the optimizer's default radius. It
+    takes the percentile axis when it filters with ZSharp's percentile (its mask is not "none")."""
+    info = OPTIMIZERS[optimizer]
+    fields = {option.name: option.field for option in info.options}
+    flags = [token for name, value in options.items() for token in (f"--{fields[name]}", value)]
+    filtered = PERCENTILE in info.options and options.get("mask") != "none"
+    return Method(("--sam", optimizer, *flags), info.default_rho if rho is None else rho, filtered, matched)
 
 
 LOSS_MATCHED = "zsharp-random-loss-matched"  # the random mask at the radius where it pushes as hard as ZSharp
@@ -43,21 +49,21 @@ LOSS_MATCHED = "zsharp-random-loss-matched"  # the random mask at the radius whe
 # - sam-matched: SAM's dense direction with ZSharp's total norm, rho * sqrt(L).
 # - zsharp-global: ZSharp's mask with one global normalisation (total norm rho, as SAM).
 # - zsharp-random-loss-matched: the random mask pushing as hard as ZSharp (its mean loss increase in training).
-METHODS: dict[str, Method] = {
+VARIANTS: dict[str, Method] = {
     "none": Method(("--sam", "none"), None),
     "sam": _variant("sam"),
     "asam": _variant("asam"),
     "fsam": _variant("fsam"),
-    "zsharp": _variant("zsharp", filtered=True),
-    "zsharp-random": _variant("zsharp", "--sam_mask", "random", filtered=True),
-    "zsharp-magnitude": _variant("zsharp", "--sam_mask", "magnitude", filtered=True),
-    "sam-layerwise": _variant("zsharp", "--sam_mask", "none"),
+    "zsharp": _variant("zsharp"),
+    "zsharp-random": _variant("zsharp", mask="random"),
+    "zsharp-magnitude": _variant("zsharp", mask="magnitude"),
+    "sam-layerwise": _variant("zsharp", mask="none"),
     "sam-matched": _variant("sam", matched=True),
-    "zsharp-global": _variant("zsharp", "--sam_radius", "global", filtered=True),
+    "zsharp-global": _variant("zsharp", radius="global"),
     # The random mask at the radius where its in-training loss increase matches ZSharp's: calibrated on seed 100
     # (outside the reported seeds) by `stats.calibrated_rho` from the runs in results/digits-calibration (RESULTS.md
     # shows them): 0.1387, rounded.
-    LOSS_MATCHED: Method(("--sam", "zsharp", "--sam_mask", "random"), 0.139, filtered=True),
+    LOSS_MATCHED: _variant("zsharp", rho=0.139, mask="random"),
 }
 
 
@@ -82,7 +88,7 @@ class Preset:
     models: tuple[str, ...]
     epochs: float
     train_args: tuple[str, ...]
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(VARIANTS)
     seeds: tuple[int, ...] = (0, 1, 2)
     threads: int | None = None  # torch's intra-op threads; None leaves torch's default
     paper_recipe: bool = False

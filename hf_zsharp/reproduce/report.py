@@ -15,7 +15,7 @@ from typing import Any
 from hf_zsharp.reproduce import figures, tables
 from hf_zsharp.reproduce.cost import preset_cost_table
 from hf_zsharp.reproduce.grid import short_name
-from hf_zsharp.reproduce.presets import LOSS_MATCHED, METHODS
+from hf_zsharp.reproduce.presets import LOSS_MATCHED, VARIANTS
 from hf_zsharp.reproduce.records import finished_records, write_atomic
 from hf_zsharp.reproduce.stats import FAMILIES, contrasts, rank_correlation, summarize, sweeps
 
@@ -121,7 +121,7 @@ def results_blocks(results_dir: Path, out_dir: Path) -> dict[str, str]:
     blocks = {"preset-cost": preset_cost_table()}
     calibration_dir = results_dir / f"{main}-calibration"
     if calibration_dir.exists():
-        matched = METHODS.get(LOSS_MATCHED)
+        matched = VARIANTS.get(LOSS_MATCHED)
         blocks["calibration"] = tables.calibration_table(
             finished_records(calibration_dir), "zsharp", "zsharp-random", matched and matched.rho
         )

@@ -28,7 +28,7 @@ from hf_zsharp.keys import LOGGED_STATISTICS
 from hf_zsharp.reproduce.grid import Plan, RunSpec
 from hf_zsharp.reproduce.mask_overlap import LOG_KEY as MASK_JACCARD
 from hf_zsharp.reproduce.mask_overlap import MaskOverlap
-from hf_zsharp.reproduce.presets import METHODS, SharpnessSettings
+from hf_zsharp.reproduce.presets import VARIANTS, SharpnessSettings
 from hf_zsharp.reproduce.recipe import paper_trainer_hooks
 from hf_zsharp.reproduce.records import RECORD_FORMAT, code_version, environment
 from hf_zsharp.run import TrainingRun, load_model, run_training
@@ -156,7 +156,7 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     flags = plan.flags(spec)
     model_args, data_args, training_args = parse_train_args(flags)
     run = resolve_run(model_args, data_args, training_args)
-    if METHODS[spec.method].matched:  # sam-matched: rho * sqrt(L), ZSharp's total norm on this model
+    if VARIANTS[spec.method].matched:  # sam-matched: rho * sqrt(L), ZSharp's total norm on this model
         with torch.random.fork_rng(devices=[]):  # building it draws its initialisation: not the run's draws
             count = filtered_tensor_count(load_model(model_args, ["0", "1"], run.image_size)[0])
         run = resolve_run(
@@ -164,7 +164,7 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
         )
     hooks = paper_trainer_hooks(training_args) if plan.preset.paper_recipe else {}
     best = BestValidation()
-    overlap = [MaskOverlap()] if METHODS[spec.method].filtered else []  # acts on Z-score masks only
+    overlap = [MaskOverlap()] if VARIANTS[spec.method].filtered else []  # acts on Z-score masks only
     callbacks = [*hooks.pop("callbacks", []), best, *overlap]
     start = time.perf_counter()
     training = run_training(run, callbacks=callbacks, **hooks)

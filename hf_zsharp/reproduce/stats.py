@@ -13,7 +13,7 @@ from typing import Any
 from scipy import stats as scipy_stats
 
 from hf_zsharp.reproduce.grid import short_name
-from hf_zsharp.reproduce.presets import DEFAULT_PERCENTILE, METHODS
+from hf_zsharp.reproduce.presets import DEFAULT_PERCENTILE, VARIANTS
 from hf_zsharp.sharpness import LANCZOS_TOL
 
 CONFIDENCE = 0.95
@@ -168,7 +168,7 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
 
 def _order(record: Record) -> tuple:
     method = record["method"]
-    rank = list(METHODS).index(method) if method in METHODS else len(METHODS)
+    rank = list(VARIANTS).index(method) if method in VARIANTS else len(VARIANTS)
     return (
         record["dataset"],
         record["model"],
@@ -244,7 +244,7 @@ def contrasts(records: Sequence[Record], family: str) -> list[dict[str, Any]]:
 
 
 def _at_default_rho(record: Record) -> bool:
-    return record.get("rho") == METHODS[record["method"]].rho if record["method"] in METHODS else True
+    return record.get("rho") == VARIANTS[record["method"]].rho if record["method"] in VARIANTS else True
 
 
 def _at_default_percentile(record: Record) -> bool:
