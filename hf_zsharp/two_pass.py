@@ -14,7 +14,6 @@ shards; the step here always ascends with the synced gradient (a rank holds only
 
 import contextlib
 import functools
-import math
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +24,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from hf_zsharp.keys import ASCENT_STATISTICS, LOGGED_STATISTICS
-from hf_zsharp.optim import SAM, frozen_batchnorm_stats
+from hf_zsharp.optim import frozen_batchnorm_stats
+from hf_zsharp.optim.sam import TwoPassOptimizer
 from hf_zsharp.optim.second_pass import RngState, rng_state, set_rng_state
 from hf_zsharp.optim.sharded import is_sharded
 from hf_zsharp.support import check_interval, check_supported
@@ -36,15 +36,19 @@ _LOSS_INCREASE, _SKIPPED_STEPS = LOGGED_STATISTICS[len(ASCENT_STATISTICS) :]
 def inner_optimizer(optimizer: Optimizer | None) -> Optimizer | None:
     """The optimizer inside Accelerate's (or another) wrapper that keeps it as `.optimizer`: an hf_zsharp one if
     there is one."""
-    while optimizer is not None and not isinstance(optimizer, SAM) and hasattr(optimizer, "optimizer"):
+    while (
+        optimizer is not None
+        and not isinstance(optimizer, TwoPassOptimizer)
+        and hasattr(optimizer, "optimizer")
+    ):
         optimizer = optimizer.optimizer
     return optimizer
 
 
-def unwrap_sam_optimizer(optimizer: Optimizer) -> SAM:
+def unwrap_sam_optimizer(optimizer: Optimizer) -> TwoPassOptimizer:
     """The hf_zsharp optimizer inside Accelerate's (or another) wrapper that keeps it as `.optimizer`."""
     inner = inner_optimizer(optimizer)
-    if not isinstance(inner, SAM):
+    if not isinstance(inner, TwoPassOptimizer):
         raise TypeError(
             f"The two-pass step needs an hf_zsharp optimizer (ZSharp, SAM, ASAM, FriendlySAM); got {type(optimizer)!r}."
         )
@@ -185,7 +189,7 @@ class TwoPassStep:
             _reshard(self.model)
         perturbed = optimizer.first_step()
         if not self._all_replicas(perturbed):
-            self._skip_on_this_replica(perturbed)
+            self._share_the_skip(perturbed)
             return
         self.log.ascent(optimizer.ascent_stats)
         self._scaler_decides = self._scaler_enabled()
@@ -222,17 +226,24 @@ class TwoPassStep:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return flag.item() == 0.0
 
-    def _skip_on_this_replica(self, perturbed: bool) -> None:
-        """Make this replica skip the step as well: non-finite gradients make a GradScaler skip (and lower its
-        scale like the other replicas') and the optimizer's own `step()` skip the base step."""
-        if not perturbed:
-            return
-        self.optimizer.restore()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.fill_(math.nan)
-        self.optimizer.first_step()
+    def _share_the_skip(self, perturbed: bool) -> None:
+        """A replica's first-pass gradient was not finite: all-reduce the first-pass gradients (as a synced ascent
+        would), so that every replica holds that non-finite gradient, skips its ascent (the optimizer counts it,
+        once) and its step alike, and a GradScaler skips and lowers its scale on every replica."""
+        if self.sync_ascent or self.accelerator.num_processes == 1:
+            return  # every replica holds the same gradient and has skipped already
+        optimizer = self.optimizer
+        if perturbed:
+            optimizer.restore()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            torch._foreach_copy_(
+                grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            )
+        if perturbed:
+            optimizer.first_step()
 
 
 _STEPS: "weakref.WeakKeyDictionary[Optimizer, TwoPassStep]" = weakref.WeakKeyDictionary()

@@ -30,7 +30,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -126,6 +126,33 @@ def norms(tensors: list[Tensor]) -> list[Tensor]:
 def non_finite(grads: list[Tensor]) -> Tensor:
     """Float32 device flag: 1.0 if a gradient holds inf/NaN (or its norm overflows float32); no host sync."""
     return torch.stack(norms(grads)).float().isfinite().all().logical_not().float()
+
+
+@runtime_checkable
+class TwoPassOptimizer(Protocol):
+    """What the two-pass step (`hf_zsharp.two_pass.TwoPassStep`, the Lightning and timm integrations) needs of a
+    sharpness-aware optimizer. `SAM` provides it for every variant, which changes only the ascent (`_moves`)."""
+
+    param_groups: list[dict[str, Any]]
+    ascent_stats: dict[str, float]  # after a first_step that moved the weights: ASCENT_STATISTICS
+    scale_invariant: (
+        bool  # whether the ascent ignores a global gradient scale (a GradScaler's): else unscale first
+    )
+
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """The ascent to w + e; False, moving nothing, when the gradients are not finite (the step is skipped)."""
+
+    def restore(self) -> None:
+        """Put back exactly what `first_step` moved."""
+
+    def begin_plain_step(self) -> None:
+        """Begin a step without ascent (the next `step()` is the base step alone)."""
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Finish a begun step: the base step on the current (second-pass) gradients, skipped if not finite."""
+
+    def pop_skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients since the last call."""
 
 
 def check_argument(ok: bool, name: str, message: str) -> None:
