@@ -16,6 +16,7 @@ from typing import Any
 
 from datasets import DatasetDict
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -52,13 +53,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingRun:
-    """What `run_training` leaves behind: final metrics, the Trainer (model, data), its log history and the splits
-    it trained and evaluated on, as loaded (before any preprocessing)."""
+    """What `run_training` leaves behind: final metrics, the Trainer (model, data), its log history, the splits
+    it trained and evaluated on, as loaded (before any preprocessing), and the handle of the batch augmentation
+    the model runs on uint8 `pixel_values` (`augment_inputs`; None when the data is preprocessed per image):
+    still attached, so the model takes cached uint8 batches as in training; `.remove()` detaches it."""
 
     metrics: dict[str, float]
     trainer: ZSharpTrainer
     log_history: list[dict[str, Any]]
     dataset: DatasetDict
+    augmentation: RemovableHandle | None
 
 
 def load_model(
@@ -154,8 +158,8 @@ def run_training(
         processor = paper_image_processor(run.image_size, mean, std)
     else:
         data = processor_image_data(dataset, processor)
-    if data.augment is not None:  # cached splits: crop, flip and normalise each batch on the device
-        augment_inputs(model, data.augment)
+    # Cached splits: each uint8 batch is cropped, flipped and normalised on the device, inside the model's forward.
+    augmentation = augment_inputs(model, data.augment) if data.augment is not None else None
 
     trainer = trainer_cls(
         model=model,
@@ -194,5 +198,9 @@ def run_training(
         if run.push_to is not None:
             outputs.push_at_the_end()
     return TrainingRun(
-        metrics=metrics, trainer=trainer, log_history=list(trainer.state.log_history), dataset=dataset
+        metrics=metrics,
+        trainer=trainer,
+        log_history=list(trainer.state.log_history),
+        dataset=dataset,
+        augmentation=augmentation,
     )

@@ -19,7 +19,7 @@ from timm.utils import NativeScaler, dispatch_clip_grad
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from hf_zsharp._compat import timm_optimizer_registry
+from hf_zsharp._compat import timm_grad_scaler, timm_optimizer_registry
 from hf_zsharp.optim import METHODS, SAM, frozen_batchnorm_stats
 from hf_zsharp.optim.second_pass import replayed_rng, rng_state
 
@@ -129,7 +129,7 @@ def _sam_optimizer(optimizer: Optimizer) -> SAM:
 
 def _grad_scaler(loss_scaler: NativeScaler | torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
     """The GradScaler of timm's NativeScaler (its `_scaler`), or the one given."""
-    scaler = getattr(loss_scaler, "_scaler", loss_scaler)
+    scaler = timm_grad_scaler(loss_scaler)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(
             f"two_pass_step: loss_scaler must be timm's NativeScaler (--amp-impl native) or a "

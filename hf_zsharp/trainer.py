@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer
 
+from hf_zsharp._compat import BatchNorm, check_trainer_hooks
 from hf_zsharp.args import ZSharpArgumentsMixin, ZSharpTrainingArguments
 from hf_zsharp.cards import (
     add_sam_section,
@@ -34,6 +35,8 @@ from hf_zsharp.optim import METHODS, SAM, create_sam_optimizer, stated_settings
 from hf_zsharp.optim.sam import METHOD_KEYS
 from hf_zsharp.support import check_supported
 from hf_zsharp.two_pass import TwoPassStep, inner_optimizer, unwrap_sam_optimizer
+
+check_trainer_hooks(Trainer)
 
 
 class ZSharpMixin:
@@ -269,9 +272,7 @@ def check_fsdp2_batchnorm(model: nn.Module | None, accelerator: Any) -> None:
     BatchNorm weights to bf16 beside float32 running statistics, and the first forward fails."""
     if model is None or not getattr(accelerator, "is_fsdp2", False) or accelerator.mixed_precision != "bf16":
         return
-    norms = sorted(
-        {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    )
+    norms = sorted({type(m).__name__ for m in model.modules() if isinstance(m, BatchNorm)})
     if norms:
         raise ValueError(
             f"FSDP2 with bf16 mixed precision cannot train this model: it has {', '.join(norms)} layers, whose bf16 "

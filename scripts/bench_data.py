@@ -2,7 +2,7 @@
 workers, `hf_zsharp.image_data.with_image_transforms`, the streaming path) against new (decoded once into uint8
 tensors and augmented per batch inside the model, `hf_zsharp.image_data` + `hf_zsharp.augment`).
 
-Schemas, generated once into --data_dir with the Hub schemas of `hf_zsharp.benchmarking`: `cifar-paper` (32x32
+Schemas, generated once into --data_dir with the Hub schemas of `scripts/benchmarking.py`: `cifar-paper` (32x32
 PNG, the paper recipe), `cifar-processor` (32x32 PNG through a 224x224 ViT image processor: RandomResizedCrop)
 and `tiny-imagenet` (64x64 JPEG, a quarter greyscale, the paper recipe at 64). Measures: `data` (the
 DataLoader, plus the batch augmentation for new, on --device), `e2e` (a `ZSharpTrainer` training a tiny CNN
@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+from benchmarking import SyntheticBatches, cifar10_split, tiny_imagenet_split, write_hub_layout
 from torch import nn
-
-from hf_zsharp.benchmarking import SyntheticBatches, cifar10_split, tiny_imagenet_split, write_hub_layout
 
 SCHEMAS = ("cifar-paper", "cifar-processor", "tiny-imagenet")
 MEASURES = ("data", "e2e", "model")

@@ -24,10 +24,10 @@ import time
 
 import torch
 import torch.distributed as dist
+from benchmarking import peak_memory, peak_memory_reset, synchronize
 from torch.distributed.fsdp import fully_shard
 
 from hf_zsharp import create_sam_optimizer
-from hf_zsharp.benchmarking import peak_memory, peak_memory_reset, synchronize
 
 # The collectives counted, with the argument whose size a ring algorithm sends (w - 1) / w of per rank (twice
 # for an all-reduce).

@@ -3,7 +3,7 @@ per-tensor SAM most people use.
 
 Ops: per two-pass step (`first_step` + `second_step`, `torch.optim.AdamW(fused=True)` as the base, ZSharp on its
 accelerator code path) of SAM, ASAM, Friendly-SAM and ZSharp on timm ViT-B/16 and ResNet-50 parameter sets, the
-aten ops (each a kernel launch on an accelerator) and the bytes they touch (`hf_zsharp.benchmarking.OpCount`).
+aten ops (each a kernel launch on an accelerator) and the bytes they touch (`benchmarking.OpCount`, scripts/benchmarking.py).
 Speed: median wall time of `first_step` on the parameter sets of timm models (random init, random
 gradients); the restore runs outside the timed region. `yardstick` is the standard per-tensor SAM ascent (as
 davda54/sam writes it, in our own words): a fixed reference that does not move when hf_zsharp's SAM gets faster. Second step: median wall time of `second_step`
@@ -36,9 +36,7 @@ import time
 from collections.abc import Iterable
 
 import torch
-
-from hf_zsharp import SAM, ZSharp, create_sam_optimizer
-from hf_zsharp.benchmarking import (
+from benchmarking import (
     OpCount,
     accelerator_code_path,
     count_host_reads,
@@ -48,6 +46,8 @@ from hf_zsharp.benchmarking import (
     synchronize,
     timm_params,
 )
+
+from hf_zsharp import SAM, ZSharp, create_sam_optimizer
 from hf_zsharp.optim.sam import non_finite
 
 MODELS = ("resnet18", "vit_small_patch16_224", "vit_base_patch16_224")

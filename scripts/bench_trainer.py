@@ -20,8 +20,7 @@ import sys
 import time
 
 import torch
-
-from hf_zsharp.benchmarking import SyntheticImages, process_status_bytes, reset_peak_rss
+from benchmarking import SyntheticImages, process_status_bytes, reset_peak_rss
 
 CONFIGS = {
     "adamw": {},

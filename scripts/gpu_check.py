@@ -36,18 +36,18 @@ import warnings
 from functools import partial
 
 import torch
-from transformers import TrainerCallback
-
-from hf_zsharp import SAM, ZSharp
-from hf_zsharp.args import ZSharpTrainingArguments
-from hf_zsharp.augment import BatchAugment
-from hf_zsharp.benchmarking import (
+from benchmarking import (
     SyntheticBatches,
     count_host_reads,
     held_bytes,
     synchronize,
     timm_params,
 )
+from transformers import TrainerCallback
+
+from hf_zsharp import SAM, ZSharp
+from hf_zsharp.args import ZSharpTrainingArguments
+from hf_zsharp.augment import BatchAugment
 from hf_zsharp.image_data import CachedImages, collate_fn
 from hf_zsharp.models import build_model
 from hf_zsharp.trainer import ZSharpTrainer

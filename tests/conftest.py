@@ -1,8 +1,12 @@
 """Shared fixtures. The Hub is unreachable here: everything runs offline on generated data."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The measuring helpers shared with the benchmarks (scripts/benchmarking.py): development code, not in the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import pytest  # noqa: E402
 

@@ -5,7 +5,7 @@
 files laid out like the Hub repositories, so `datasets.load_dataset(<dir>)` and
 `datasets.load_dataset("parquet", data_files=...)` read them as they would read the real ones. Each class
 has its own mean colour, so a model can learn something from a few steps. The CIFAR-10 and Tiny-ImageNet splits
-and the layout writer live in `hf_zsharp.benchmarking` (the benchmarks generate data with them too).
+and the layout writer live in `scripts/benchmarking.py` (the benchmarks generate data with them too).
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-
-from hf_zsharp.benchmarking import (
+from benchmarking import (
     CIFAR10_FEATURES,
     CIFAR10_LABELS,
     TINY_IMAGENET_FEATURES,
@@ -27,6 +25,7 @@ from hf_zsharp.benchmarking import (
     tiny_imagenet_split,
     write_hub_layout,
 )
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 __all__ = [
     "CIFAR10_FEATURES",

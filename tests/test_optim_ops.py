@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
+from benchmarking import OpCount, accelerator_code_path, timm_params
 from reference import BUILDERS, model_with_grads
 from test_optim_reference import assert_moved_by, grads_of
 
 from hf_zsharp import ASAM, SAM, FriendlySAM, ZSharp
-from hf_zsharp.benchmarking import OpCount, accelerator_code_path, timm_params
 from hf_zsharp.optim import selection
 
 # Ops per parameter tensor of one two-pass step (issue 19); ASAM and Friendly-SAM share SAM's moves.

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hf_zsharp._compat import honours_found_inf, step_unless_found_inf
 from hf_zsharp.keys import ASCENT_STATISTICS
 
 from . import selection
@@ -311,11 +312,7 @@ class SAM(Optimizer):
         self.skips.second_pass(found_inf)
         base = self.base_optimizer
         if _skips_on_device(base):
-            base.found_inf = found_inf
-            try:
-                base.step()
-            finally:
-                del base.found_inf
+            step_unless_found_inf(base, found_inf)
         elif not fetch(found_inf)[0][0]:
             base.step()
 
@@ -576,15 +573,12 @@ def _fusable(moves: list[Move]) -> list[list[Move]]:
     return list(groups.values())
 
 
-_FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
-
-
 def _skips_on_device(optimizer: Optimizer) -> bool:
     """Whether `optimizer.step()` honours a `found_inf` flag: torch's fused Adam(W), SGD and Adagrad.
 
     Not fused SGD before its momentum buffers exist: skipping its first step leaves them uninitialised.
     """
-    if not (isinstance(optimizer, _FUSED) and getattr(optimizer, "_step_supports_amp_scaling", False)):
+    if not honours_found_inf(optimizer):
         return False
     return not isinstance(optimizer, torch.optim.SGD) or all(
         group["momentum"] == 0 or "momentum_buffer" in optimizer.state.get(p, {})

@@ -12,8 +12,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_pre_hook
+
+from hf_zsharp._compat import BatchNorm
 
 # The CPU generator's state and the accelerator device's (None on the CPU).
 RngState = tuple[torch.Tensor, torch.Tensor | None]
@@ -27,7 +28,7 @@ def frozen_batchnorm_stats(model: nn.Module | None = None) -> Iterator[nn.Module
     for callers that do not know the model, such as `SAM.step(closure)`.
     """
     if model is not None:
-        layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        layers = [m for m in model.modules() if isinstance(m, BatchNorm) and m.track_running_stats]
         for layer in layers:
             layer.track_running_stats = False
         try:
@@ -36,10 +37,10 @@ def frozen_batchnorm_stats(model: nn.Module | None = None) -> Iterator[nn.Module
             for layer in layers:
                 layer.track_running_stats = True
         return
-    frozen: list[_BatchNorm] = []
+    frozen: list[BatchNorm] = []
 
     def freeze(module: nn.Module, args: object) -> None:
-        if isinstance(module, _BatchNorm) and module.track_running_stats:
+        if isinstance(module, BatchNorm) and module.track_running_stats:
             module.track_running_stats = False
             frozen.append(module)
 

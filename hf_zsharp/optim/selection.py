@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hf_zsharp._compat import chunk_cat
+
 _SAMPLE_SIZE = 4096
 _PREFILTER_MIN_N = 65536
 
@@ -110,7 +112,7 @@ def on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 def flat(tensors: list[Tensor]) -> Tensor:
     """The entries of `tensors` (each in its logical order) one after the other in a new 1-D tensor: one op."""
-    return torch._chunk_cat(tensors, 0, 1).view(-1)
+    return chunk_cat(tensors)
 
 
 def _kept_prefiltered(row: Tensor, center: np.float32, low: int, weight: float) -> tuple[Tensor, Tensor]:

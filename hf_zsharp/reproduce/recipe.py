@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LinearLR, SequentialLR, StepLR
 
+from hf_zsharp._compat import mark_lr_scheduler_created
 from hf_zsharp.trainer import ZSharpTrainer
 
 
@@ -48,7 +49,7 @@ class PaperRecipeTrainer(ZSharpTrainer):
     ) -> Any:
         if self.lr_scheduler is None:
             self.lr_scheduler = paper_lr_scheduler(optimizer or self.optimizer, self.steps_per_epoch)
-            self._created_lr_scheduler = True
+            mark_lr_scheduler_created(self)
         return self.lr_scheduler
 
 

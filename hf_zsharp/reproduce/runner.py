@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from hf_zsharp.args import parse_train_args, resolve_run
 from hf_zsharp.data import load_image_dataset
-from hf_zsharp.image_data import CachedImages, paper_image_data, processor_image_data
+from hf_zsharp.image_data import paper_image_data, processor_image_data
 from hf_zsharp.keys import LOGGED_STATISTICS
 from hf_zsharp.reproduce.grid import Plan, RunSpec
 from hf_zsharp.reproduce.mask_overlap import LOG_KEY as MASK_JACCARD
@@ -83,10 +83,11 @@ def load_test_split(data_args: Any, cache_dir: str | None) -> Dataset:
 
 def like_eval(training: TrainingRun, split: Dataset, image_size: int | None) -> TorchDataset:
     """`split` prepared as the run prepared its evaluation split: no augmentation, the same resize and
-    normalisation. Cached (uint8) only if the run's model normalises uint8 batches itself."""
+    normalisation. Cached (uint8) only if the run's model normalises uint8 batches itself (its
+    `training.augmentation`, still attached)."""
     trainer = training.trainer
     pair = DatasetDict({"train": split.select([0]), "eval": split})
-    budget = None if isinstance(trainer.eval_dataset, CachedImages) else 0
+    budget = None if training.augmentation is not None else 0
     processor = trainer.processing_class
     if image_size is not None:  # a paper model from scratch: its processor holds the run's statistics
         return paper_image_data(
