@@ -31,43 +31,14 @@ class DatasetFacts:
     eval_split: str
 
 
-# The statistics are those the ZSharp paper's code base uses for CIFAR.
-DATASETS: dict[str, DatasetFacts] = {
-    facts.key: facts
-    for facts in (
-        DatasetFacts(DIGITS, None, None, None, 16, None, 10, "test"),
-        DatasetFacts(
-            "cifar10",
-            "uoft-cs/cifar10",
-            (0.4914, 0.4822, 0.4465),
-            (0.2470, 0.2435, 0.2616),
-            32,
-            50_000,
-            10,
-            "test",
-        ),
-        DatasetFacts(
-            "cifar100",
-            "uoft-cs/cifar100",
-            (0.5071, 0.4867, 0.4408),
-            (0.2675, 0.2565, 0.2761),
-            32,
-            50_000,
-            100,
-            "test",
-        ),
-        DatasetFacts(
-            "tinyimagenet",
-            "zh-plus/tiny-imagenet",
-            (0.4802, 0.4481, 0.3975),
-            (0.2770, 0.2691, 0.2821),
-            64,
-            100_000,
-            200,
-            "valid",
-        ),
-    )
-}
+# Key, Hub id, mean, std (those the ZSharp paper's code base uses), paper input side, training images, classes and
+# evaluation split of each dataset.
+DATASETS: dict[str, DatasetFacts] = {row[0]: DatasetFacts(*row) for row in (
+    (DIGITS, None, None, None, 16, None, 10, "test"),
+    ("cifar10", "uoft-cs/cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, 50_000, 10, "test"),
+    ("cifar100", "uoft-cs/cifar100", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), 32, 50_000, 100, "test"),
+    ("tinyimagenet", "zh-plus/tiny-imagenet", (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), 64, 100_000, 200, "valid"),
+)}  # fmt: skip
 
 
 def dataset_key(dataset_name: str) -> str:

@@ -15,41 +15,38 @@ import pytest  # noqa: E402
 # builders live in fake_datasets.py (imported lazily: tests that need no data do not pay for `datasets`).
 
 
-@pytest.fixture(scope="session")
-def cifar10_dir(tmp_path_factory):
-    """uoft-cs/cifar10 schema and layout: img/label, splits train (40) and test (20)."""
-    from fake_datasets import write_cifar10
+def _generated(writer: str, folder: str, doc: str):
+    """A session fixture: the dataset fake_datasets.`writer` writes into a fresh `folder` (built once)."""
 
-    return write_cifar10(tmp_path_factory.mktemp("data") / "cifar10")
+    def fixture(tmp_path_factory):
+        import fake_datasets
 
+        return getattr(fake_datasets, writer)(tmp_path_factory.mktemp("data") / folder)
 
-@pytest.fixture(scope="session")
-def cifar100_dir(tmp_path_factory):
-    """uoft-cs/cifar100 schema and layout: img/fine_label/coarse_label, splits train (40) and test (20)."""
-    from fake_datasets import write_cifar100
-
-    return write_cifar100(tmp_path_factory.mktemp("data") / "cifar100")
+    fixture.__doc__ = doc
+    return pytest.fixture(scope="session", name=f"{writer.removeprefix('write_')}_dir")(fixture)
 
 
-@pytest.fixture(scope="session")
-def tiny_imagenet_dir(tmp_path_factory):
-    """zh-plus/tiny-imagenet schema and layout: image/label, 64x64 with greyscale images, splits train/valid."""
-    from fake_datasets import write_tiny_imagenet
-
-    return write_tiny_imagenet(tmp_path_factory.mktemp("data") / "tiny-imagenet")
-
-
-@pytest.fixture(scope="session")
-def imagefolder_dir(tmp_path_factory):
-    """An imagefolder directory with train/test splits and three classes (cat, dog, fish)."""
-    from fake_datasets import write_imagefolder
-
-    return write_imagefolder(tmp_path_factory.mktemp("data") / "imagefolder")
-
-
-@pytest.fixture(scope="session")
-def saved_to_disk_dir(tmp_path_factory):
-    """A `save_to_disk` DatasetDict with only a train split (no evaluation split)."""
-    from fake_datasets import write_saved_to_disk
-
-    return write_saved_to_disk(tmp_path_factory.mktemp("data") / "saved")
+cifar10_dir = _generated(
+    "write_cifar10", "cifar10", "uoft-cs/cifar10: img/label, splits train (40) and test (20)."
+)
+cifar100_dir = _generated(
+    "write_cifar100",
+    "cifar100",
+    "uoft-cs/cifar100: img/fine_label/coarse_label, splits train (40) and test (20).",
+)
+tiny_imagenet_dir = _generated(
+    "write_tiny_imagenet",
+    "tiny-imagenet",
+    "zh-plus/tiny-imagenet: image/label, 64x64 with greyscale images, train/valid.",
+)
+imagefolder_dir = _generated(
+    "write_imagefolder",
+    "imagefolder",
+    "An imagefolder with train/test splits and three classes (cat, dog, fish).",
+)
+saved_to_disk_dir = _generated(
+    "write_saved_to_disk",
+    "saved",
+    "A `save_to_disk` DatasetDict with only a train split (no evaluation split).",
+)

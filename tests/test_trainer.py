@@ -353,13 +353,19 @@ def scaler(**kwargs):
     return torch.amp.GradScaler("cpu", **{"init_scale": 2.0**10, "growth_interval": 1000, **kwargs})
 
 
-def test_grad_scaler_overflow_in_the_second_pass_skips_like_stock(tmp_path):
+def fp16_run_poisoned(tmp_path, call: int):
+    """An fp16 run with a GradScaler whose forward call number `call` gives an infinite loss."""
     model = TinyNet()
-    model.poison = {6}  # the second pass of step 2
+    model.poison = {call}
     grad_scaler = scaler()
-    trainer, recorder = recorded_train(
+    _, recorder = recorded_train(
         tmp_path, model, scaler=grad_scaler, fp16=True, fp16_amp=True, max_grad_norm=1.0
     )
+    return model, grad_scaler, recorder
+
+
+def test_grad_scaler_overflow_in_the_second_pass_skips_like_stock(tmp_path):
+    model, grad_scaler, recorder = fp16_run_poisoned(tmp_path, 6)  # the second pass of step 2
     assert recorder.skipped == [False, False, True, False]
     assert torch.equal(recorder.params[2], recorder.params[1])  # restored, and the step skipped
     assert grad_scaler.get_scale() == 2.0**9
@@ -369,12 +375,7 @@ def test_grad_scaler_overflow_in_the_second_pass_skips_like_stock(tmp_path):
 
 
 def test_grad_scaler_overflow_in_the_first_pass_skips_the_second(tmp_path):
-    model = TinyNet()
-    model.poison = {3}  # the first pass of step 1
-    grad_scaler = scaler()
-    trainer, recorder = recorded_train(
-        tmp_path, model, scaler=grad_scaler, fp16=True, fp16_amp=True, max_grad_norm=1.0
-    )
+    model, grad_scaler, recorder = fp16_run_poisoned(tmp_path, 3)  # the first pass of step 1
     assert recorder.calls == [2, 1, 2, 2]
     assert recorder.skipped == [False, True, False, False]
     assert torch.equal(recorder.params[1], recorder.params[0])
@@ -659,15 +660,13 @@ def test_a_resume_with_other_sharpness_settings_is_refused_naming_them(tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("saved", "resumed", "named"),
-    [
-        ("zsharp", "sam", "into SAM: it was saved by ZSharp"),
-        ("sam", "fsam", "into FriendlySAM: it was saved by SAM"),
-        ("none", "zsharp", "into ZSharp: it was saved by a plain optimizer"),
-        ("zsharp", "none", "was trained with a sharpness-aware method"),
-    ],
+    ("saved", "resumed"), [("zsharp", "sam"), ("sam", "fsam"), ("none", "zsharp"), ("zsharp", "none")]
 )
-def test_a_resume_with_another_method_is_refused_naming_both(tmp_path, saved, resumed, named):
+def test_a_resume_with_another_method_is_refused_naming_both(tmp_path, saved, resumed):
+    classes = {"zsharp": "ZSharp", "sam": "SAM", "fsam": "FriendlySAM", "none": "a plain optimizer"}
+    named = f"into {classes[resumed]}: it was saved by {classes[saved]}"
+    if resumed == "none":
+        named = "was trained with a sharpness-aware method"
     checkpoint = _checkpointed(tmp_path, sam=saved)
     trainer = ZSharpTrainer(
         model=TinyNet(),

@@ -33,20 +33,16 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# A one-layer Llama of width 16 over the word-level vocabulary.
+TINY_LLAMA = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(SPECIAL + WORDS),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
+        vocab_size=len(SPECIAL + WORDS), num_key_value_heads=2, max_position_embeddings=32, **TINY_LLAMA
     )
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 1
     return LlamaForCausalLM(config)
 
 

@@ -83,11 +83,16 @@ def test_interval_alternates_two_pass_and_plain_steps():
     assert [calls for calls, _ in record] == [2, 1, 2, 1, 2]
 
 
-def test_grad_scaler_skips_a_step_with_non_finite_first_pass():
+def poisoned_loop(call: int, **options):
+    """Three steps of `accelerate_loop` whose forward call number `call` gives an infinite loss."""
     model = TinyNet()
-    model.poison = {3}
+    model.poison = {call}
+    return accelerate_loop(model, steps=3, **options)
+
+
+def test_grad_scaler_skips_a_step_with_non_finite_first_pass():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    loop = accelerate_loop(model, steps=3, scaler=scaler)
+    loop = poisoned_loop(3, scaler=scaler)
     assert loop.record == [(2, False), (1, True), (2, False)]
     assert scaler.get_scale() == 2.0**9
     assert loop.stats["sam_skipped_steps"] == 1
@@ -95,9 +100,7 @@ def test_grad_scaler_skips_a_step_with_non_finite_first_pass():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 def test_non_finite_second_pass_skips_the_step_and_is_counted(fused):
-    model = TinyNet()
-    model.poison = {4}  # the second pass of step 1
-    loop = accelerate_loop(model, steps=3, fused=fused)
+    loop = poisoned_loop(4, fused=fused)  # the second pass of step 1
     assert [calls for calls, _ in loop.record] == [2, 2, 2]
     assert torch.equal(loop.params[1], loop.params[0])
     assert torch.isfinite(loop.params[2]).all() and not torch.equal(loop.params[2], loop.params[1])
@@ -105,10 +108,8 @@ def test_non_finite_second_pass_skips_the_step_and_is_counted(fused):
 
 
 def test_grad_scaler_skip_of_a_non_finite_second_pass_is_counted_once():
-    model = TinyNet()
-    model.poison = {4}
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    loop = accelerate_loop(model, steps=3, scaler=scaler)
+    loop = poisoned_loop(4, scaler=scaler)
     assert loop.record == [(2, False), (2, True), (2, False)]
     assert torch.equal(loop.params[1], loop.params[0])
     assert scaler.get_scale() == 2.0**9
