@@ -5,6 +5,7 @@ of the same identity; on another, the command must at least be deterministic).""
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -112,11 +113,17 @@ def test_a_moved_grid_resumes(tmp_path, fake_training):
 
 
 def test_a_run_locked_by_another_process_is_skipped(tmp_path, fake_training, capsys):
+    """Still locked when the grid has run the rest: the grid ends with an error naming it."""
     argv = ["digits", "--methods", "sam", "--seeds", "2", "--output_dir", str(tmp_path)]
     folder = tmp_path / "digits/resnet20/sam/seed-0"
     with lock.run_lock(folder) as held:  # another open file description: as another process holds it
         assert held
-        cli.main(argv)
+        with pytest.raises(SystemExit) as unfinished:
+            cli.main(argv)
+    assert str(unfinished.value) == (
+        f"error: 1 run(s) unfinished, locked by another process: {folder}; run the command again when it has "
+        "ended (the results leave them out)"
+    )
     assert [spec.seed for spec in fake_training] == [1]
     assert (
         f"skipped: another process is running it ({folder / lock.LOCK} is locked)" in capsys.readouterr().out
@@ -125,6 +132,67 @@ def test_a_run_locked_by_another_process_is_skipped(tmp_path, fake_training, cap
     fake_training.clear()
     cli.main(argv)  # the lock is gone with its holder: the run is trained now
     assert [spec.seed for spec in fake_training] == [0]
+
+
+# Another process taking a run's lock as `lock.run_lock` does, holding it until its stdin closes.
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_run_whose_lock_holder_exits_is_run_at_the_end(tmp_path, fake_training, monkeypatch, capsys):
+    """Another process holds seed 0's lock when the grid reaches it, and exits (without a record) while seed 1
+    trains: the grid comes back to seed 0 at its end."""
+    folder = tmp_path / "digits/resnet20/sam/seed-0"
+    folder.mkdir(parents=True)
+    command = [sys.executable, "-c", HOLD_LOCK, str(folder / lock.LOCK)]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "held\n"
+        train = cli.train_one
+
+        def holder_exits_then_train(plan, spec):
+            if holder.poll() is None:
+                holder.stdin.close()  # the holder exits: the kernel releases its lock
+                holder.wait(timeout=60)
+            return train(plan, spec)
+
+        monkeypatch.setattr(cli, "train_one", holder_exits_then_train)
+        cli.main(["digits", "--methods", "sam", "--seeds", "2", "--output_dir", str(tmp_path)])
+    assert [spec.seed for spec in fake_training] == [1, 0]
+    out = capsys.readouterr().out
+    assert "is locked); tried again at the end" in out and "Retrying 1 run(s) skipped for their lock" in out
+    assert (folder / "run.json").exists()
+
+
+def test_runs_of_another_length_are_not_pooled_into_one_row(tmp_path, fake_training):
+    """`--epochs 1` then `--epochs 3` into one folder, on other seeds: the second grid is refused before it
+    trains, naming the record; a record that gets in anyway stops the grid's report."""
+    base = ["digits", "--methods", "sam", "--output_dir", str(tmp_path)]
+    cli.main([*base, "--seeds", "0,", "--epochs", "1"])
+    first = tmp_path / "digits/resnet20/sam/seed-0/run.json"
+    with pytest.raises(SystemExit) as refused:
+        cli.main([*base, "--seeds", "1,", "--epochs", "3"])
+    assert str(refused.value) == (
+        f"error: {tmp_path / 'digits/resnet20/sam/seed-1'} (to run) cannot be pooled with {first} "
+        "(digits/resnet20 sam): epochs 3, not 1; use another --output_dir"
+    )
+    assert [spec.seed for spec in fake_training] == [0]
+
+    other = json.loads(first.read_text())
+    other["command"] = other["command"].replace("--seeds 0, --epochs 1", "--seeds 1, --epochs 3")
+    other["argv"][other["argv"].index("--num_train_epochs") + 1] = "3"
+    other["seed"] = 1
+    second = tmp_path / "digits/resnet20/sam/seed-1/run.json"
+    second.parent.mkdir(parents=True)
+    second.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=re.escape(f"{second} cannot be pooled with {first}")):
+        report.write_results(tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(f"error: {second} cannot be pooled with {first}")):
+        cli.main([*base, "--seeds", "0,", "--epochs", "1"])
 
 
 def test_an_unreadable_record_in_the_grid_is_named_not_overwritten(tmp_path, fake_training):

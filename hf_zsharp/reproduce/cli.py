@@ -1,4 +1,7 @@
-"""The `hf-zsharp-reproduce` command line: parse into a `Plan`, run what is not finished, rewrite the results."""
+"""The `hf-zsharp-reproduce` command line: parse into a `Plan`, run what is not finished, rewrite the results.
+
+Runs skipped because another process held their lock are tried again at the end of the grid; any still locked
+then make the command exit non-zero, naming them."""
 
 from __future__ import annotations
 
@@ -24,11 +27,11 @@ from hf_zsharp.reproduce.grid import (
     check_names,
     expand_grid,
     short_name,
-    without_output_dir,
+    without_flags,
 )
 from hf_zsharp.reproduce.lock import LOCK, run_lock
 from hf_zsharp.reproduce.presets import PERCENTILE, PRESETS, VARIANTS
-from hf_zsharp.reproduce.records import code_version, load_record, write_record
+from hf_zsharp.reproduce.records import check_poolable, code_version, load_record, read_records, write_record
 from hf_zsharp.reproduce.runner import train_one
 
 # Training flags the grid sets per run, and the reproduction option that sets them instead: the run's place, and
@@ -103,9 +106,9 @@ def finished(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     if record is None:
         return None
     argv = record.get("argv") or []
-    if (record.get("command"), without_output_dir(argv)) != (
+    if (record.get("command"), without_flags(argv, "--output_dir")) != (
         plan.command(spec),
-        without_output_dir(plan.flags(spec)),
+        without_flags(plan.flags(spec), "--output_dir"),
     ):
         raise ValueError(
             f"{folder} holds a finished run made by another command or with other flags:\n  "
@@ -119,6 +122,33 @@ def finished(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
 def check_finished(plan: Plan) -> dict[RunSpec, dict[str, Any]]:
     """Finished runs of the plan (see `finished`)."""
     return {spec: record for spec in plan.specs if (record := finished(plan, spec)) is not None}
+
+
+def planned_records(plan: Plan, done: Iterable[RunSpec]) -> dict[str, dict[str, Any]]:
+    """What the records of the runs still to train will say of their table row, by folder: enough to check them
+    against the records under the output folder before training."""
+    done = set(done)
+    return {
+        f"{spec.folder(plan.output_dir)} (to run)": {
+            "dataset": spec.dataset,
+            "model": spec.model,
+            "variant": spec.variant,
+            "seed": spec.seed,
+            "command": plan.command(spec),
+            "argv": plan.flags(spec),
+        }
+        for spec in plan.specs
+        if spec not in done
+    }
+
+
+def check_poolable_plan(plan: Plan, done: Iterable[RunSpec]) -> None:
+    """Refuse, before any training, runs that the grid's report could not pool with the records already under the
+    output folder: another preset, length or command in one table row (see `records.check_poolable`)."""
+    try:
+        check_poolable({**read_records(plan.output_dir), **planned_records(plan, done)})
+    except ValueError as error:
+        raise ValueError(f"{error}; use another --output_dir") from None
 
 
 class Progress:
@@ -140,8 +170,10 @@ class Progress:
             f"seed {spec.seed} ... (ETA {self.eta()})"
         )
 
-    def skip(self, spec: RunSpec, reason: str) -> None:
-        self.todo.remove(spec)
+    def skip(self, spec: RunSpec, reason: str, retry: bool = False) -> None:
+        """Say why `spec` is not trained now; unless it is to be retried, the ETA no longer counts it."""
+        if not retry:
+            self.todo.remove(spec)
         self.write(f"    skipped: {reason}")
 
     def finish(self, spec: RunSpec, seconds: float, accuracy: float | None) -> None:
@@ -162,12 +194,46 @@ class Progress:
         )
 
 
+def train_runs(
+    plan: Plan, specs: Sequence[RunSpec], progress: Progress, command: str, retry: bool
+) -> list[RunSpec]:
+    """Train each run of `specs` that no process has finished, writing its record and rewriting the results after
+    it; returns the runs skipped because another process held their lock (`retry`: they will be tried again)."""
+    locked = []
+    for spec in specs:
+        progress.start(spec)
+        folder = spec.folder(plan.output_dir)
+        with run_lock(folder) as held:
+            try:
+                if not held:
+                    locked.append(spec)
+                    again = "; tried again at the end" if retry else ""
+                    progress.skip(
+                        spec, f"another process is running it ({folder / LOCK} is locked){again}", retry
+                    )
+                    continue
+                if finished(plan, spec) is not None:  # another process finished it since the start
+                    progress.skip(spec, "another process finished it")
+                    continue
+                start = time.perf_counter()
+                record = train_one(plan, spec)
+            except ValueError as error:
+                sys.exit(f"error in {folder}: {error}")
+            progress.finish(spec, time.perf_counter() - start, record and record["metrics"]["test_accuracy"])
+            if record is not None:
+                write_record(folder, record)
+                report.write_results(plan.output_dir, command)
+    return locked
+
+
 def main(argv: list[str]) -> None:
-    """Run the grid (resuming finished runs), rewriting the results after every run; print the table at the end."""
+    """Run the grid (resuming finished runs, then trying again the runs that were locked), rewriting the results
+    after every run; print the table at the end, and exit non-zero naming the runs still locked."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
         plan, args = make_plan(argv)
         done = check_finished(plan)
+        check_poolable_plan(plan, done)
     except ValueError as error:
         sys.exit(f"error: {error}")
     command = shlex.join([COMMAND, *argv])
@@ -185,27 +251,19 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(plan.threads)
     code_version()  # hash the source now: it is the code this process runs, even if the files change later
     progress = Progress(plan.specs, done)
-    for spec in plan.specs:
-        if spec in done:
-            continue
-        progress.start(spec)
-        folder = spec.folder(plan.output_dir)
-        with run_lock(folder) as held:
-            try:
-                if not held:
-                    progress.skip(spec, f"another process is running it ({folder / LOCK} is locked)")
-                    continue
-                if finished(plan, spec) is not None:  # another process finished it since the start
-                    progress.skip(spec, "another process finished it")
-                    continue
-                start = time.perf_counter()
-                record = train_one(plan, spec)
-            except ValueError as error:
-                sys.exit(f"error in {folder}: {error}")
-            progress.finish(spec, time.perf_counter() - start, record and record["metrics"]["test_accuracy"])
-            if record is not None:
-                write_record(folder, record)
-                report.write_results(plan.output_dir, command)
-    paths = report.write_results(plan.output_dir, command)
+    try:
+        locked = train_runs(plan, [s for s in plan.specs if s not in done], progress, command, retry=True)
+        if locked:  # their holders may have finished them, or died without a record
+            print(f"Retrying {len(locked)} run(s) skipped for their lock.")
+            locked = train_runs(plan, locked, progress, command, retry=False)
+        paths = report.write_results(plan.output_dir, command)
+    except ValueError as error:  # records under the output folder that one report must not pool
+        sys.exit(f"error: {error}")
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"Results: {paths['markdown']}, {paths['csv']} and figures in {plan.output_dir}")
+    if locked:
+        folders = ", ".join(str(spec.folder(plan.output_dir)) for spec in locked)
+        sys.exit(
+            f"error: {len(locked)} run(s) unfinished, locked by another process: {folders}; run the command "
+            "again when it has ended (the results leave them out)"
+        )

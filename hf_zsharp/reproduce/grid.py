@@ -50,16 +50,17 @@ class RunSpec:
         )
 
 
-def without_output_dir(flags: Sequence[str]) -> list[str]:
-    """Training flags less `--output_dir DIR` (or `--output_dir=DIR`): what a run is, wherever its folder lies."""
+def without_flags(flags: Sequence[str], *names: str) -> list[str]:
+    """`flags` less each `NAME VALUE` (or `NAME=VALUE`) of the given option names: `without_flags(argv,
+    "--output_dir")` is what a run is, wherever its folder lies."""
     kept: list[str] = []
     skip = False
     for flag in flags:
         if skip:
             skip = False
-        elif flag == "--output_dir":
+        elif flag in names:
             skip = True
-        elif not flag.startswith("--output_dir="):
+        elif not flag.startswith(tuple(f"{name}=" for name in names)):
             kept.append(flag)
     return kept
 

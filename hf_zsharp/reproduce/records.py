@@ -2,7 +2,8 @@
 
 A record holds what re-creates and describes one run: the command, the code (git commit, whether the tree had
 changes, a hash of the package's source), library versions, seed, every hyper-parameter, final metrics and the
-per-epoch history. A folder with a `run.json` is a finished run.
+per-epoch history. A folder with a `run.json` is a finished run. Records pooled into one table row (one dataset,
+model and method variant) must be runs of one preset, length and command, each seed once (`check_poolable`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
+import shlex
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from hf_zsharp.reproduce.grid import short_name, without_flags
 
 RECORD = "run.json"
 RECORD_FORMAT = 1
@@ -46,6 +51,11 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value: Any) -> bool:
+    """A number that is neither NaN nor infinite: what a mean, an interval and a plot can take."""
+    return _number(value) and math.isfinite(value)
+
+
 def _numbers(value: Any) -> bool:
     """{name: number, bool or null}: a history row, or the sharpness columns (their settings aside)."""
     return isinstance(value, dict) and all(
@@ -58,7 +68,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{key: (lambda v: isinstance(v, str), "a string") for key in ("dataset", "model", "method", "variant")},
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     **{
-        f"metrics.{key}": (_number, "a number")
+        f"metrics.{key}": (_finite, "a finite number")
         for key in ("test_accuracy", "test_accuracy_at_best_val", "val_accuracy")
     },
     "history": (
@@ -66,10 +76,14 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a list of {name: number}",
     ),
     "sharpness": (lambda v: v is None or _numbers(v), "null or {name: number}"),
-    "timing.wall_time_s": (_number, "a number"),
-    "timing.train_samples_per_second": (_number, "a number"),
+    "timing.wall_time_s": (_finite, "a finite number"),
+    "timing.train_samples_per_second": (_finite, "a finite number"),
+    "code.commit": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "code.dirty": (lambda v: v is None or isinstance(v, bool), "null or a boolean"),
     "code.source_sha256": (lambda v: isinstance(v, str), "a string"),
+    "environment": (lambda v: isinstance(v, dict), "an object"),
     "environment.device": (lambda v: isinstance(v, str), "a string"),
+    "environment.threads": (lambda v: isinstance(v, str), "a string"),
 }
 _MISSING = object()
 
@@ -95,6 +109,9 @@ def read_record(path: Path) -> dict[str, Any]:
         if value is _MISSING or not check(value):
             found = "nothing" if value is _MISSING else repr(value)[:60]
             raise ValueError(f"{path}: field {name} must be {what}, found {found}")
+    for key, value in record["metrics"].items():  # the other metrics: a diverged run shows in any of them
+        if value is not None and not _finite(value):
+            raise ValueError(f"{path}: field metrics.{key} must be a finite number or null, found {value!r}")
     return record
 
 
@@ -107,9 +124,67 @@ def load_record(folder: Path) -> dict[str, Any] | None:
     return read_record(path)
 
 
+def read_records(root: str | Path) -> dict[Path, dict[str, Any]]:
+    """Every record under `root`, at any depth, by path in path order; a bad one raises ValueError naming it."""
+    return {path: read_record(path) for path in sorted(Path(root).rglob(RECORD))}
+
+
 def finished_records(root: str | Path) -> list[dict[str, Any]]:
-    """Every record under `root`, at any depth, in path order; a bad one raises ValueError naming it."""
-    return [read_record(path) for path in sorted(Path(root).rglob(RECORD))]
+    """Every record under `root`, at any depth, in path order: what one report pools. A bad record, or records
+    that must not share a table row (`check_poolable`), raise ValueError naming them."""
+    records = read_records(root)
+    check_poolable(records)
+    return list(records.values())
+
+
+def _epochs(argv: list[str]) -> str | None:
+    """The run's `--num_train_epochs` (the last one: later flags win) as `4`, None if its flags do not set it."""
+    values = [argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag == "--num_train_epochs"]
+    return f"{float(values[-1]):g}" if values else None
+
+
+def recipe(record: Mapping[str, Any]) -> dict[str, str | None]:
+    """What every run of one table row must share, as recorded: the preset, the number of epochs, the command
+    and the training flags, both less the seed and the output folder (None where the record lacks them)."""
+    words = shlex.split(record.get("command") or "")
+    argv = list(record.get("argv") or [])
+    return {
+        "preset": words[1] if len(words) > 1 else None,
+        "epochs": _epochs(argv),
+        "command": shlex.join(without_flags(words, "--seeds")),
+        "flags": shlex.join(without_flags(argv, "--seed", "--output_dir")),
+    }
+
+
+def _recipe_difference(mine: Mapping[str, str | None], theirs: Mapping[str, str | None]) -> str | None:
+    """How recipe `mine` differs from `theirs`, most telling first (preset and epochs; else the command; else the
+    flags), or None if it does not."""
+    for keys in (("preset", "epochs"), ("command",), ("flags",)):
+        shown = [f"{key} {mine[key]}, not {theirs[key]}" for key in keys if mine[key] != theirs[key]]
+        if shown:
+            return "; ".join(shown)
+    return None
+
+
+def check_poolable(records: Mapping[Any, Mapping[str, Any]]) -> None:
+    """Refuse records that one report must not pool, naming them by their keys (paths, or labels): a second
+    record of a (dataset, model, variant, seed), or a record whose preset, epochs or command differ from those of
+    the first record of its table row (dataset, model, variant). A row's mean is the mean of one run's seeds only
+    if its records are that."""
+    runs: dict[tuple, Any] = {}
+    rows: dict[tuple, tuple[Any, dict[str, str | None]]] = {}
+    for name, record in records.items():
+        row = (short_name(record["dataset"]), short_name(record["model"]), record["variant"])
+        where = f"{row[0]}/{row[1]} {row[2]}"
+        run = (*row, record["seed"])
+        if run in runs:
+            raise ValueError(
+                f"{name} is a second record of {where} seed {record['seed']} (the first: {runs[run]})"
+            )
+        runs[run] = name
+        first, first_recipe = rows.setdefault(row, (name, recipe(record)))
+        if (difference := _recipe_difference(recipe(record), first_recipe)) is not None:
+            raise ValueError(f"{name} cannot be pooled with {first} ({where}): {difference}")
 
 
 def environment(threads: int) -> dict[str, str]:
