@@ -3,19 +3,38 @@
 `load_image_dataset` returns a `DatasetDict` with "train" and "eval" splits holding two columns: "image"
 (undecoded, `datasets.Image(decode=False)`) and "labels" (a `ClassLabel`, whose names are the classes).
 `hf_zsharp.image_data` turns them into what a model trains on.
+
+Every image reaches the model as 8-bit RGB. Images of 8 bits per channel (modes 1, L, LA, P, RGB, RGBA, CMYK,
+...) are converted by PIL (alpha dropped). Greyscale images of more than 8 bits, integer (16-bit "I;16",
+"I;16B", 32-bit "I") or float ("F"), are mapped by one linear rule per dataset (`PixelRule`), the same for
+every image of every split, whether the split is decoded once into a cache or streamed: a value v becomes
+round(v * 255 / top), clipped to 0..255 (NaN becomes 0), with one top for the integer images and one for the
+float images, fitted on the training split (`dataset_pixel_rule`): its highest integer value, but at least
+255, and its highest float value, but at least 1. So a 16-bit dataset whose values are 0..255 keeps them, a
+12-bit one maps 4095 to 255, floats in [0, 1] are multiplied by 255 and floats in [0, 255] kept; the same
+content gives the same pixels in any of these modes, and one brighter pixel does not change the others. The
+images of each split that the rule does not fit are counted in warnings: values below 0, above the top (an
+evaluation image brighter than the training split) or not finite, all clipped, and images that come out with
+under 16 grey levels. An image decoded on its own, with no dataset to fit a rule on, is read by its dtype's
+range (`FIXED_RULE`: integers by 65535, floats by 1).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
@@ -31,6 +50,8 @@ PIXELS = "pixel_values"  # the model input that a batch of images is passed as
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
 IMAGE_COLUMN_NAMES = ("img", "image")
 LABEL_COLUMN_NAMES = ("label", "fine_label", "labels", "coarse_label")
+
+CHUNK = 256  # images read per task of the decoding threads
 
 _DECODER = datasets.Image()
 
@@ -431,41 +452,154 @@ def _image_name(value: Any, index: int | None = None) -> str:
     return f"#{index}" if index is not None else "(stored without a file name)"
 
 
-def decode_image(value: dict[str, Any] | PIL.Image.Image, index: int | None = None) -> PIL.Image.Image:
-    """Decode one stored image ({"bytes", "path"} or already a PIL image) to 8-bit RGB; greyscale/RGBA are
-    converted, and images of more than 8 bits per pixel are rescaled first (see `to_8_bits`)."""
+def decoding_threads() -> int:
+    """Threads to decode images on: one per core of the process (PIL releases the GIL while it decodes)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def deep_kind(mode: str) -> str | None:
+    """The kind of a greyscale mode of more than 8 bits, "integer" (16 or 32 bits) or "float"; else None."""
+    if mode == "I" or mode.startswith("I;16"):
+        return "integer"
+    return "float" if mode == "F" else None
+
+
+@dataclass(frozen=True)
+class PixelRule:
+    """How greyscale images of more than 8 bits become 8-bit: a value v of an integer image becomes
+    round(v * 255 / integer_top), of a float image round(v * 255 / float_top), clipped to 0..255 (NaN: 0)."""
+
+    integer_top: float
+    float_top: float
+
+    def top(self, kind: str) -> float:
+        """The value shown as 255 in images of `kind` ("integer" or "float")."""
+        return self.integer_top if kind == "integer" else self.float_top
+
+
+FIXED_RULE = PixelRule(integer_top=65535.0, float_top=1.0)  # each dtype's range, for an image decoded alone
+LEVELS = 16  # an image whose brightest pixel comes out below this many grey levels is warned about
+
+
+def decode_image(
+    value: dict[str, Any] | PIL.Image.Image, index: int | None = None, rule: PixelRule = FIXED_RULE
+) -> PIL.Image.Image:
+    """Decode one stored image ({"bytes", "path"} or already a PIL image) to 8-bit RGB: greyscale images of
+    more than 8 bits by `rule` (`to_8_bits`), the others by PIL's conversion."""
     try:
         image = _DECODER.decode_example(value)
-        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-            image = to_8_bits(image)
+        if deep_kind(image.mode) is not None:
+            image = to_8_bits(image, rule)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, ValueError, DecompressionBombError, ...)
         raise DataError(f"Could not decode image {_image_name(value, index)}: {err}") from err
 
 
-def to_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
-    """A 16-bit, 32-bit integer or float greyscale image as 8-bit greyscale ("L"), scaled by its mode's range.
+def to_8_bits(image: PIL.Image.Image, rule: PixelRule) -> PIL.Image.Image:
+    """A greyscale image of more than 8 bits as 8-bit greyscale ("L") by `rule`; PIL's own conversion would
+    clip its values to 0..255 (a 16-bit ramp turns almost all white)."""
+    top = rule.top(deep_kind(image.mode))
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=top, neginf=0.0)
+    return PIL.Image.fromarray(np.clip(np.rint(pixels * (255 / top)), 0, 255).astype(np.uint8))
 
-    PIL's own conversion clips those values to 0..255 (a 16-bit ramp turns almost all white). 16-bit images are
-    divided by 257 (65535 -> 255). 32-bit integer images with values in 0..255 are kept, in 0..65535 are read as
-    16-bit; float images with values in [0, 1] are multiplied by 255, in [0, 255] kept. Any other image is
-    stretched from its own minimum to its maximum (NaN counts as the minimum).
-    """
-    pixels = np.asarray(image, dtype=np.float64)
+
+class DeepRange(NamedTuple):
+    """The values of one image of more than 8 bits: its kind, its lowest and highest finite value, and whether
+    it holds NaN or infinite values."""
+
+    kind: str
+    low: float
+    high: float
+    nonfinite: bool
+
+
+# The splits scanned so far: normalization_stats and the image data read the same training split.
+_SCANNED: weakref.WeakKeyDictionary[Dataset, tuple[DeepRange, ...]] = weakref.WeakKeyDictionary()
+
+
+def scan_deep_images(split: Dataset) -> tuple[DeepRange, ...]:
+    """The value range of every image of more than 8 bits in `split`; the other images are only opened (their
+    mode is in the header), not decoded. Read on `decoding_threads()` threads, once per split."""
+    if split not in _SCANNED:
+        values = split.with_format(None).select_columns([IMAGE])
+
+        def scan_chunk(start: int) -> list[DeepRange]:
+            chunk = values[start : start + CHUNK][IMAGE]
+            ranges = (_deep_range(value, start + offset) for offset, value in enumerate(chunk))
+            return [found for found in ranges if found is not None]
+
+        with ThreadPoolExecutor(max_workers=decoding_threads()) as pool:
+            chunks = pool.map(scan_chunk, range(0, len(values), CHUNK))
+            _SCANNED[split] = tuple(found for chunk in chunks for found in chunk)
+    return _SCANNED[split]
+
+
+def _deep_range(value: dict[str, Any], index: int) -> DeepRange | None:
+    """The value range of a stored image of more than 8 bits; None for an 8-bit image, whose pixels are not
+    read (opened from its bytes or local file; a remote file is decoded whole)."""
+    try:
+        if value.get("bytes") is not None:
+            opened = PIL.Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path") and os.path.isfile(value["path"]):
+            opened = PIL.Image.open(value["path"])
+        else:
+            opened = _DECODER.decode_example(value)
+        with opened as image:
+            kind = deep_kind(image.mode)
+            pixels = None if kind is None else np.asarray(image, dtype=np.float64)
+    except Exception as err:  # PIL raises many types (OSError, ValueError, DecompressionBombError, ...)
+        raise DataError(f"Could not decode image {_image_name(value, index)}: {err}") from err
+    if pixels is None:
+        return None
     finite = pixels[np.isfinite(pixels)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if image.mode.startswith("I;16"):
-        scale, offset = 255 / 65535, 0.0
-    elif image.mode == "F" and low >= 0 and high <= 1:
-        scale, offset = 255.0, 0.0
-    elif low >= 0 and high <= 255:
-        scale, offset = 1.0, 0.0
-    elif image.mode == "I" and low >= 0 and high <= 65535:
-        scale, offset = 255 / 65535, 0.0
-    else:
-        scale, offset = 255 / (high - low) if high > low else 0.0, low
-    pixels = np.nan_to_num(pixels, nan=offset, posinf=high, neginf=low)
-    return PIL.Image.fromarray(np.clip(np.rint((pixels - offset) * scale), 0, 255).astype(np.uint8))
+    return DeepRange(kind, low, high, finite.size < pixels.size)
+
+
+def fit_pixel_rule(ranges: Iterable[DeepRange]) -> PixelRule:
+    """The rule for a dataset whose training split holds images of `ranges`: the highest integer value shown
+    as 255, but at least 255 (8-bit values in a 16-bit file are kept), the highest float value likewise, but
+    at least 1 (floats in [0, 1] are multiplied by 255). It changes smoothly with the data: no one pixel
+    switches the reading of a whole dataset."""
+    tops = {"integer": 255.0, "float": 1.0}
+    for found in ranges:
+        tops[found.kind] = max(tops[found.kind], found.high)
+    return PixelRule(integer_top=tops["integer"], float_top=tops["float"])
+
+
+def dataset_pixel_rule(dataset: DatasetDict) -> PixelRule:
+    """The rule for every image of `dataset` (splits "train" and "eval"), fitted on its training split; logged
+    when the dataset has images of more than 8 bits, with warnings counting, per split, the images it does not
+    fit (`warn_misfits`)."""
+    rule = fit_pixel_rule(scan_deep_images(dataset["train"]))
+    scans = {name: scan_deep_images(split) for name, split in dataset.items()}
+    if any(scans.values()):
+        logger.info(
+            "Images of more than 8 bits: integer values 0..%g and float values 0..%g (the training split's "
+            "highest) are shown as 0..255, the same for every image.",
+            rule.integer_top,
+            rule.float_top,
+        )
+    for name, ranges in scans.items():
+        warn_misfits(name, ranges, rule)
+    return rule
+
+
+def warn_misfits(split: str, ranges: Sequence[DeepRange], rule: PixelRule) -> None:
+    """Warn, with counts, about the images of more than 8 bits of `split` that `rule` does not map whole into
+    0..255 (what it clips), or maps to under LEVELS grey levels (e.g. 8-bit values in a 16-bit dataset)."""
+    counts: Counter[str] = Counter()
+    for found in ranges:
+        top = rule.top(found.kind)
+        counts["hold values below 0, shown as 0"] += found.low < 0
+        counts[f"hold values above {top:g}, shown as 255"] += found.high > top
+        counts["hold NaN or infinite values, shown as 0 (NaN) or clipped"] += found.nonfinite
+        counts[f"come out with under {LEVELS} grey levels (values far below {top:g})"] += (
+            found.high > 0 and round(found.high * 255 / top) < LEVELS
+        )
+    for problem, count in counts.items():
+        if count:
+            logger.warning("%d of %d %s images of more than 8 bits %s.", count, len(ranges), split, problem)
 
 
 def _decodable(batch: dict[str, list]) -> dict[str, list[bool]]:
@@ -516,7 +650,8 @@ def normalization_stats(
     dataset_name: str, train_dataset: Dataset | None = None, max_images: int = 5000
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std for `dataset_name`: a known dataset's (`catalog`: CIFAR-10/100, Tiny-ImageNet), else
-    computed from up to `max_images` training images (decoded to RGB, pixels in [0, 1])."""
+    computed from up to `max_images` training images (decoded to RGB by the dataset's `PixelRule`, pixels in
+    [0, 1])."""
     facts = dataset_facts(dataset_name)
     if facts is not None and facts.mean is not None:
         return facts.mean, facts.std
@@ -524,6 +659,7 @@ def normalization_stats(
         raise ValueError(
             f"No known normalisation statistics for {dataset_name!r}; pass the training split to compute them."
         )
+    rule = fit_pixel_rule(scan_deep_images(train_dataset))  # the rule the image data reads the dataset by
     rng = np.random.default_rng(0)
     count = min(max_images, len(train_dataset))
     indices = np.sort(rng.choice(len(train_dataset), size=count, replace=False))
@@ -533,7 +669,7 @@ def normalization_stats(
     pixels = 0
     for batch in sample.iter(batch_size=256):
         for value in batch[IMAGE]:
-            array = np.asarray(decode_image(value), dtype=np.float64).reshape(-1, 3) / 255.0
+            array = np.asarray(decode_image(value, rule=rule), dtype=np.float64).reshape(-1, 3) / 255.0
             total += array.sum(axis=0)
             total_sq += np.square(array).sum(axis=0)
             pixels += len(array)

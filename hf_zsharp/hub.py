@@ -1,12 +1,15 @@
-"""What a run publishes: its model card, and with --push_to_hub one commit of the model folder to the Hub (through
-an `HfApi` seam), at the end and, with --hub_strategy, in the background at each checkpoint.
+"""What a run publishes: its model card, and with --push_to_hub one commit of the model folder to the Hub
+(through an `HfApi` seam), at the end and, with --hub_strategy, in the background at each checkpoint.
 
 Only what a user of the model needs is uploaded (weights, config, image processor, card, curves, settings and
 metrics), and of those only the files the run itself wrote (its manifest, from `snapshot` / `written_since`):
 optimizer states, `checkpoint-*` folders, `training_args.bin` and files that were already in the folder never
-leave the machine. Trainer's own push would upload every file of the folder, so the run keeps push_to_hub off
-for the Trainer and publishes through `RunOutputs` and `PushOnSave`, as the Trainer does otherwise: copying the
-model from the checkpoint, uploading with `HfApi.run_as_future`, skipping a push while the previous one runs.
+leave the machine. Before anything is sent, a push refuses a malformed manifest, a symbolic link whose target
+lies outside the folder (the upload would send the target), and any uploaded file, weights included, that
+holds a Hub token in use. Trainer's own push would upload every file of the folder, so the run keeps
+push_to_hub off for the Trainer and publishes through `RunOutputs` and `PushOnSave`, as the Trainer does
+otherwise: copying the model from the checkpoint, uploading with `HfApi.run_as_future`, skipping a push while
+the previous one runs.
 """
 
 from __future__ import annotations
@@ -46,13 +49,9 @@ MODEL_REPO_FILES = (
     "train_results.json",
     "eval_results.json",
 )
-_BINARY_SUFFIXES = (
-    ".safetensors",
-    ".png",
-    ".pt",
-    ".pth",
-    ".bin",
-)  # every other uploaded file is read for tokens
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_SUFFIX = ".safetensors"
+_SCAN_CHUNK = 2**23  # bytes read at a time when a file is scanned for tokens
 
 FolderState = dict[str, tuple[int, int, int]]
 
@@ -79,18 +78,56 @@ def model_repo_files(folder: str | Path) -> list[str]:
     of the safetensors index, and the model code files of the config's `auto_map` with their relative imports."""
     folder = Path(folder)
     names = {name for name in MODEL_REPO_FILES if (folder / name).is_file()}
-    if "model.safetensors.index.json" in names:
-        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        names.update(index.get("weight_map", {}).values())
+    if INDEX_NAME in names:
+        names.update(_weight_shards(folder / INDEX_NAME))
     if "config.json" in names:
-        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
-        for references in auto_map.values():
-            for reference in references if isinstance(references, list) else [references]:
-                code = folder / f"{str(reference).rsplit('.', 1)[0]}.py"
-                if reference and "--" not in str(reference) and code.is_file():
-                    names.add(code.name)
-                    names.update(Path(path).name for path in get_relative_import_files(code))
-    return sorted(name for name in names if "/" not in name and (folder / name).is_file())
+        names.update(_auto_map_code(folder))
+    return sorted(name for name in names if _is_plain_name(name) and (folder / name).is_file())
+
+
+def _weight_shards(index: Path) -> set[str]:
+    """The weight files the safetensors `index` maps weights to: only names of safetensors files named like
+    the index (model*.safetensors), so that the index cannot add any other file of the folder to an upload."""
+    weight_map = _json_object(index).get("weight_map") or {}
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"cannot read {str(index)!r}: its weight_map is not an object")
+    prefix = index.name.removesuffix(f"{WEIGHTS_SUFFIX}.index.json")
+    return {
+        name
+        for name in weight_map.values()
+        if isinstance(name, str) and name.startswith(prefix) and name.endswith(WEIGHTS_SUFFIX)
+    }
+
+
+def _auto_map_code(folder: Path) -> set[str]:
+    """The model code files that the `auto_map` of the folder's config.json names (a reference "module.Class"
+    is module.py; references to other repos, "repo--module.Class", are not files of the folder) and what they
+    import relatively."""
+    auto_map = _json_object(folder / "config.json").get("auto_map") or {}
+    names = set()
+    for references in auto_map.values() if isinstance(auto_map, dict) else ():
+        for reference in references if isinstance(references, list) else [references]:
+            code = folder / f"{str(reference).rsplit('.', 1)[0]}.py"
+            if reference and "--" not in str(reference) and code.is_file():
+                names.add(code.name)
+                names.update(Path(path).name for path in get_relative_import_files(code))
+    return names
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in a file of the model folder; a ValueError naming the file if it holds anything else."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {str(path)!r}: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"cannot read {str(path)!r}: it holds {type(content).__name__}, not a JSON object")
+    return content
+
+
+def _is_plain_name(name: str) -> bool:
+    """Whether `name` names a file directly in a folder (no separator, not "." or "..")."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def write_manifest(folder: str | Path, names: Iterable[str]) -> Path:
@@ -101,15 +138,35 @@ def write_manifest(folder: str | Path, names: Iterable[str]) -> Path:
     return path
 
 
+def read_manifest(folder: str | Path) -> list[str] | None:
+    """The file names the manifest of `folder` lists (`write_manifest`), None when it has none; a ValueError
+    naming the manifest when it is not a file holding {"files": [file names]}, rather than a guess."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_file():
+        raise ValueError(f"malformed manifest {str(path)!r}: not a file")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"malformed manifest {str(path)!r}: not JSON ({error})") from error
+    files = content.get("files") if isinstance(content, dict) else None
+    if not (
+        isinstance(files, list) and all(isinstance(name, str) and _is_plain_name(name) for name in files)
+    ):
+        raise ValueError(
+            f'malformed manifest {str(path)!r}: expected {{"files": [file names]}}, '
+            f"got {json.dumps(content)[:100]}"
+        )
+    return files
+
+
 def files_to_upload(output_dir: str | Path, names: Iterable[str] | None = None) -> list[Path]:
     """The files of `output_dir` a push uploads: those of `names` (or, when None, of the folder's manifest) that a
     model repo needs; in a folder without a manifest, every file a model repo needs (`model_repo_files`)."""
     output_dir = Path(output_dir)
-    if names is None and (output_dir / MANIFEST_NAME).is_file():
-        try:
-            names = json.loads((output_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"cannot read {str(output_dir / MANIFEST_NAME)!r}: {error}") from error
+    if names is None:
+        names = read_manifest(output_dir)
     allowed = model_repo_files(output_dir)
     chosen = allowed if names is None else set(names) & set(allowed)
     return [output_dir / name for name in sorted(chosen)]
@@ -153,9 +210,10 @@ def push_to_hub(
     """Create `repo_id` if needed and upload the model folder in one commit; returns the commit URL.
 
     `files` names what a run wrote (see `written_since`): those of them a model repo needs are uploaded; None
-    uploads the folder's manifest (`write_manifest`), or without one every file a model repo needs, by name. Refuses (ValueError) an upload without
-    safetensors weights, config.json or model card, and any text file that contains the Hub token. `api`
-    replaces the `HfApi` client (tests pass a recording fake).
+    uploads the folder's manifest (`read_manifest`), or without one every file a model repo needs, by name.
+    Refuses (ValueError), before any call, a malformed manifest, an upload without safetensors weights,
+    config.json or model card, a file linking out of the folder and any file that contains the Hub token.
+    `api` replaces the `HfApi` client (tests pass a recording fake).
     """
     output_dir = Path(output_dir)
     validate_repo_id(repo_id)
@@ -163,7 +221,7 @@ def push_to_hub(
         raise ValueError(f"cannot push {str(output_dir)!r}: it is not a directory")
     uploads = files_to_upload(output_dir, files)
     names = {path.name for path in uploads}
-    if not any(name.endswith(".safetensors") for name in names):
+    if not any(name.endswith(WEIGHTS_SUFFIX) for name in names):
         found = ", ".join(sorted(p.name for p in output_dir.glob("pytorch_model*.bin"))) or "none"
         raise ValueError(
             f"cannot push {str(output_dir)!r}: it holds no *.safetensors weights (other weight files: {found}); "
@@ -186,7 +244,6 @@ def push_to_hub(
         private=private,
         revision=revision,
         commit_message=commit_message,
-        allow_patterns=[glob.escape(name) for name in sorted(names)],
     )
 
 
@@ -201,48 +258,89 @@ def _upload(
     revision: str | None,
     **upload: Any,
 ) -> str:
-    """Refuse `files` if one holds a token in use; else create the repo (and the `revision` branch) if needed and
-    upload `folder` with the `upload` patterns in one commit to `revision`; returns the commit URL."""
+    """Upload exactly `files` (of `folder`, at their paths in it) in one commit to `revision`, creating the
+    repo (and the `revision` branch) if needed; returns the commit URL. Refuses first, before any call, a file
+    that links out of `folder` or holds a token in use (`_refuse_unsafe`)."""
     api = api if api is not None else HfApi()
-    _refuse_secrets(files, [token, getattr(api, "token", None), get_token()])
+    _refuse_unsafe(files, folder, [token, getattr(api, "token", None), get_token()])
     api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
     info = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, token=token, repo_type="model", revision=revision, **upload
+        repo_id=repo_id,
+        folder_path=folder,
+        token=token,
+        repo_type="model",
+        revision=revision,
+        allow_patterns=[glob.escape(path.relative_to(folder).as_posix()) for path in files],
+        **upload,
     )
     return info.commit_url
 
 
 def upload_advice(files: list[Path], repo_id: str, folder: str | Path, tokens: Iterable[str]) -> str:
-    """How to push `files` later with the `hf` CLI; a file holding one of `tokens` is never named (it is said to be
-    left out)."""
-    kept = [path for path in files if not _holds_token(path, tokens)]
+    """How to push `files` later with the `hf` CLI; a file that must not be uploaded (`_unsafe`: a link out of
+    the folder, a file holding one of `tokens`) is never named (it is said to be left out)."""
+    secrets = list(tokens)
+    kept = [path for path in files if _unsafe(path, Path(folder), secrets) is None]
     advice = f"Push them later with: hf upload {repo_id} {folder} " + " ".join(
         f"--include {path.name!r}" for path in kept
     )
     if len(kept) < len(files):
-        advice += f" ({len(files) - len(kept)} file(s) holding a Hub token left out: remove the token first)"
+        advice += (
+            f" ({len(files) - len(kept)} file(s) left out: a link out of the folder, or holding a Hub token; "
+            "fix them first)"
+        )
     return advice
 
 
-def _holds_token(path: Path, tokens: Iterable[str]) -> bool:
-    """Whether a text file (any file but weights, images and pickled states) contains one of `tokens`."""
-    return path.suffix not in _BINARY_SUFFIXES and any(
-        token.encode() in path.read_bytes() for token in tokens
-    )
+def _unsafe(path: Path, folder: Path, tokens: list[str]) -> str | None:
+    """Why uploading `path` from `folder` would leak something, or None: the upload sends what `path` resolves
+    to, which must lie in `folder` and hold none of `tokens` (every file is read, whatever its name)."""
+    outside = _link_out(path, folder)
+    if outside is not None:
+        return outside
+    if _holds_token(path.resolve(), [token.encode() for token in tokens if token]):
+        return (
+            f"{path.relative_to(folder)} contains a Hub token in use; remove it from the file (the settings "
+            "that hf_zsharp.cards.write_model_card() writes never hold one)"
+        )
+    return None
 
 
-def _refuse_secrets(files: list[Path], secrets: list[object]) -> None:
-    """Raise before uploading if a text file (any file but weights, images and pickled states) contains one of
-    the Hub tokens in use."""
+def _link_out(path: Path, folder: Path) -> str | None:
+    """What is wrong when `path` (or a folder above it) is a symbolic link out of `folder`, whose target reading
+    it would read; None when it resolves into `folder`."""
+    target = path.resolve()
+    if target.is_relative_to(folder.resolve()):
+        return None
+    return f"{path.relative_to(folder)} is a symbolic link to {target}, outside {folder}"
+
+
+def _holds_token(path: Path, tokens: list[bytes]) -> bool:
+    """Whether the file contains one of `tokens`, read in chunks (with an overlap, so that no token is split)
+    to scan weights of any size without loading them whole."""
+    if not tokens:
+        return False
+    overlap = max(map(len, tokens)) - 1
+    tail = b""
+    with path.open("rb") as stream:
+        while chunk := stream.read(_SCAN_CHUNK):
+            window = tail + chunk
+            if any(token in window for token in tokens):
+                return True
+            tail = window[len(window) - overlap :]
+    return False
+
+
+def _refuse_unsafe(files: list[Path], folder: Path, secrets: list[object]) -> None:
+    """Raise, naming the first such file, if one of `files` links out of `folder` or holds one of the Hub
+    tokens in use (`secrets`): checked before anything is uploaded."""
     tokens = [secret for secret in secrets if isinstance(secret, str) and secret]
     for path in files:
-        if _holds_token(path, tokens):
-            raise ValueError(
-                f"refusing to push: {path.name} contains a Hub token in use; remove it from the file (the settings "
-                "that hf_zsharp.cards.write_model_card() writes never hold one)"
-            )
+        problem = _unsafe(path, folder, tokens)
+        if problem is not None:
+            raise ValueError(f"refusing to push: {problem}")
 
 
 class RunOutputs:
@@ -286,19 +384,17 @@ class RunOutputs:
         url = push_to_hub(
             args.output_dir, self.repo_id, files=files, commit_message=message, api=self.api, **common
         )
-        if (
-            checkpoint is not None
-        ):  # weights, optimizer, scheduler and RNG states, so training can resume from it
+        if checkpoint is not None:
+            # weights, optimizer, scheduler and RNG states, so that training can resume from it
             _upload(
                 self.api,
-                [path for path in checkpoint.rglob("*") if path.is_file()],
+                checkpoint_files(checkpoint),
                 self.repo_id,
                 checkpoint,
                 commit_message=message,
                 path_in_repo="last-checkpoint"
                 if args.hub_strategy == HubStrategy.CHECKPOINT
                 else checkpoint.name,
-                ignore_patterns=["training_args.bin"],
                 **common,
             )
         return url
@@ -333,6 +429,16 @@ class RunOutputs:
         logger.info("Pushed %s to %s", output_dir, url)
 
 
+def checkpoint_files(checkpoint: Path) -> list[Path]:
+    """The files of a Trainer checkpoint a push uploads: all (so that training can resume from it) but
+    `training_args.bin`, the pickled arguments, which hold the Hub token."""
+    return [
+        path
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and path.relative_to(checkpoint).as_posix() != "training_args.bin"
+    ]
+
+
 def _log_failed_push(future: Future) -> None:
     if future.exception() is not None:
         logger.warning("A push during training failed (training goes on): %s", future.exception())
@@ -340,8 +446,14 @@ def _log_failed_push(future: Future) -> None:
 
 def copy_model_files(checkpoint: Path, output_dir: str | Path) -> None:
     """Copy the saved model of a Trainer checkpoint (weights, config, image processor) into `output_dir`, as
-    Trainer does before a push, instead of saving the model again."""
-    for name in model_repo_files(checkpoint):
+    Trainer does before a push, instead of saving the model again; a link out of the checkpoint is refused, as
+    its copy would be pushed as a file of the run."""
+    names = model_repo_files(checkpoint)
+    for name in names:
+        outside = _link_out(checkpoint / name, checkpoint)
+        if outside is not None:
+            raise ValueError(f"refusing to copy the checkpoint's model: {outside}")
+    for name in names:
         shutil.copy(checkpoint / name, Path(output_dir) / name)
 
 

@@ -6,6 +6,8 @@ a batch is one gather, and `hf_zsharp.augment.BatchAugment`, run inside the mode
 `augment_inputs`, crops, flips and normalises it on the device. A streamed split decodes and transforms each
 image in the DataLoader workers (`with_image_transforms`, the per-image transforms below, which the cached path
 reproduces) and yields float batches, which the augmentation leaves alone; the two kinds of split can be mixed.
+Both read images of more than 8 bits by the dataset's one `PixelRule` (see `hf_zsharp.data`), so that a cached
+and a streamed split of the same images hold the same pixels.
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ from torchvision.transforms import v2
 from transformers import ViTImageProcessor
 
 from hf_zsharp.augment import BatchAugment
-from hf_zsharp.data import IMAGE, LABELS, PIXELS, decode_image
+from hf_zsharp.data import (
+    CHUNK,
+    IMAGE,
+    LABELS,
+    PIXELS,
+    PixelRule,
+    dataset_pixel_rule,
+    decode_image,
+    decoding_threads,
+)
 
 logger = logging.getLogger(__name__)
 
 Geometry = Callable[[PIL.Image.Image], PIL.Image.Image]
-CHUNK = 256  # images decoded per task of the decoding threads
 
 
 @dataclass
@@ -97,8 +107,10 @@ def check_image_size(image_size: int, batch_size: int, budget: int | None = None
         )
 
 
-def decode_split(split: Dataset, geometry: Geometry | None, budget: int) -> torch.Tensor | None:
-    """Every image of `split` decoded to RGB, passed through `geometry`, as one (N, H, W, 3) uint8 tensor.
+def decode_split(
+    split: Dataset, geometry: Geometry | None, budget: int, rule: PixelRule
+) -> torch.Tensor | None:
+    """Every image of `split` (decoded to RGB by `rule`, then `geometry`) in one (N, H, W, 3) uint8 tensor.
 
     None when the images come out in different sizes or would take more than `budget` bytes. The decoding runs
     on as many threads as the process has cores (PIL releases the GIL while it decodes and resizes).
@@ -106,7 +118,7 @@ def decode_split(split: Dataset, geometry: Geometry | None, budget: int) -> torc
     images = split.with_format(None).select_columns([IMAGE])
 
     def pixels(value: Any) -> np.ndarray:
-        image = decode_image(value)
+        image = decode_image(value, rule=rule)
         return np.asarray(image if geometry is None else geometry(image))
 
     first = pixels(images[0][IMAGE])
@@ -124,8 +136,7 @@ def decode_split(split: Dataset, geometry: Geometry | None, budget: int) -> torc
                 return
             arrays[start + offset] = array
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with ThreadPoolExecutor(max_workers=decoding_threads()) as pool:
         list(pool.map(decode_chunk, range(0, len(split), CHUNK)))  # list(): re-raises a decoding error
     return None if mixed.is_set() else cache
 
@@ -137,11 +148,13 @@ def _image_data(
     augment: BatchAugment,
     budget: int | None,
 ) -> ImageData:
-    """Cache each split that fits (in order, from one budget); stream the others through `transforms`."""
+    """Cache each split that fits (in order, from one budget); stream the others through `transforms`; both by
+    the dataset's pixel rule."""
+    rule = dataset_pixel_rule(dataset)
     remaining = cache_budget() if budget is None else budget
     splits: dict[str, torch.utils.data.Dataset] = {}
     for name, geometry in geometries.items():
-        images = decode_split(dataset[name], geometry, remaining)
+        images = decode_split(dataset[name], geometry, remaining, rule)
         if images is None:
             logger.info(
                 "The %s split streams (too large for the %d MB left to cache, or images of several sizes): each "
@@ -155,7 +168,7 @@ def _image_data(
         logger.info(
             "Decoded the %s split once: %s uint8, %d MB.", name, tuple(images.shape), images.nbytes // 2**20
         )
-    streamed = with_image_transforms(dataset, *transforms)
+    streamed = with_image_transforms(dataset, *transforms, rule=rule)
     splits = {name: splits.get(name, streamed[name]) for name in ("train", "eval")}
     cached = any(isinstance(split, CachedImages) for split in splits.values())
     return ImageData(splits["train"], splits["eval"], collate_fn, augment if cached else None)
@@ -303,28 +316,36 @@ def processor_transforms(image_processor: Any) -> tuple[Transform, Transform]:
 
 
 class ImageClassificationTransform:
-    """Batch transform for `Dataset.set_transform`: decode to RGB, apply `transform`; yields pixel_values, labels."""
+    """Batch transform for `Dataset.set_transform`: decode to RGB by the dataset's pixel `rule`, apply
+    `transform`; yields pixel_values, labels."""
 
-    def __init__(self, transform: Transform):
+    def __init__(self, transform: Transform, rule: PixelRule):
         self.transform = transform
+        self.rule = rule
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixel_values = [self.transform(decode_image(value)) for value in batch[PIXELS]]
+        pixel_values = [self.transform(decode_image(value, rule=self.rule)) for value in batch[PIXELS]]
         return {PIXELS: pixel_values, LABELS: batch[LABELS]}
 
 
 def with_image_transforms(
-    dataset: DatasetDict, train_transform: Transform, eval_transform: Transform
+    dataset: DatasetDict,
+    train_transform: Transform,
+    eval_transform: Transform,
+    *,
+    rule: PixelRule | None = None,
 ) -> DatasetDict:
     """The dataset with lazy transforms: `train_transform` on "train", `eval_transform` on every other split.
 
-    The image column is renamed to the model's argument name (pixel_values), so that `Trainer`'s
-    `remove_unused_columns` keeps it; it still holds the stored images until the transform runs.
+    Images are decoded by the pixel `rule` (default: `dataset_pixel_rule(dataset)`). The image column is
+    renamed to the model's argument name (pixel_values), so that `Trainer`'s `remove_unused_columns` keeps it;
+    it still holds the stored images until the transform runs.
     """
+    rule = dataset_pixel_rule(dataset) if rule is None else rule
     return DatasetDict(
         {
             split: ds.rename_column(IMAGE, PIXELS).with_transform(
-                ImageClassificationTransform(train_transform if split == "train" else eval_transform)
+                ImageClassificationTransform(train_transform if split == "train" else eval_transform, rule)
             )
             for split, ds in dataset.items()
         }

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from hf_zsharp.cards import write_model_card
 from hf_zsharp.hub import (
     check_push_prerequisites,
+    copy_model_files,
     push_to_hub,
     snapshot,
     upload_advice,
@@ -228,4 +229,108 @@ def test_the_advice_after_a_failed_push_never_names_a_file_holding_the_token(mod
     files = [model_dir / name for name in ("config.json", "zsharp_args.json", "model.safetensors")]
     advice = upload_advice(files, REPO_ID, model_dir, [FAKE_TOKEN])
     assert "--include 'config.json'" in advice and "--include 'model.safetensors'" in advice
-    assert "zsharp_args.json" not in advice and "1 file(s) holding a Hub token left out" in advice
+    assert "zsharp_args.json" not in advice and "1 file(s) left out" in advice
+
+
+# ------------------------------------------------------------------------------------------------
+# What a folder push reads and sends: links, the index's weight map, the token scan, the manifest.
+
+
+def test_a_link_out_of_the_folder_is_refused_naming_it_and_left_out_of_the_advice(model_dir, tmp_path):
+    """A symbolic link uploads its target: one pointing out of the folder is refused before any call (one
+    pointing to a file of the folder is uploaded with that file's content)."""
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text('{"private": true}')
+    (model_dir / "preprocessor_config.json").unlink()
+    (model_dir / "preprocessor_config.json").symlink_to(outside)
+    api = RecordingApi()
+    with pytest.raises(
+        ValueError, match=r"preprocessor_config\.json is a symbolic link to .*elsewhere\.json"
+    ):
+        push_to_hub(model_dir, REPO_ID, api=api)
+    assert api.calls == []
+    files = [model_dir / name for name in ("config.json", "preprocessor_config.json")]
+    advice = upload_advice(files, REPO_ID, model_dir, [FAKE_TOKEN])
+    assert "'config.json'" in advice and "preprocessor_config.json" not in advice
+    assert "1 file(s) left out" in advice
+
+    (model_dir / "preprocessor_config.json").unlink()
+    (model_dir / "image_processor.json").write_text('{"size": 32}')
+    (model_dir / "preprocessor_config.json").symlink_to("image_processor.json")  # inside: uploaded
+    api = RecordingApi()
+    push_to_hub(model_dir, REPO_ID, api=api)
+    assert (
+        api.uploaded["preprocessor_config.json"] == b'{"size": 32}'
+        and "image_processor.json" not in api.uploaded
+    )
+
+
+def test_a_checkpoint_file_linking_out_is_not_copied_into_the_pushed_folder(model_dir, tmp_path):
+    checkpoint = model_dir / "checkpoint-10"
+    for name in ("config.json", "README.md"):
+        (checkpoint / name).write_text("{}")
+    (tmp_path / "elsewhere.json").write_text('{"private": true}')
+    (checkpoint / "preprocessor_config.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(
+        ValueError, match=r"preprocessor_config\.json is a symbolic link to .*elsewhere\.json"
+    ):
+        copy_model_files(checkpoint, model_dir)
+    assert (model_dir / "preprocessor_config.json").read_text() == "{}"
+
+
+def test_the_index_adds_only_weight_shards_named_like_it(model_dir):
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00001.safetensors")
+    (model_dir / "notes.txt").write_text("private notes\n")
+    (model_dir / "old.safetensors").write_bytes(b"private weights")
+    weight_map = {"a": "model-00001-of-00001.safetensors", "b": "notes.txt", "c": "old.safetensors", "d": 3}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    api = RecordingApi()
+    push_to_hub(model_dir, REPO_ID, api=api)
+    assert set(api.uploaded) == EXPECTED - {"model.safetensors"} | {
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    }
+
+
+@pytest.mark.parametrize("weights", ["link", "metadata"])
+def test_every_uploaded_file_is_scanned_for_the_token_whatever_its_name(model_dir, weights):
+    """A `.safetensors` name exempts nothing: a link so named to a text file, or weights whose metadata holds
+    the token, are refused like any file."""
+    if weights == "link":
+        (model_dir / "notes.txt").write_text(f"token: {FAKE_TOKEN}\n")
+        (model_dir / "model-00002-of-00002.safetensors").symlink_to("notes.txt")
+        (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")
+        shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+        name = "model-00002-of-00002.safetensors"
+    else:
+        weight = {"weight": np.zeros((2, 3), dtype=np.float32)}
+        save_file(weight, str(model_dir / "model.safetensors"), metadata={"pushed_with": FAKE_TOKEN})
+        name = "model.safetensors"
+    api = RecordingApi()
+    with pytest.raises(ValueError, match=f"{name} contains a Hub token"):
+        push_to_hub(model_dir, REPO_ID, token=FAKE_TOKEN, api=api)
+    assert api.calls == []
+
+
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [
+        ('{"files": "README.md"}', r"expected \{\"files\": \[file names\]\}"),
+        ("null", r"expected \{\"files\": \[file names\]\}"),
+        ('{"files": ["README.md", 3]}', r"expected \{\"files\": \[file names\]\}"),
+        ('{"files": ["../README.md"]}', r"expected \{\"files\": \[file names\]\}"),
+        ("{not json", "not JSON"),
+        ("directory", "not a file"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_naming_it_before_any_call(model_dir, manifest, problem):
+    path = model_dir / "zsharp_manifest.json"
+    if manifest == "directory":
+        path.mkdir()
+    else:
+        path.write_text(manifest)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match=f"malformed manifest '.*zsharp_manifest\\.json': {problem}"):
+        push_to_hub(model_dir, REPO_ID, api=api)
+    assert api.calls == []

@@ -4,7 +4,6 @@ fit; what a Trainer gets from either is the preprocessing of the per-image trans
 import shutil
 
 import datasets
-import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -12,7 +11,7 @@ from transformers import ViTImageProcessor
 from transformers.models.timm_wrapper import TimmWrapperImageProcessor
 
 from hf_zsharp.augment import augment_inputs
-from hf_zsharp.data import DataError, load_image_dataset, normalization_stats
+from hf_zsharp.data import FIXED_RULE, DataError, load_image_dataset
 from hf_zsharp.image_data import (
     CachedImages,
     collate_fn,
@@ -100,7 +99,7 @@ def test_training_images_of_mixed_sizes_stream_and_timm_processors_use_timm(load
     data = processor_image_data(dataset, ViTImageProcessor(size={"height": 16, "width": 16}))
     assert not isinstance(data.train, CachedImages) and isinstance(data.eval, CachedImages)
     assert data.augment is not None
-    assert decode_split(dataset["train"], None, 2**30) is None
+    assert decode_split(dataset["train"], None, 2**30, FIXED_RULE) is None
 
     timm = TimmWrapperImageProcessor(
         pretrained_cfg={"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}
@@ -158,33 +157,3 @@ def test_trainer_trains_and_evaluates_on_cached_batches_with_the_augmentation_in
         logits = model(pixel_values=pixels).logits
         cached = model(pixel_values=_whole(data.eval)["pixel_values"]).logits
     torch.testing.assert_close(cached, logits, rtol=0, atol=0)
-
-
-def test_images_of_more_than_8_bits_are_rescaled_not_clipped(load, tmp_path):
-    """A 16-bit PNG ramp, a 32-bit integer TIFF and float TIFFs reach the model as their 8-bit values, the same in
-    the cached and the streamed paths (PIL's own RGB conversion clips them to white or to {0, 1})."""
-    ramp = np.arange(16 * 16).reshape(16, 16)  # 0..255
-    stored = {
-        "ramp16.png": (ramp * 257).astype(np.uint16),  # 16-bit: /257
-        "ramp32.tif": (ramp * 257).astype(np.int32),  # 32-bit integer in 0..65535: read as 16-bit
-        "unit.tif": (ramp / 255).astype(np.float32),  # float in [0, 1]: x255
-        "wide.tif": (ramp * 4.0 - 300).astype(np.float32),  # float elsewhere: its own min..max
-    }
-    for split in ("train", "test"):
-        for i, (name, array) in enumerate(stored.items()):
-            folder = tmp_path / "deep" / split / f"class{i % 2}"
-            folder.mkdir(parents=True, exist_ok=True)
-            PIL.Image.fromarray(array).save(folder / name)
-    dataset = load(tmp_path / "deep")
-    expected = torch.as_tensor(ramp, dtype=torch.uint8)
-    data = paper_image_data(dataset, MEAN, STD, 16)
-    assert isinstance(data.train, CachedImages)
-    for image in data.train.images:
-        assert torch.equal(image[..., 0], expected) and torch.equal(image[..., 2], expected)
-    as_is = lambda image: torch.as_tensor(np.array(image))  # noqa: E731
-    streamed = with_image_transforms(dataset, as_is, as_is)
-    for i in range(len(streamed["eval"])):
-        assert torch.equal(streamed["eval"][i]["pixel_values"][..., 1], expected)
-    assert normalization_stats("deep", dataset["train"])[0] == pytest.approx(
-        (ramp.mean() / 255,) * 3, abs=1e-4
-    )
