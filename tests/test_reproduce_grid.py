@@ -237,10 +237,12 @@ def test_the_options_are_a_dataclass_read_by_hf_argument_parser(tmp_path):
         ReproduceArguments(percentile="0.9,1.5")
 
 
-def test_the_long_digits_preset_is_the_second_setting(tmp_path):
+def test_the_long_digits_preset_is_the_primary_setting(tmp_path):
+    """Every method and control at 20 epochs on ten seeds, the worst case probed at three radii (issue 27)."""
     plan, _ = make_plan(["digits-long", "--output_dir", str(tmp_path)])
-    assert plan.epochs == 20 and plan.preset.seeds == (0, 1, 2, 3, 4) and plan.threads == 1
-    assert {"none", "sam", "zsharp", "sam-matched"} <= {s.method for s in plan.specs}
+    assert plan.epochs == 20 and plan.preset.seeds == tuple(range(10)) and plan.threads == 1
+    assert {s.method for s in plan.specs} == set(VARIANTS)
+    assert plan.preset.sharpness.rho == 0.05 and plan.preset.sharpness.extra_radii == (0.02, 0.2)
     assert plan.flags(plan.specs[0])[: len(PRESETS["digits"].train_args)] == list(
         PRESETS["digits"].train_args
     )

@@ -111,18 +111,24 @@ def fixed_batches(
 def measure(training: TrainingRun, train: TorchDataset, settings: SharpnessSettings) -> dict[str, Any]:
     """`hf_zsharp.sharpness.measure_sharpness` of the trained model on fixed training images (prepared for
     evaluation), with the settings and the seconds it took."""
-    from hf_zsharp.sharpness import measure_sharpness
+    from hf_zsharp.sharpness import adversarial_sharpness, measure_sharpness
 
     start = time.perf_counter()
     batches = fixed_batches(train, training.trainer.data_collator, settings)
+    model = training.trainer.model
     result = measure_sharpness(
-        training.trainer.model,
+        model,
         batches,
         rho=settings.rho,
         ascent_steps=settings.ascent_steps,
         lanczos_iters=settings.lanczos_iters,
         scale_invariant_rho=settings.scale_invariant_rho,
     )
+    if settings.extra_radii:
+        result["sharpness_at"] = {
+            f"{rho:g}": adversarial_sharpness(model, batches, rho, settings.ascent_steps)
+            for rho in settings.extra_radii
+        }
     images = sum(len(b["labels"]) for b in batches)
     return {**result, "images": images, "settings": asdict(settings), "seconds": time.perf_counter() - start}
 
@@ -138,9 +144,17 @@ def epoch_history(log_history: Iterable[Mapping[str, Any]]) -> list[dict[str, fl
     return [epochs[e] for e in sorted(epochs)]
 
 
-def _evaluate_test(trainer: Any, test: Dataset) -> dict[str, float]:
-    metrics = trainer.evaluate(test, metric_key_prefix="test")
-    return {"test_accuracy": float(metrics["test_accuracy"]), "test_loss": float(metrics["test_loss"])}
+def _evaluate_test(trainer: Any, test: Dataset) -> tuple[dict[str, float], str]:
+    """Test accuracy and loss, and which test images the model classifies right ("1") or wrong ("0"), in the
+    split's order: what a bootstrap over test images resamples."""
+    output = trainer.predict(test, metric_key_prefix="test")
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    correct = "".join("1" if right else "0" for right in (logits.argmax(-1) == output.label_ids).tolist())
+    metrics = output.metrics
+    return {
+        "test_accuracy": float(metrics["test_accuracy"]),
+        "test_loss": float(metrics["test_loss"]),
+    }, correct
 
 
 def hyperparameters(model_args: Any, data_args: Any, training_args: Any) -> dict[str, Any]:
@@ -174,7 +188,7 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     train, test = training.dataset["train"], load_test_split(data_args, model_args.cache_dir)
     image_size = run.image_size
     test = like_eval(training, test, image_size)
-    final = _evaluate_test(trainer, test)
+    final, test_correct = _evaluate_test(trainer, test)
     sharpness = None
     if plan.measure_sharpness:
         sharpness = measure(training, like_eval(training, train, image_size), plan.preset.sharpness)
@@ -182,7 +196,7 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
     if best.state is not None and best.epoch != trainer.state.epoch:  # else the final weights are the best
         final_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         trainer.model.load_state_dict(best.state)
-        at_best = _evaluate_test(trainer, test)
+        at_best, _ = _evaluate_test(trainer, test)
         trainer.model.load_state_dict(final_state)
     if not trainer.is_world_process_zero():
         return None
@@ -211,6 +225,7 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
             "best_val_accuracy": best.accuracy,
             "test_accuracy_at_best_val": at_best["test_accuracy"],
         },
+        "test_correct": test_correct,  # per test image, of the final model
         "history": epoch_history(training.log_history),
         "sharpness": sharpness,
         "timing": {
