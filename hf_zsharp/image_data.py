@@ -147,10 +147,11 @@ def _image_data(
     transforms: tuple[Callable, Callable],
     augment: BatchAugment,
     budget: int | None,
+    rule: PixelRule | None,
 ) -> ImageData:
     """Cache each split that fits (in order, from one budget); stream the others through `transforms`; both by
-    the dataset's pixel rule."""
-    rule = dataset_pixel_rule(dataset)
+    the pixel `rule` (default: the dataset's own)."""
+    rule = dataset_pixel_rule(dataset) if rule is None else rule
     remaining = cache_budget() if budget is None else budget
     splits: dict[str, torch.utils.data.Dataset] = {}
     for name, geometry in geometries.items():
@@ -182,9 +183,11 @@ def paper_image_data(
     padding: int = 4,
     *,
     budget: int | None = None,
+    rule: PixelRule | None = None,
 ) -> ImageData:
     """The paper's recipe (`paper_transforms`): images resized to `image_size` once; RandomCrop(padding) + flip
-    and normalisation per batch. `budget`: bytes the caches may take (default: `cache_budget()`)."""
+    and normalisation per batch. `budget`: bytes the caches may take (default: `cache_budget()`); `rule`: how
+    images over 8 bits are read (default: fitted on `dataset`'s training split)."""
     resize = ResizeTo(image_size)
     return _image_data(
         dataset,
@@ -192,19 +195,21 @@ def paper_image_data(
         paper_transforms(mean, std, image_size, padding),
         BatchAugment(mean, std, "pad", padding),
         budget,
+        rule,
     )
 
 
 def processor_image_data(
-    dataset: DatasetDict, image_processor: Any, *, budget: int | None = None
+    dataset: DatasetDict, image_processor: Any, *, budget: int | None = None, rule: PixelRule | None = None
 ) -> ImageData:
     """A pretrained model's preprocessing (`processor_transforms`): training images cached as decoded (when they
     share one size) for RandomResizedCrop + flip per batch; evaluation images resized and center-cropped once.
+    `budget` and `rule` as in `paper_image_data`.
 
     timm processors stream through timm's own transforms.
     """
     if hasattr(image_processor, "data_config"):
-        streamed = with_image_transforms(dataset, *processor_transforms(image_processor))
+        streamed = with_image_transforms(dataset, *processor_transforms(image_processor), rule=rule)
         return ImageData(streamed["train"], streamed["eval"], collate_fn, None)
     recipe = processor_recipe(image_processor)
     return _image_data(
@@ -213,6 +218,7 @@ def processor_image_data(
         processor_transforms(image_processor),
         BatchAugment(recipe.mean, recipe.std, recipe.crop),
         budget,
+        rule,
     )
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset as TorchDataset
 from transformers import TrainerCallback
 
 from hf_zsharp.args import parse_train_args, resolve_run
-from hf_zsharp.data import load_image_dataset
+from hf_zsharp.data import dataset_pixel_rule, load_image_dataset
 from hf_zsharp.image_data import paper_image_data, processor_image_data
 from hf_zsharp.keys import LOGGED_STATISTICS
 from hf_zsharp.reproduce.grid import Plan, RunSpec
@@ -87,13 +87,16 @@ def like_eval(training: TrainingRun, split: Dataset, image_size: int | None) -> 
     `training.augmentation`, still attached)."""
     trainer = training.trainer
     pair = DatasetDict({"train": split.select([0]), "eval": split})
+    rule = dataset_pixel_rule(
+        training.dataset
+    )  # images over 8 bits read as in training (fitted on its split)
     budget = None if training.augmentation is not None else 0
     processor = trainer.processing_class
     if image_size is not None:  # a paper model from scratch: its processor holds the run's statistics
         return paper_image_data(
-            pair, processor.image_mean, processor.image_std, image_size, budget=budget
+            pair, processor.image_mean, processor.image_std, image_size, budget=budget, rule=rule
         ).eval
-    return processor_image_data(pair, processor, budget=budget).eval
+    return processor_image_data(pair, processor, budget=budget, rule=rule).eval
 
 
 def fixed_batches(
