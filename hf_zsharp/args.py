@@ -10,10 +10,13 @@ import copy
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import re
 import tempfile
 import textwrap
+import types
+import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,14 +28,17 @@ from typing import Any
 import torch
 import yaml
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError, safe_open
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_zsharp.catalog import DIGITS, DatasetFacts, dataset_facts, paper_image_size
+from hf_zsharp.flags import unrecognized_arguments_message
 from hf_zsharp.keys import CARD_NAME, CURVES_NAME, MANIFEST_NAME, ZSHARP_ARGS_NAME
 from hf_zsharp.models import CODE_FILES, PAPER_MODELS
 from hf_zsharp.optim import METHODS, OPTIONS, Option, stated_settings
 from hf_zsharp.support import check_interval, unsupported_error
+
+logger = logging.getLogger(__name__)
 
 SAM_METHODS = (*METHODS, "none")
 # `TrainingArguments.optim` values whose optimizer is a plain torch optimizer stepping on `.grad`, which the
@@ -283,6 +289,7 @@ KIND_RECIPES: dict[ModelKind, dict[str, Any]] = {
         "per_device_eval_batch_size": 64,
     },
 }
+DEFAULT_KIND = ModelKind.of(ModelArguments().model_name_or_path)  # the embedded default's: ResNet-20
 
 
 def recipe_help() -> str:
@@ -302,6 +309,11 @@ def recipe_help() -> str:
         options = " ".join(f"--{k} {v}" for k, v in recipe.items())
         lines += textwrap.wrap(options, 100, initial_indent=f"  {title}: ", subsequent_indent="    ")
     lines += textwrap.wrap(
+        f"The option defaults shown below are the default model's ({ModelArguments().model_name_or_path}, "
+        f"{DEFAULT_KIND.value}); another kind of model takes its line above.",
+        100,
+    )
+    lines += textwrap.wrap(
         " ".join(f"--{name}" for name in _OWN_FIELDS),
         100,
         initial_indent="hf_zsharp's own training options (listed last): ",
@@ -317,6 +329,8 @@ _OWN_FIELDS = tuple(
     if f.name not in TrainingArguments.__dataclass_fields__
 )
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT = re.compile(r"checkpoint-\d+")  # Trainer's checkpoint folders
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -341,7 +355,21 @@ class TrainArgumentParser(HfArgumentParser):
             default=None,
             help="A YAML or JSON file of option values; flags given with it override its values.",
         )
-        self.set_defaults(**COMMON_RECIPE)
+        self._field_defaults = {
+            key: self.get_default(key) for recipe in KIND_RECIPES.values() for key in recipe
+        }
+        self._annotations = {
+            name: annotation
+            for dataclass_type in self.dataclass_types
+            for name, annotation in typing.get_type_hints(dataclass_type).items()
+        }
+        self._use_recipe(DEFAULT_KIND, {})  # what --help shows: the default model's recipe
+
+    def _use_recipe(self, kind: ModelKind, config: Mapping[str, Any]) -> None:
+        """Make the option defaults `config`'s values over `kind`'s recipe over the common one over the fields'
+        own: each recipe key starts from its field's default, so that one kind's recipe never leaks into
+        another's (the from-scratch weight decay into a fine-tuning run)."""
+        self.set_defaults(**{**self._field_defaults, **COMMON_RECIPE, **KIND_RECIPES[kind], **config})
 
     def parse(self, argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSharpTrainingArguments]:
         """Parse flags and a config file over the recipe: flags, then the file, then the model kind's recipe, then
@@ -351,33 +379,14 @@ class TrainArgumentParser(HfArgumentParser):
             argv = ["--config", argv[0]]
         known, _ = self.parse_known_args(argv)
         config = {} if known.config is None else self._read_config(Path(known.config))
-        self.set_defaults(**{**COMMON_RECIPE, **config})
+        self._use_recipe(DEFAULT_KIND, config)
         known, unknown = self.parse_known_args(argv)
         if unknown:
-            raise ValueError(self._unknown_message(unknown))
-        self.set_defaults(
-            **{**COMMON_RECIPE, **KIND_RECIPES[ModelKind.of(known.model_name_or_path)], **config}
-        )
+            options = [option for action in self._actions for option in action.option_strings]
+            raise ValueError(unrecognized_arguments_message(unknown, options))
+        self._use_recipe(ModelKind.of(known.model_name_or_path), config)
         model_args, data_args, training_args, _ = self.parse_args_into_dataclasses(argv)
         return model_args, data_args, training_args
-
-    def _unknown_message(self, unknown: list[str]) -> str:
-        """Name the unknown arguments (an unknown flag with the values that follow it), with the closest option of
-        each unknown flag."""
-        options = [option for action in self._actions for option in action.option_strings]
-        groups: list[list[str]] = []
-        for argument in unknown:
-            if argument[:1] == "-" or not groups or groups[-1][0][:2] != "--":
-                groups.append([argument])
-            else:
-                groups[-1].append(argument)
-        named = [
-            _with_closest(" ".join(group), group[0].split("=", 1)[0], options)
-            if group[0][:2] == "--"
-            else group[0]
-            for group in groups
-        ]
-        return f"unrecognized arguments: {', '.join(named)}; `hf-zsharp-train --help` lists the options."
 
     def _read_config(self, path: Path) -> dict[str, Any]:
         """The options of a YAML/JSON file: known names only, each value read as its flag would read it."""
@@ -388,35 +397,103 @@ class TrainArgumentParser(HfArgumentParser):
             else:
                 config = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
         except (OSError, ValueError, yaml.YAMLError) as error:
-            raise ValueError(f"Cannot read the config file {str(path)!r}: {error}") from error
+            raise ValueError(f"Cannot read the config file {str(path)!r}: {_one_line(error)}") from error
         if not isinstance(config, dict):
             raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
-        actions = {action.dest: action for action in self._actions if action.dest not in ("help", "config")}
+        actions: dict[str, argparse.Action] = {}
+        for action in self._actions:  # the option's own action, not its --no_ twin
+            if action.dest not in ("help", "config"):
+                actions.setdefault(action.dest, action)
         unknown = sorted(str(key) for key in config if key not in actions)
         if unknown:
             named = ", ".join(_with_closest(key, key, list(actions)) for key in unknown)
             raise ValueError(f"The config file {str(path)!r} has unknown options: {named}.")
         for key, value in config.items():
-            action = actions[key]
-            if (
-                isinstance(value, (bool, int, float, str))
-                and action.type is not None
-                and action.nargs is None
-            ):
-                try:
-                    config[key] = action.type(str(value))
-                except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-                    raise ValueError(
-                        f"The config file {str(path)!r} gives {key}: {value!r}, which is not a valid "
-                        f"{getattr(action.type, '__name__', 'value')} ({error})."
-                    ) from error
+            try:
+                config[key] = _config_value(value, self._annotations[key], actions[key])
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                shown = json.dumps(value, default=str)
+                takes = _type_words(self._annotations[key])
+                detail = "" if isinstance(error, _NotTaken) else f" ({error})"
+                raise ValueError(
+                    f"The config file {str(path)!r} gives {key}: {shown}, but {key} takes {takes}{detail}."
+                ) from error
         return config
+
+
+_SCALAR_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+class _NotTaken(TypeError):
+    """A config file's value of a kind its option does not take (a list for a number, null for the seed)."""
+
+
+def _type_members(annotation: Any) -> tuple[Any, ...]:
+    """The types a field's annotation admits: the members of a union, or the annotation itself."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _type_word(member: Any) -> str:
+    """One admitted type in words, as a config file writes its values (null, a mapping, a list, ...)."""
+    origin = typing.get_origin(member) or member
+    if member is type(None):
+        return "null"
+    if origin is dict:
+        return "a mapping"
+    if origin in (list, tuple):
+        return "a list"
+    if origin is typing.Literal:
+        return " or ".join(json.dumps(value) for value in typing.get_args(member))
+    if isinstance(member, type) and issubclass(member, Enum):
+        return "a string"
+    return _SCALAR_WORDS.get(member, getattr(member, "__name__", str(member)))
+
+
+def _type_words(annotation: Any) -> str:
+    """What a field takes, in words: "a number", "a string or null", "null, a string or a list"."""
+    words = list(dict.fromkeys(_type_word(member) for member in _type_members(annotation)))
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _config_value(value: Any, annotation: Any, action: argparse.Action) -> Any:
+    """A config file's `value` for a field of type `annotation`, read as its flag (`action`) reads it: a scalar
+    through the flag's type (wrapped in a list for a list-only field, as the flag collects it), each item of a
+    list too, a mapping or null as they are where the field takes them. `_NotTaken` when the field does not take
+    such a value: refused at parse time, not found later as an internal failure in TrainingArguments or the run."""
+    members = _type_members(annotation)
+    takes_list = any(typing.get_origin(m) in (list, tuple) or m in (list, tuple) for m in members)
+    takes_scalar = any(m in _SCALAR_WORDS or (isinstance(m, type) and issubclass(m, Enum)) for m in members)
+
+    def scalar(item: Any) -> Any:
+        if not isinstance(item, (bool, int, float, str)):
+            raise _NotTaken
+        return item if action.type is None else action.type(str(item))
+
+    if value is None and type(None) in members:
+        return None
+    if isinstance(value, dict) and any(typing.get_origin(m) is dict or m is dict for m in members):
+        return value
+    if isinstance(value, list) and takes_list:
+        return [scalar(item) for item in value]
+    if isinstance(value, (bool, int, float, str)) and (takes_scalar or takes_list):
+        return scalar(value) if takes_scalar else [scalar(value)]
+    raise _NotTaken
 
 
 def _with_closest(text: str, name: str, options: list[str]) -> str:
     """`text`, followed by the option of `options` closest to the unknown `name` when one is close."""
     close = difflib.get_close_matches(name, options, n=1)
     return f"{text} (did you mean {close[0]}?)" if close else text
+
+
+def _one_line(error: Exception) -> str:
+    """An error reading a config file, on one line: a YAML error's problem and where (line, column)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        return error.problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    return " ".join(str(error).split())
 
 
 def _refuse_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -430,17 +507,16 @@ def _refuse_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 
 class _ConfigLoader(yaml.SafeLoader):
     """YAML's safe loader with YAML 1.2 booleans (only true/false: `yes`, `no`, `on`, `off` stay strings) and no
-    duplicate keys."""
+    duplicate keys. Merge keys (`<<: *base`) work as in the safe loader: a mapping's own keys override the merged
+    ones, which is no duplicate; a key written twice in one mapping is."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        pairs = [
-            (self.construct_object(key, deep=deep), self.construct_object(value, deep=deep))
-            for key, value in node.value
-        ]
+        own = [key for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"]
         try:
-            return _refuse_duplicates(pairs)
+            _refuse_duplicates([(self.construct_object(key, deep=deep), None) for key in own])
         except ValueError as error:
-            raise yaml.constructor.ConstructorError(None, None, str(error), node.start_mark) from error
+            raise yaml.constructor.ConstructorError(problem=str(error)) from error
+        return super().construct_mapping(node, deep=deep)
 
 
 _ConfigLoader.yaml_implicit_resolvers = {
@@ -461,7 +537,7 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZS
 # that another run lives there, or that the run would overwrite a file of the user's.
 RUN_FILES = (
     "config.json",
-    "trainer_state.json",
+    TRAINER_STATE_NAME,
     "training_args.bin",
     "all_results.json",
     "train_results.json",
@@ -521,11 +597,10 @@ def check_output_dir(run: "ResolvedRun") -> None:
 def check_unfinished(training_args: ZSharpTrainingArguments, checkpoint: str | None) -> None:
     """Refuse resuming from the checkpoint that ends a finished run, with the same length: Trainer's loop would
     train one step past the end and overwrite the run's results."""
-    state_file = Path(str(checkpoint or "")) / "trainer_state.json"
-    if not checkpoint or not state_file.is_file():
+    if not checkpoint:
         return
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    step, max_steps = state.get("global_step", 0), state.get("max_steps", 0)
+    state = checkpoint_state(checkpoint)
+    step, max_steps = state["global_step"], state.get("max_steps", 0)
     if training_args.max_steps > 0:
         finished = step >= training_args.max_steps
     else:
@@ -542,20 +617,102 @@ def check_unfinished(training_args: ZSharpTrainingArguments, checkpoint: str | N
         )
 
 
+def checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (its step, epoch and log history); a ValueError naming the file when it
+    cannot be read or holds no step."""
+    path = Path(checkpoint) / TRAINER_STATE_NAME
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{str(path)!r} cannot be read ({error})") from error
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"{str(path)!r} is not a trainer state (it holds no global_step)")
+    return state
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a run could not go on from `checkpoint` as it was saved, naming the file; None when it can. Trainer
+    would fail on an unreadable trainer state or weights with errors that name no file, and without the
+    optimizer or scheduler state it would silently restart both: Adam's moments and the warm-up."""
+    if not checkpoint.is_dir():
+        return f"{str(checkpoint)!r} is not a folder"
+    try:
+        checkpoint_state(checkpoint)
+    except ValueError as error:
+        return str(error)
+    for weights in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"{str(weights)!r} cannot be read, it may be truncated ({error})"
+    names = {entry.name for entry in checkpoint.iterdir()}
+    if any(name.startswith("global_step") for name in names):
+        return None  # DeepSpeed's own folder holds its optimizer and scheduler states
+    missing = [
+        name
+        for name, found in (
+            ("optimizer.pt", any(name.startswith("optimizer") for name in names)),  # or FSDP's optimizer_0/
+            ("scheduler.pt", "scheduler.pt" in names),
+        )
+        if not found
+    ]
+    if missing:
+        return (
+            f"{str(checkpoint)!r} has no {' or '.join(missing)}, so resuming it would restart the optimizer's "
+            "state (such as Adam's moments) and the learning-rate schedule, warm-up included"
+        )
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest `checkpoint-N` folder of `output_dir` that a run can go on from (None if there is none), and the
+    problem of each newer one, newest first (`checkpoint_problem`: a run stopped while saving, a file deleted)."""
+    folder = Path(output_dir)
+    found = (
+        [p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.fullmatch(p.name)]
+        if folder.is_dir()
+        else []
+    )
+    problems = []
+    for checkpoint in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, problems
+        problems.append(problem)
+    return None, problems
+
+
 def resume_checkpoint(training_args: ZSharpTrainingArguments) -> str | None:
-    """The checkpoint folder to resume from: `--resume_from_checkpoint` as given, or for `true` / `last` (as in
-    the transformers examples) the output directory's last checkpoint (refused, before training, when it has none)."""
+    """The checkpoint folder to resume from, refused before training when the run could not go on from it as it
+    was saved (`checkpoint_problem`): `--resume_from_checkpoint` as given, or for `true` / `last` (as in the
+    transformers examples) the output directory's newest complete checkpoint, with a warning naming each newer
+    one and what it lacks."""
     given = training_args.resume_from_checkpoint
+    advice = (
+        "Resume another checkpoint (`--resume_from_checkpoint last` takes the newest complete one), or start a "
+        "new run."
+    )
     if str(given).lower() not in ("true", "last"):
+        problem = checkpoint_problem(Path(given)) if given else None
+        if problem is not None:
+            raise ValueError(f"--resume_from_checkpoint: {problem}. {advice}")
         return given or None
     output_dir = training_args.output_dir
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if last is None:
+    checkpoint, problems = newest_complete_checkpoint(output_dir)
+    if checkpoint is None and not problems:
         raise ValueError(
             f"--resume_from_checkpoint {given}: {str(output_dir)!r} holds no checkpoint-* folder to resume from; "
             "pass a checkpoint folder, or leave the flag out."
         )
-    return last
+    if checkpoint is None:
+        raise ValueError(
+            f"--resume_from_checkpoint {given}: no checkpoint of {str(output_dir)!r} is complete; the newest: "
+            f"{problems[0]}. Start a new run, or pass a checkpoint folder."
+        )
+    for problem in problems:
+        logger.warning("Resuming %s, not a newer incomplete checkpoint: %s.", checkpoint.name, problem)
+    return str(checkpoint)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ _METRIC_LABELS = {
     "top5_accuracy": "Top-5 accuracy",
     "loss": "Evaluation loss",
     "train_loss": "Training loss (mean over the run)",
+    "train_loss_since_resume": "Training loss (mean since the run was resumed)",
     "epoch": "Epochs run",
 }
 

@@ -8,6 +8,7 @@ asked. Every argument problem it can detect is raised before training starts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -22,9 +23,13 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     PreTrainedModel,
+    SchedulerType,
+    TimmWrapperConfig,
     TrainerCallback,
+    TrainingArguments,
     set_seed,
 )
+from transformers.integrations import integration_utils
 from transformers.trainer_utils import HubStrategy
 
 from hf_zsharp import hub
@@ -35,6 +40,7 @@ from hf_zsharp.args import (
     ResolvedRun,
     ZSharpTrainingArguments,
     check_output_dir,
+    checkpoint_state,
 )
 from hf_zsharp.augment import augment_inputs
 from hf_zsharp.data import LABELS, load_image_dataset, normalization_stats
@@ -93,6 +99,10 @@ def load_model(
             f"{' (HF_HUB_OFFLINE is set)' if offline else ' (no network, or no such repository)'}. "
             f"Pass a local path (a folder saved with save_pretrained) or unset HF_HUB_OFFLINE. ({error})"
         ) from error
+    if isinstance(config, TimmWrapperConfig):
+        # timm's wrapper saves `label_names`, not id2label, and keeps the source model's (ImageNet's 1000): a
+        # reload would name this model's classes from those, and pipeline() would answer LABEL_0, LABEL_1, ...
+        config.label_names = list(labels)
     model = AutoModelForImageClassification.from_pretrained(
         name,
         config=config,
@@ -104,6 +114,95 @@ def load_model(
         name, cache_dir=model_args.cache_dir, revision=model_args.model_revision
     )
     return model, processor, name
+
+
+def check_reporting(report_to: list[str]) -> None:
+    """Refuse, before the data loads, a --report_to integration whose package is missing (transformers' own
+    availability check): Trainer would fail only once built, after the data, advising for tensorboard an update
+    of PyTorch."""
+    for name in report_to:
+        available = getattr(integration_utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise ValueError(
+                f"--report_to {name}: the {name} package is not installed; install it (pip install {name}) or "
+                f"leave {name} out of --report_to."
+            )
+
+
+def batches_per_epoch(num_examples: int, args: TrainingArguments) -> int:
+    """The training batches each process reads in an epoch of `num_examples`: the data loader's length, in
+    batches of `per_device_train_batch_size` per process (a last, smaller one dropped with
+    --dataloader_drop_last)."""
+    per_step = args.per_device_train_batch_size * args.world_size
+    return num_examples // per_step if args.dataloader_drop_last else math.ceil(num_examples / per_step)
+
+
+def optimizer_steps(num_examples: int, args: TrainingArguments) -> int:
+    """The optimizer steps of the run as Trainer counts them: --max_steps, or the epochs of accumulated batches."""
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(math.ceil(batches_per_epoch(num_examples, args) / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def check_batches(num_examples: int, args: TrainingArguments) -> None:
+    """Refuse, before training, --dataloader_drop_last with a batch larger than the training split: every batch
+    would be dropped, and Trainer would train nothing and report success."""
+    if args.dataloader_drop_last and batches_per_epoch(num_examples, args) == 0:
+        raise ValueError(
+            f"--dataloader_drop_last with a batch of {args.per_device_train_batch_size * args.world_size} "
+            f"({args.per_device_train_batch_size} per device x {args.world_size} process(es)) and {num_examples} "
+            "training examples: every batch would be dropped and nothing trained. Lower "
+            f"--per_device_train_batch_size to {num_examples // args.world_size} or less, or leave out "
+            "--dataloader_drop_last."
+        )
+
+
+def warn_short_warmup(num_examples: int, args: TrainingArguments) -> None:
+    """Warn, before training, when the run ends within its learning-rate warm-up: it never trains at the
+    learning rate it states (the card's "warm-up N steps" would not say so)."""
+    steps = optimizer_steps(num_examples, args)
+    warmup = args.get_warmup_steps(steps)
+    no_warmup = (SchedulerType.CONSTANT, SchedulerType.REDUCE_ON_PLATEAU)
+    if warmup >= steps and args.lr_scheduler_type not in no_warmup:
+        logger.warning(
+            "The run takes %d optimizer step(s) and warms up over %d (--warmup_steps %s): its learning rate rises "
+            "to %.3g, %.0f%% of --learning_rate %g, and never reaches it. Lower --warmup_steps or train longer.",
+            steps,
+            warmup,
+            f"{args.warmup_steps:g}",
+            args.learning_rate * (steps - 1) / warmup,
+            100 * (steps - 1) / warmup,
+            args.learning_rate,
+        )
+
+
+def with_whole_run_loss(
+    metrics: dict[str, float], log_history: list[dict[str, Any]], resumed_at: int, global_step: int
+) -> dict[str, float]:
+    """`metrics` of a run resumed at step `resumed_at`, with the training loss of the whole run.
+
+    Trainer's `train_loss` is the mean since the resume. The whole run's weighs it with the losses logged up to
+    the resume (each the mean over the steps since the previous log) when those reach the resume's step;
+    otherwise the loss of the steps between the last log and the checkpoint was never recorded, and the metric
+    keeps Trainer's value under the name of what it is: `train_loss_since_resume`.
+    """
+    logged = [
+        (entry["step"], entry["loss"])
+        for entry in log_history
+        if "loss" in entry and entry.get("step", resumed_at + 1) <= resumed_at
+    ]
+    if not logged or logged[-1][0] != resumed_at:
+        return {
+            ("train_loss_since_resume" if key == "train_loss" else key): value
+            for key, value in metrics.items()
+        }
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total += loss * (step - previous)
+        previous = step
+    total += metrics["train_loss"] * (global_step - resumed_at)
+    return {**metrics, "train_loss": total / global_step}
 
 
 def run_name(
@@ -129,6 +228,7 @@ def run_training(
     """
     model_args, data_args, training_args = run.model, run.data, run.trainer_args
     check_output_dir(run)
+    check_reporting(training_args.report_to)
     if run.push_to is not None:
         hub.check_push_prerequisites(run.push_to, training_args.hub_token)
     if run.image_size is not None:
@@ -148,6 +248,8 @@ def run_training(
     for split, limit in (("train", data_args.max_train_samples), ("eval", data_args.max_eval_samples)):
         if limit is not None:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
+    check_batches(len(dataset["train"]), training_args)
+    warn_short_warmup(len(dataset["train"]), training_args)
     set_seed(training_args.seed)  # the model's initialisation depends on it
     model, processor, base_model = load_model(
         model_args, dataset["train"].features[LABELS].names, run.image_size
@@ -189,6 +291,11 @@ def run_training(
     finally:
         outputs.wait()  # the last background push reads the files the end of the run rewrites
     metrics = {**train_result.metrics, **trainer.evaluate()}
+    if run.resume_from:
+        resumed_at = checkpoint_state(run.resume_from)["global_step"]
+        metrics = with_whole_run_loss(
+            metrics, trainer.state.log_history, resumed_at, trainer.state.global_step
+        )
     trainer.save_model()
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)

@@ -251,3 +251,24 @@ def test_every_method_option_is_declared_once_and_derives_its_field_check_row_an
         METHODS["fsam"].cls(
             [torch.nn.Parameter(torch.zeros(2))], lmbda=1.5
         )  # the constructor checks the same
+
+
+def test_a_curve_of_one_point_is_drawn_as_a_visible_marker(tmp_path, monkeypatch):
+    """A short run logs one point per curve: each is drawn as a marker (a line of one point would not show), in
+    every panel, rather than the figure being skipped."""
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    one_point = [
+        {"loss": 1.1, "sam_perturbation_norm": 0.2, "epoch": 0.25, "step": 2},
+        {"eval_loss": 1.2, "eval_accuracy": 0.3, "epoch": 0.25, "step": 2},
+    ]
+    plot_training_curves(one_point, tmp_path / "curves.png")
+    (figure,) = drawn
+    lines = [line for axes in figure.axes for line in axes.get_lines()]
+    assert len(lines) == 4  # training and evaluation loss, accuracy, perturbation norm
+    assert all(
+        len(line.get_xdata()) == 1 and line.get_marker() == "o" and line.get_markersize() > 0
+        for line in lines
+    )

@@ -48,6 +48,28 @@ def tiny_vit(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_timm(tmp_path_factory):
+    """A tiny timm model saved as transformers' timm wrapper saves a Hub checkpoint: an ImageNet-1k head, whose
+    1000 class names the config carries as `label_names`."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    path = tmp_path_factory.mktemp("models") / "tiny-timm"
+    config = TimmWrapperConfig.from_dict(
+        {
+            "architecture": "test_resnet",
+            "num_classes": 1000,
+            "pretrained_cfg": {
+                "tag": "r160_in1k", "input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear",
+                "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 1000, "classifier": "fc",
+            },
+        }
+    )  # fmt: skip
+    assert len(config.id2label) == 1000
+    TimmWrapperForImageClassification(config).save_pretrained(path)
+    return path
+
+
 def train(*argv: str) -> None:
     train_main([str(a) for a in argv])
 
@@ -63,6 +85,21 @@ def test_finetune_a_local_vit_on_cifar10_schema(tmp_path, cifar10_dir, tiny_vit)
     assert "zsharp" in card.data.tags and card.data.base_model is None  # a local folder is not a Hub id
     assert (out / "preprocessor_config.json").is_file() and (out / "zsharp_args.json").is_file()
     assert_pipeline_reproduces_the_evaluation(out, cifar10_dir, count=20)
+
+
+def test_finetuning_a_timm_model_keeps_the_datasets_class_names(tmp_path, imagefolder_dir, tiny_timm):
+    """timm's wrapper saves `label_names` (not id2label): the source's 1000 ImageNet names would stay, and
+    pipeline() would answer LABEL_0, LABEL_1, ... instead of the dataset's classes."""
+    from PIL import Image
+    from transformers import pipeline
+
+    out = tmp_path / "out"
+    train("--model_name_or_path", tiny_timm, "--dataset_name", imagefolder_dir, "--output_dir", out, *FAST)
+    assert json.loads((out / "config.json").read_text())["label_names"] == ["cat", "dog", "fish"]
+    classifier = pipeline("image-classification", model=str(out))
+    with Image.open(next((imagefolder_dir / "test" / "dog").iterdir())) as image:
+        labels = [answer["label"] for answer in classifier(image.convert("RGB"))]
+    assert sorted(labels) == ["cat", "dog", "fish"]
 
 
 def test_sharpness_aware_statistics_reach_tensorboard(tmp_path):
@@ -436,13 +473,57 @@ def test_abbreviated_or_unknown_flags_are_refused_with_the_closest_option():
         ("dup.json", '{"sam": "sam", "sam": "asam"}', "given more than once: sam"),
         ("dup.yaml", "sam: sam\nseed: 1\nsam: asam\n", "given more than once: sam"),
         ("type.yaml", "per_device_train_batch_size: 2.5\n", "gives per_device_train_batch_size: 2.5"),
-        ("type.json", '{"learning_rate": "fast"}', "gives learning_rate: 'fast'"),
+        (
+            "type.json",
+            '{"learning_rate": "fast"}',
+            'gives learning_rate: "fast", but learning_rate takes a number',
+        ),
+        # Values of a type the option never takes: refused at parse time, naming the key and what it takes.
+        (
+            "list.yaml",
+            "learning_rate: [1, 2]\n",
+            r"gives learning_rate: \[1, 2\], but learning_rate takes a number\.",
+        ),
+        ("null.yaml", "seed: null\n", "gives seed: null, but seed takes an integer."),
+        (
+            "map.yaml",
+            "output_dir: {a: 1}\n",
+            'gives output_dir: {"a": 1}, but output_dir takes a string or null.',
+        ),
+        ("bool.yaml", "use_cpu: maybe\n", 'gives use_cpu: "maybe", but use_cpu takes true or false'),
+        ("merged.yaml", "<<: {seed: 1}\nsam: sam\nsam: asam\n", "given more than once: sam"),
     ],
 )
 def test_a_bad_config_file_names_the_key(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         parse_train_args(["--config", str(tmp_path / name)])
+    assert "\n" not in str(error.value)
+
+
+def test_a_config_value_of_each_type_the_option_takes_is_read_as_its_flag(tmp_path):
+    """Null where the option takes it, a mapping for a dict option, a list for a list option (a scalar for a
+    list-only one becomes a list of one, as with the flag), a YAML boolean as the flag reads it."""
+    (tmp_path / "run.yaml").write_text(
+        "sam_rho: null\nlr_scheduler_kwargs: {num_cycles: 2}\nlabel_names: labels\ninclude_for_metrics: [inputs]\n"
+        "use_cpu: true\nreport_to: [none]\n"
+    )
+    _, _, args = parse_train_args([str(tmp_path / "run.yaml")])
+    assert (args.sam_rho, args.lr_scheduler_kwargs, args.label_names) == (None, {"num_cycles": 2}, ["labels"])
+    assert (args.include_for_metrics, args.use_cpu, args.report_to) == (["inputs"], True, [])
+
+
+def test_yaml_merge_keys_work_as_in_the_safe_loader_and_own_keys_override(tmp_path):
+    import yaml
+
+    from hf_zsharp.args import _ConfigLoader
+
+    text = "base: &base {a: 1, b: 2}\nmore: &more {b: 3, c: 4}\nrun:\n  <<: [*base, *more]\n  c: 5\n"
+    assert yaml.load(text, Loader=_ConfigLoader) == yaml.safe_load(text)  # noqa: S506 (a SafeLoader)
+    assert yaml.load(text, Loader=_ConfigLoader)["run"] == {"a": 1, "b": 2, "c": 5}  # noqa: S506
+    (tmp_path / "run.yaml").write_text("<<: {sam: asam, num_train_epochs: 2}\nnum_train_epochs: 5\n")
+    _, _, args = parse_train_args([str(tmp_path / "run.yaml")])
+    assert (args.sam, args.num_train_epochs) == ("asam", 5)
 
 
 def test_yaml_yes_stays_a_string_and_booleans_read_as_flags(tmp_path):
@@ -480,6 +561,18 @@ def test_help_lists_model_data_and_sharpness_options_first_and_the_recipe(capsys
             ["--image_size", "4096", "--per_device_train_batch_size", "100000"],
             "a batch of 100000 such images",
         ),
+        (  # every batch dropped: Trainer would train nothing and report success
+            [
+                "--dataloader_drop_last",
+                "true",
+                "--per_device_train_batch_size",
+                "64",
+                "--max_train_samples",
+                "16",
+            ],
+            "--dataloader_drop_last with a batch of 64 (64 per device x 1 process(es)) and 16 training examples: "
+            "every batch would be dropped and nothing trained. Lower --per_device_train_batch_size to 16 or less",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, argv, message):
@@ -487,6 +580,42 @@ def test_bad_input_is_a_clear_error(tmp_path, argv, message):
         train("--output_dir", tmp_path / "out", *FAST, *argv)
     assert message in str(exit_info.value) and str(exit_info.value).startswith("error: ")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+class StopBeforeTheModel(ValueError):
+    """Raised in place of loading the model: what a test checks has happened by then, and nothing trained."""
+
+
+def stop_before_the_model(*args, **kwargs):
+    raise StopBeforeTheModel("stopped before the model")
+
+
+@pytest.mark.parametrize(("warmup", "warned"), [("10", True), ("1", False)])
+def test_a_run_shorter_than_its_warm_up_is_warned_of_before_training(
+    tmp_path, monkeypatch, caplog, warmup, warned
+):
+    """The default recipe warms up over 10 steps: a 2-step run never trains at its learning rate, though the card
+    states it with "warm-up 10 steps"."""
+    monkeypatch.setattr("hf_zsharp.run.load_model", stop_before_the_model)
+    with caplog.at_level(logging.WARNING, logger="hf_zsharp.run"), pytest.raises(SystemExit, match="stopped"):
+        train("--output_dir", tmp_path / "out", *FAST, "--warmup_steps", warmup)
+    expected = (
+        "The run takes 2 optimizer step(s) and warms up over 10 (--warmup_steps 10): its learning rate rises to "
+        "0.0003, 10% of --learning_rate 0.003, and never reaches it. Lower --warmup_steps or train longer."
+    )
+    assert (expected in caplog.text) is warned
+
+
+def test_a_missing_reporting_package_is_refused_before_the_data_loads(tmp_path, monkeypatch):
+    """Without the check, Trainer fails once built, after the data, advising an update of PyTorch."""
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr("hf_zsharp.run.load_image_dataset", stop_before_the_model)
+    with pytest.raises(
+        SystemExit, match=r"error: --report_to tensorboard: the tensorboard package is not inst"
+    ):
+        train("--output_dir", tmp_path / "out", *FAST, "--report_to", "tensorboard")
 
 
 def test_invalid_sam_is_refused_by_the_parser(tmp_path):
