@@ -349,3 +349,34 @@ def test_a_sweep_alone_with_sharpness_writes_its_report_without_the_loss_at_w_fi
         write_record(tmp_path / "digits" / "resnet20" / "zsharp_q0.9" / f"seed-{seed}", run)
     blocks = report.sections(finished_records(tmp_path), tmp_path / "figures")
     assert "figure-loss-at-w" not in blocks and "sharpness" in blocks
+
+
+def _with_correct(seed: int, correct: str) -> dict:
+    return {"seed": seed, "test_correct": correct}
+
+
+def test_the_bootstrap_resamples_seeds_and_test_images_together():
+    """The vectorised bootstrap equals the plain one (the same draws: seeds, then images, per resample), its
+    mean is the mean paired difference, and it is None without per-image results on a common seed."""
+    import numpy as np
+
+    from hf_zsharp.reproduce import stats
+
+    rng = np.random.default_rng(1)
+    a = [_with_correct(s, "".join(rng.choice(["0", "1"], 40))) for s in range(5)]
+    b = [_with_correct(s, "".join(rng.choice(["0", "1"], 40))) for s in range(5)]
+    found = stats.bootstrap_accuracy_difference(a, b)
+    differences = np.array(
+        [[int(x) - int(y) for x, y in zip(p["test_correct"], q["test_correct"])] for p, q in zip(a, b)]
+    )
+    generator = np.random.default_rng(stats.BOOTSTRAP_SEED)
+    seeds = generator.integers(5, size=(stats.BOOTSTRAP_RESAMPLES, 5))
+    images = generator.integers(40, size=(stats.BOOTSTRAP_RESAMPLES, 40))
+    plain = [differences[seeds[r]][:, images[r]].mean() for r in range(stats.BOOTSTRAP_RESAMPLES)]
+    low, high = np.percentile(plain, [2.5, 97.5])
+    assert found.mean == pytest.approx(differences.mean()) and found.n == 5
+    assert (found.low, found.high) == pytest.approx((low, high), abs=1e-12)
+    assert stats.bootstrap_accuracy_difference(a, [{"seed": 9, "test_correct": "1" * 40}]) is None
+    assert stats.bootstrap_accuracy_difference(a, [{"seed": 0}]) is None
+    same = stats.bootstrap_accuracy_difference(a, a)
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)

@@ -94,11 +94,20 @@ def accuracy_table(rows: Sequence[Row]) -> str:
     return _markdown(header, lines)
 
 
+# The worst case at the extra probe radii (`SharpnessSettings.extra_radii`): metric, column title, format.
+_EXTRA_RADII = (
+    ("sharpness_0.02", "Worst-case increase (ρ=0.02)", ".4f"),
+    ("sharpness_0.2", "Worst-case increase (ρ=0.2)", ".3f"),
+)
+
+
 def sharpness_table(rows: Sequence[Row]) -> str:
-    """How hard each method's ascent pushed in training, and how sharp its trained model is, beside its loss at w."""
+    """How hard each method's ascent pushed in training, and how sharp its trained model is, beside its loss at w;
+    the worst case at more radii where the runs measured them."""
+    extra = [radius for radius in _EXTRA_RADII if any(row[radius[0]] for row in rows)]
     header = [
         "Method", "‖e‖ in training", "L(w+e) − L(w) in training", "Loss at w", _worst_case(rows),
-        _worst_case(rows, "scale_invariant_rho"), "Hessian λmax", "Hessian λmin",
+        *(title for _, title, _ in extra), _worst_case(rows, "scale_invariant_rho"), "Hessian λmax", "Hessian λmin",
     ]  # fmt: skip
     lines = [
         [
@@ -107,6 +116,7 @@ def sharpness_table(rows: Sequence[Row]) -> str:
             _interval(row["loss_increase"], fmt=".3f"),
             _interval(row["loss_at_w"], fmt=".3f"),
             _interval(row["sharpness"], fmt=".3f"),
+            *(_measured(row, name, fmt) for name, _, fmt in extra),
             _measured(row, "scale_invariant_sharpness"),
             _eigenvalue(row, "hessian_max_eig", ".0f"),
             _eigenvalue(row, "hessian_min_eig", ".2f"),
@@ -174,20 +184,27 @@ class _ContrastColumn(NamedTuple):
 _CONTRAST_COLUMNS = (
     _ContrastColumn("test_accuracy", "Δ test acc. (pp)", 100, ".2f", " pp", True),
     _ContrastColumn("sharpness", "Δ worst-case increase", 1, ".3f", "", True),
+    _ContrastColumn("sharpness_0.02", "Δ worst case at ρ=0.02", 1, ".4f", "", False),
+    _ContrastColumn("sharpness_0.2", "Δ worst case at ρ=0.2", 1, ".3f", "", False),
     _ContrastColumn("scale_invariant_sharpness", "Δ scale-invariant worst case", 1, ".3f", "", False),
     _ContrastColumn("loss_at_w", "Δ loss at w", 1, ".3f", "", True),
 )
 
 
 def contrast_table(rows: Sequence[Row]) -> str:
-    """A family's contrasts (`stats.contrasts`): paired differences a − b with 95 % t-intervals, paired-t p and
-    TOST p against the declared margins, both Holm-corrected within the family, per metric."""
+    """A family's contrasts (`stats.contrasts`): paired differences a − b with unadjusted 95 % t-intervals over
+    seeds, paired-t p and TOST p against the declared margins, both Holm-corrected within the family, per metric;
+    where the runs hold per-image results, the accuracy difference's 95 % interval from a paired bootstrap over
+    seeds and test images."""
     columns = [c for c in _CONTRAST_COLUMNS if c.always or any(r[c.metric] for r in rows)]
+    bootstrap = any(r.get("test_accuracy_bootstrap") for r in rows)
     header = ["Contrast", "Pairs"]
     for column in columns:
         header += [column.title, "p (Holm)"]
         if column.metric in MARGINS:
             header.append(f"TOST {_margin(column.metric, column.scale, column.unit)}: p (Holm)")
+        if column.metric == "test_accuracy" and bootstrap:
+            header.append("Δ test acc., bootstrap over seeds × test images (pp)")
     lines = []
     for row in rows:
         accuracy = row["test_accuracy"]
@@ -205,8 +222,11 @@ def contrast_table(rows: Sequence[Row]) -> str:
             ]
             if column.metric in MARGINS:
                 cells.append("n/a" if c is None else _p(c.p_tost_holm))
+            if column.metric == "test_accuracy" and bootstrap:
+                cells.append(_interval(row.get("test_accuracy_bootstrap"), 100, "+.2f"))
         lines.append(cells)
-    return _markdown(header, lines)
+    caption = "Intervals: 95 %, each unadjusted for multiplicity; the p-values are Holm-corrected.\n\n"
+    return caption + _markdown(header, lines)
 
 
 def calibration_table(records: Sequence[Row], target: str, control: str, used: float | None) -> str:
