@@ -728,6 +728,7 @@ def test_checkpoint_rotation_never_deletes_checkpoints_this_run_did_not_write(tm
     assert (out / "checkpoint-5000" / "model.safetensors").read_bytes() == b"a user's weights"
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(tmp_path):
     """torchrun on a CPU machine, without --use_cpu: one DDP group of two processes, ended cleanly."""
     out = tmp_path / "out"

@@ -15,6 +15,7 @@ def load_script():
     return script
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
     results = load_script().main(["--device", "cpu", "--small", "--json", str(tmp_path / "gpu.json")])
     printed = capsys.readouterr().out
