@@ -12,7 +12,7 @@ from hf_zsharp.optim import ASAM, FriendlySAM
 from hf_zsharp.reproduce.args import ReproduceArguments
 from hf_zsharp.reproduce.cli import make_plan
 from hf_zsharp.reproduce.grid import RunSpec, expand_grid
-from hf_zsharp.reproduce.presets import PRESETS, VARIANTS
+from hf_zsharp.reproduce.presets import COMPARED_AT_4_EPOCHS, COMPARED_AT_20_EPOCHS, PRESETS, VARIANTS
 from hf_zsharp.reproduce.recipe import (
     PaperRecipeTrainer,
     paper_lr_factor,
@@ -58,8 +58,8 @@ def test_sweep_axes_apply_where_they_mean_something():
 def test_digits_preset_is_the_full_grid_with_ten_seeds(tmp_path):
     plan, _ = make_plan(["--output_dir", str(tmp_path)])
     assert plan.preset.datasets == ("digits",)
-    assert {s.method for s in plan.specs} == set(VARIANTS)
-    assert len(plan.specs) == len(VARIANTS) * 10 and plan.threads == 1
+    assert {s.method for s in plan.specs} == set(COMPARED_AT_4_EPOCHS)
+    assert len(plan.specs) == len(COMPARED_AT_4_EPOCHS) * 10 and plan.threads == 1
     model_args, data_args, training_args = parse_train_args(plan.flags(plan.specs[0]))
     assert (model_args.model_name_or_path, data_args.dataset_name) == ("resnet20", "digits")
     assert data_args.train_val_split == 0.2  # model selection on data held out of the training split
@@ -140,7 +140,7 @@ def test_narrowing_a_paper_preset(tmp_path):
 @pytest.mark.parametrize("preset", ["paper-cifar10", "paper-cifar100", "paper-tinyimagenet"])
 def test_paper_presets_follow_the_recipe(tmp_path, preset):
     plan, _ = make_plan([preset, "--output_dir", str(tmp_path)])
-    assert len(plan.specs) == len(VARIANTS) * 4 * 3 and plan.threads is None
+    assert len(plan.specs) == len(COMPARED_AT_4_EPOCHS) * 4 * 3 and plan.threads is None
     model_args, _, args = parse_train_args(plan.flags(plan.specs[0]))
     assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (
         1e-3,
@@ -241,7 +241,7 @@ def test_the_long_digits_preset_is_the_primary_setting(tmp_path):
     """Every method and control at 20 epochs on ten seeds, the worst case probed at three radii (issue 27)."""
     plan, _ = make_plan(["digits-long", "--output_dir", str(tmp_path)])
     assert plan.epochs == 20 and plan.preset.seeds == tuple(range(10)) and plan.threads == 1
-    assert {s.method for s in plan.specs} == set(VARIANTS)
+    assert {s.method for s in plan.specs} == set(COMPARED_AT_20_EPOCHS)
     assert plan.preset.sharpness.rho == 0.05 and plan.preset.sharpness.extra_radii == (0.02, 0.2)
     assert plan.flags(plan.specs[0])[: len(PRESETS["digits"].train_args)] == list(
         PRESETS["digits"].train_args

@@ -281,3 +281,20 @@ def test_into_names_a_folder_under_results(make_results, tmp_path, into, capsys)
         run(make_results, "--collect", str(tmp_path / "grid"), "--into", into)
     assert "give the name of a folder under results/" in capsys.readouterr().err
     assert snapshot(make_results.ROOT) == before
+
+
+def test_the_declared_tuned_radii_and_calibration_are_what_the_tuning_records_give():
+    """TUNED_RHO and the 20-epoch loss-matched radius, declared in presets.py, are the picks the committed tuning
+    records give (validation accuracy over seeds 100-102; the loss increase matched to ZSharp's)."""
+    from hf_zsharp.reproduce import stats
+    from hf_zsharp.reproduce.presets import LOSS_MATCHED_LONG, TUNED_RHO, VARIANTS
+    from hf_zsharp.reproduce.records import finished_records
+
+    records = finished_records(ROOT / "results" / "digits-long-tuning")
+    rows = stats.summarize(stats.sweeps(records)["rho"])
+    picks = {method: stats.chosen_by_validation(rows, method)["rho"] for method in TUNED_RHO}
+    assert picks == TUNED_RHO
+    assert {VARIANTS[f"{method}-tuned"].rho for method in TUNED_RHO} == set(TUNED_RHO.values())
+    calibration = [r for r in records if r["method"] == "zsharp-random" or r["variant"] == "zsharp"]
+    _, rho = stats.calibrated_rho(calibration, "zsharp", "zsharp-random")
+    assert round(rho, 3) == VARIANTS[LOSS_MATCHED_LONG].rho

@@ -240,7 +240,10 @@ def train_one(plan: Plan, spec: RunSpec) -> dict[str, Any] | None:
         "argv": flags,
         "hyperparameters": hyperparameters(model_args, data_args, training_args),
         "code": code_version(),
-        "environment": environment(torch.get_num_threads()),
+        "environment": (env := environment(torch.get_num_threads())),
+        # A re-run gives this record's numbers bit for bit only on this CPU model (its vector instructions) and
+        # thread count: another CPU's kernels round differently, and training turns that into other weights.
+        "bit_exact_on": {"cpu": env.get("cpu") or env["device"], "threads": env["threads"]},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     del training, trainer

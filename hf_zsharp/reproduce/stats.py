@@ -107,6 +107,14 @@ FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
             "zsharp",
             "zsharp-random-loss-matched",
         ),  # Z-score vs random selection pushing as hard (loss increase)
+        ("zsharp", "zsharp-random-loss-matched-long"),  # the same, calibrated at 20 epochs
+    ),
+    # The paper's claim at the radii tuned on validation (TUNED_RHO): each method at its own best radius.
+    "tuned": (
+        ("zsharp-tuned", "none"),
+        ("zsharp-tuned", "sam-tuned"),
+        ("zsharp-tuned", "asam-tuned"),
+        ("zsharp-tuned", "fsam-tuned"),
     ),
 }
 
@@ -340,14 +348,23 @@ def probe_radius(rows: Sequence[Mapping[str, Any]], setting: str = "rho") -> flo
     return radii.pop() if radii else None
 
 
-def rank_correlation(records: Sequence[Record], x: str, y: str) -> tuple[float, float, int] | None:
+def rank_correlation(
+    records: Sequence[Record], x: str, y: str, within_methods: bool = False
+) -> tuple[float, float, int] | None:
     """Spearman's rank correlation of two metrics over the runs at default settings that hold both (scipy.stats):
-    (r, two-sided p, runs); None below three runs."""
-    pairs = [
-        (METRICS[x](r), METRICS[y](r))
-        for r in records
-        if r["variant"] == r["method"] and METRICS[x](r) is not None and METRICS[y](r) is not None
-    ]
+    (r, two-sided p, runs); None below three runs. `within_methods`: of the values centred on their method's mean,
+    so that differences between methods play no part (the pooled correlation mixes both)."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r["variant"] == r["method"] and METRICS[x](r) is not None and METRICS[y](r) is not None:
+            runs.setdefault(r["method"], []).append((METRICS[x](r), METRICS[y](r)))
+    pairs = [pair for group in runs.values() for pair in group]
+    if within_methods:
+        pairs = [
+            (a - statistics.fmean(p for p, _ in group), b - statistics.fmean(q for _, q in group))
+            for group in runs.values()
+            for a, b in group
+        ]
     if len(pairs) < 3:
         return None
     result = scipy_stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs])

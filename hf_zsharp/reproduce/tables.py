@@ -165,7 +165,15 @@ def sweep_table(rows: Sequence[Row], axis: str) -> str:
                 ]
             )
     caption = f"Every cell on seeds {_seed_range(seeds)}, the seeds all cells of this sweep ran.\n\n"
-    return caption + _markdown(header, lines)
+    return caption + _markdown(*_measured_columns(header, lines))
+
+
+def _measured_columns(
+    header: Sequence[str], lines: Sequence[Sequence[str]]
+) -> tuple[list[str], list[list[str]]]:
+    """The columns of a table that some line measured (a column of "n/a" and "—" only is left out)."""
+    kept = [i for i in range(len(header)) if any(line[i] not in ("n/a", "—") for line in lines)]
+    return [header[i] for i in kept], [[line[i] for i in kept] for line in lines]
 
 
 def _margin(name: str, scale: float, unit: str) -> str:
