@@ -337,12 +337,18 @@ def test_strategies_that_own_backward_or_flatten_parameters_are_refused(strategy
         module.on_fit_start()
 
 
-@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
-def test_a_plain_lightning_module_with_zsharp_fails_loudly(precision: str) -> None:
+@pytest.mark.parametrize(
+    ("precision", "accumulation"),
+    [("32-true", 1), ("16-mixed", 1), ("32-true", 2)],
+    ids=["32", "16", "accumulate"],
+)
+def test_a_plain_lightning_module_with_zsharp_fails_loudly(precision: str, accumulation: int) -> None:
+    """Without the module, Lightning's own closure is refused before any move; with accumulate_grad_batches=2
+    the gradients there at `step(closure)` are an earlier micro-batch's, not a first pass of this one."""
     module = PlainNet("zsharp")
     before = flat(module.net)
     with pytest.raises(RuntimeError, match=r"hf_zsharp\.lightning\.ZSharpLightningModule"):
-        fit(module, precision)
+        fit(module, precision, accumulate_grad_batches=accumulation)
     assert torch.equal(flat(module.net), before)
 
 

@@ -219,9 +219,8 @@ class SAM(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.skipped_perturbation = False
         self.skips = Skips()
-        self._begun = (
-            False  # a step begun (first_step or begin_plain_step) that step() or second_step finishes
-        )
+        # A step begun (first_step or begin_plain_step) that step() or second_step finishes.
+        self._begun = False
         self.ascent_stats: dict[str, float] = {}
         # Per applied group: its tensors, then (dense) None, None and their copies, or (sparse) the positions
         # (int32 when they fit), per-tensor counts and the old values.
@@ -345,23 +344,30 @@ class SAM(Optimizer):
             )
         loss, replay = None, None
         device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
-        if not self._has_gradients():
+        if self._has_gradients():
+            self._refuse_lightning(closure)  # Lightning's gradients here are an earlier micro-batch's
+        else:
             replay = rng_state(device)
             with torch.enable_grad():
                 loss = closure()
             if self._begun:  # the closure took both passes itself (hf_zsharp.lightning's): finish the step
                 return self._finish_closure_step(loss)
-            if _from_lightning(closure):
-                self.zero_grad(set_to_none=True)
-                raise RuntimeError(
-                    f"{type(self).__name__} under PyTorch Lightning's automatic optimization: Lightning's closure "
-                    "would log each step twice and cannot take the second pass under 16-bit precision or gradient "
-                    "accumulation. Make your LightningModule subclass hf_zsharp.lightning.ZSharpLightningModule."
-                )
+            self._refuse_lightning(closure)
         if self.first_step(zero_grad=True):
             with torch.enable_grad(), frozen_batchnorm_stats(), replayed_rng(replay, device):
                 closure()
         return self._finish_closure_step(loss)
+
+    def _refuse_lightning(self, closure: Callable[..., Any]) -> None:
+        """Refuse Lightning's own closure, before any move: without hf_zsharp's Lightning module it would log each
+        step twice, and it cannot take the second pass under 16-bit precision or gradient accumulation."""
+        if _from_lightning(closure):
+            self.zero_grad(set_to_none=True)
+            raise RuntimeError(
+                f"{type(self).__name__} under PyTorch Lightning's automatic optimization: Lightning's closure would "
+                "log each step twice and cannot take the second pass under 16-bit precision or gradient "
+                "accumulation. Make your LightningModule subclass hf_zsharp.lightning.ZSharpLightningModule."
+            )
 
     def _finish_closure_step(self, loss: Tensor | None) -> Tensor | None:
         self.second_step()
