@@ -32,7 +32,7 @@ from hf_zsharp.cards import (
     write_model_card,
 )
 from hf_zsharp.optim import METHODS, SAM, create_sam_optimizer, stated_settings
-from hf_zsharp.optim.sam import METHOD_KEYS
+from hf_zsharp.optim.sam import method_keys
 from hf_zsharp.support import check_supported
 from hf_zsharp.two_pass import TwoPassStep, inner_optimizer, unwrap_sam_optimizer
 
@@ -141,7 +141,7 @@ class ZSharpMixin:
         if checkpoint is None:
             return
         if optimizer is None:
-            saved = [key for key in METHOD_KEYS if key in inner_optimizer(self.optimizer).param_groups[0]]
+            saved = [key for key in method_keys() if key in inner_optimizer(self.optimizer).param_groups[0]]
             if saved:
                 raise ValueError(
                     f"--resume_from_checkpoint: {checkpoint} was trained with a sharpness-aware method (its optimizer "

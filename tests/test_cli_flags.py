@@ -31,12 +31,21 @@ def test_the_option_names_checked_before_transformers_loads_are_the_parsers():
     if metadata.version("transformers") != flags.TRAIN_OPTIONS_TRANSFORMERS:
         assert flags.refuse_unknown_flags(["--not_an_option"]) is None
         return
-    text = textwrap.fill(" ".join(names), 104, initial_indent="    ", subsequent_indent="    ")
+    listed = [name for name in names if name not in flags.method_option_fields()]
+    text = textwrap.fill(" ".join(listed), 104, initial_indent="    ", subsequent_indent="    ")
     update = f"set flags.TRAIN_OPTIONS_TRANSFORMERS to {metadata.version('transformers')!r} and the names to:\n{text}"
-    assert set(names) == flags.TRAIN_OPTION_NAMES, update
+    assert set(listed) == flags.TRAIN_OPTION_NAMES, update
     # Each name is --name and, where it holds "_", --na-me: nothing more, nothing less.
     spelled = {"-h"} | {f"--{n}" for n in names} | {f"--{n.replace('_', '-')}" for n in names}
     assert spelled == options
+
+
+def test_the_optimizers_options_are_read_from_their_declarations():
+    """The method options' flags come from the `Option` declarations themselves (read without importing torch), so
+    a new option is one declaration."""
+    from hf_zsharp.optim import OPTIONS
+
+    assert flags.method_option_fields() == {option.field for option in OPTIONS}
 
 
 @early_check

@@ -53,9 +53,6 @@ NO_STEP_BEGUN = (
     "(ZSharpTrainer or ZSharpMixin, accelerate_step, hf_zsharp.lightning.ZSharpLightningModule, "
     "hf_zsharp.timm.two_pass_step); begin_plain_step() first takes a deliberate step without ascent."
 )
-# The hyper-parameters each variant adds to the parameter groups, whichever method saved a state: what tells one
-# method's saved state from another's.
-METHOD_KEYS = ("rho", "adaptive", "eta", "sigma", "lmbda", "percentile", "radius", "mask")
 
 
 @dataclass
@@ -409,7 +406,7 @@ class SAM(Optimizer):
     def _check_method(self, state_dict: dict[str, Any]) -> None:
         """Refuse a state whose parameter groups hold another method's hyper-parameters than this optimizer's."""
         groups = state_dict.get("param_groups") or [{}]
-        saved = tuple(key for key in METHOD_KEYS if key in groups[0])
+        saved = tuple(key for key in method_keys() if key in groups[0])
         if set(saved) != set(self.method_keys):
             raise ValueError(
                 f"Cannot load this optimizer state into {type(self).__name__}: it was saved by "
@@ -594,8 +591,19 @@ def _skips_on_device(optimizer: Optimizer) -> bool:
     )
 
 
+def method_keys() -> tuple[str, ...]:
+    """The hyper-parameters the variants add to the parameter groups (rho, adaptive and every declared option),
+    whichever method saved a state: what tells one method's saved state from another's."""
+    keys, classes = ["rho", "adaptive"], [SAM]
+    while classes:
+        cls = classes.pop(0)
+        keys += [option.name for option in cls.options if option.name not in keys]
+        classes += cls.__subclasses__()
+    return tuple(keys)
+
+
 def _method_name(keys: tuple[str, ...]) -> str:
-    """The method whose parameter groups hold these of METHOD_KEYS."""
+    """The method whose parameter groups hold these of `method_keys()`."""
     if not keys:
         return "a plain optimizer (no rho: not a sharpness-aware one)"
     for name, marker in (("ZSharp", "percentile"), ("FriendlySAM", "sigma"), ("ASAM", "eta")):
