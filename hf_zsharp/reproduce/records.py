@@ -57,9 +57,12 @@ def _finite(value: Any) -> bool:
 
 
 def _numbers(value: Any) -> bool:
-    """{name: number, bool or null}: a history row, or the sharpness columns (their settings aside)."""
+    """{name: number, bool or null}: a history row, or the sharpness columns (their settings and the worst case at
+    the extra radii, a {radius: number} of its own, aside)."""
     return isinstance(value, dict) and all(
-        _number(v) or v is None or isinstance(v, bool) for k, v in value.items() if k != "settings"
+        _number(v) or v is None or isinstance(v, bool)
+        for k, v in value.items()
+        if k not in ("settings", "sharpness_at")
     )
 
 
@@ -75,7 +78,10 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, list) and all(_numbers(row) for row in v),
         "a list of {name: number}",
     ),
-    "sharpness": (lambda v: v is None or _numbers(v), "null or {name: number}"),
+    "sharpness": (
+        lambda v: v is None or (_numbers(v) and _numbers(v.get("sharpness_at", {}))),
+        "null or {name: number} (sharpness_at: {radius: number})",
+    ),
     "timing.wall_time_s": (_finite, "a finite number"),
     "timing.train_samples_per_second": (_finite, "a finite number"),
     "code.commit": (lambda v: v is None or isinstance(v, str), "null or a string"),
