@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hf_zsharp.reproduce import report
+from hf_zsharp.reproduce.records import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "results" / "digits" / "digits" / "resnet20"
@@ -225,6 +226,27 @@ def test_a_record_with_a_non_finite_metric_is_refused_before_anything_is_copied(
     ):
         run(make_results, "--collect", str(tmp_path / "grid"), "--replace")
     assert snapshot(make_results.ROOT) == before
+
+
+@pytest.mark.parametrize(
+    ("at", "problem"), [({"0.02": 0.04, "0.2": 15.5}, None), ({"0.2": "high"}, "sharpness_at")]
+)
+def test_a_record_with_the_worst_case_at_extra_radii_is_read_and_its_values_checked(tmp_path, at, problem):
+    """The primary setting's records hold the worst case at more radii, {radius: number}: read as such (the
+    check once refused every such record), a value that is not a number named."""
+    record = json.loads((COMMITTED / "sam/seed-1/run.json").read_text())
+    record["sharpness"] = {
+        "sharpness": 0.18,
+        "loss": 0.03,
+        "sharpness_at": at,
+        "settings": {"extra_radii": [0.2]},
+    }
+    path = put(tmp_path, "sam/seed-1", record)
+    if problem is None:
+        assert read_record(path)["sharpness"]["sharpness_at"] == at
+    else:
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}: field sharpness must be .*{problem}"):
+            read_record(path)
 
 
 def test_collect_says_which_committed_records_it_replaces_and_why(make_results, tmp_path, capsys):
