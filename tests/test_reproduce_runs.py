@@ -223,7 +223,7 @@ def restore_process_settings():
 
 @pytest.mark.slow
 def test_a_tiny_digits_grid_end_to_end(tmp_path, monkeypatch, restore_process_settings):
-    quick = SharpnessSettings(batches=2, batch_size=16, ascent_steps=2, lanczos_iters=3)
+    quick = SharpnessSettings(batches=2, batch_size=16, ascent_steps=2, lanczos_iters=3, extra_radii=(0.2,))
     monkeypatch.setitem(PRESETS, "digits", replace(PRESETS["digits"], sharpness=quick))
     out = tmp_path / "out"
     cli.main(
@@ -254,6 +254,7 @@ def test_a_tiny_digits_grid_end_to_end(tmp_path, monkeypatch, restore_process_se
         and sharpness["scale_invariant_sharpness"] >= 0
     )
     assert sharpness["hessian_min_eig"] < sharpness["hessian_max_eig"]
+    assert sharpness["sharpness_at"]["0.2"] >= 0  # and the grid's report read it back
     assert matched["hyperparameters"]["training"]["seed"] == 0 and matched["environment"]["threads"] == "1"
     assert len(matched["code"]["source_sha256"]) == 64
     assert "| sam-matched | 0.224 | 1 |" in (out / "results.md").read_text()
