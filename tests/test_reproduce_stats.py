@@ -381,3 +381,23 @@ def test_the_bootstrap_resamples_seeds_and_test_images_together():
     assert stats.bootstrap_accuracy_difference(a, [{"seed": 0}]) is None
     same = stats.bootstrap_accuracy_difference(a, a)
     assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_the_tuned_family_has_its_block_only_where_the_tuned_radii_ran(tmp_path):
+    """The paper's claim at the radii tuned on validation is its own Holm family and its own block of RESULTS.md,
+    present once a setting holds tuned runs (their variants are their own rows, not a rho sweep of the method)."""
+    runs = grid_records()
+    runs += [record("zsharp-tuned", s, a + 0.01, rho=0.01) for s, a in enumerate(ZSHARP)]
+    runs += [record("sam-tuned", s, a, rho=0.1) for s, a in enumerate(SAM)]
+    rows = contrasts(runs, "tuned")
+    assert [(r["a"], r["b"]) for r in rows] == [("zsharp-tuned", "none"), ("zsharp-tuned", "sam-tuned")]
+    assert rows[1]["test_accuracy"].p_holm == pytest.approx(ttest_rel([a + 0.01 for a in ZSHARP], SAM).pvalue)
+    for run in runs:
+        write_record(tmp_path / "digits" / "resnet20" / run["variant"] / f"seed-{run['seed']}", run)
+    blocks = report.sections(finished_records(tmp_path), tmp_path / "figures")
+    assert "| zsharp-tuned − sam-tuned | 5 |" in blocks["tuned"] and "sweep-rho" not in blocks
+    assert "zsharp-tuned" not in blocks["paper-claim"]
+    untuned = tmp_path / "untuned"
+    for run in grid_records():
+        write_record(untuned / "digits" / "resnet20" / run["variant"] / f"seed-{run['seed']}", run)
+    assert "tuned" not in report.sections(finished_records(untuned), tmp_path / "figures")

@@ -92,7 +92,7 @@ COMPARED = (
 # of 0.05 in the loss increase within the probe's ball is negligible here. No margin for the loss at w: it is
 # reported, not claimed equivalent.
 MARGINS = {"test_accuracy": 0.01, "sharpness": 0.05}
-# The two declared families of contrasts, a - b; Holm's correction runs within a family, per metric.
+# The declared families of contrasts, a - b; Holm's correction runs within a family, per metric.
 FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
     # The paper's claim: ZSharp against the base optimizer and the paper's baselines.
     "paper": (("zsharp", "none"), ("zsharp", "sam"), ("zsharp", "asam"), ("zsharp", "fsam")),
