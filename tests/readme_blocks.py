@@ -8,9 +8,9 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_blocks(heading: str) -> list[str]:
-    """The ```python blocks under `heading` (a whole heading line, e.g. "## With timm"), in order, up to the next
-    heading (of any level: a subsection's blocks are its own)."""
+def python_blocks(heading: str, language: str = "python") -> list[str]:
+    """The ```python (or other `language`) blocks under `heading` (a whole heading line, e.g. "## With timm"), in
+    order, up to the next heading (of any level: a subsection's blocks are its own)."""
     lines = README.read_text(encoding="utf-8").splitlines()
     start = lines.index(heading) + 1
     end = next(
@@ -18,7 +18,7 @@ def python_blocks(heading: str) -> list[str]:
         len(lines),
     )
     section = "\n".join(lines[start:end])
-    return re.findall(r"^```python\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    return re.findall(rf"^```{language}\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
 
 
 def _inside_block(lines: list[str], index: int) -> bool:

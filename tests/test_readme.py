@@ -1,10 +1,13 @@
 """The README's Python blocks, run as written, in the set-ups they describe (Lightning's, timm's and TRL's blocks
-run in test_lightning.py, test_timm_integration.py and test_trl.py)."""
+run in test_lightning.py, test_timm_integration.py and test_trl.py), and its reproduction commands, planned."""
 
 from __future__ import annotations
 
 import copy
+import re
+import shlex
 
+import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
@@ -14,6 +17,7 @@ from tiny_training import TinyData, TinyNet, tiny_args
 from torch import nn
 
 from hf_zsharp import ZSharp
+from hf_zsharp.reproduce.cli import make_plan
 
 
 def batchnorm_counts(model: nn.Module) -> list[int]:
@@ -116,3 +120,25 @@ def test_the_accelerate_block_pairs_each_second_pass_with_its_micro_batch_and_lo
     assert {"loss", "sam_perturbation_norm", "sam_kept_fraction", "sam_loss_increase"} <= set(
         recorder.logged[0]
     )
+
+
+def test_the_reproduction_commands_plan_the_grids_their_comments_state(tmp_path, monkeypatch):
+    """Each `hf-zsharp-reproduce` line of the README's reproduction block is planned as the command would plan it
+    (every flag parsed, no training), and a comment's "N methods x M seeds" is the plan's size."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (block,) = python_blocks("## Reproducing the paper's comparison", language="bash")
+    lines = [line for line in block.splitlines() if line.startswith("hf-zsharp-reproduce ")]
+    assert len(lines) >= 3
+    stated = 0
+    for line in lines:
+        command, _, comment = line.partition("#")
+        plan, _ = make_plan([*shlex.split(command)[1:], "--output_dir", str(tmp_path / "out")])
+        counts = re.search(r"(\d+) methods x (\d+) seeds", comment)
+        if counts:
+            stated += 1
+            methods, seeds = map(int, counts.groups())
+            assert (len(plan.preset.methods), len(plan.preset.seeds)) == (methods, seeds), line
+            assert len(plan.specs) == methods * seeds, line
+    assert stated >= 2
+    with pytest.raises(ValueError, match="Unknown method"):  # the planning is the real one: it refuses typos
+        make_plan(["digits", "--methods", "zsharpp", "--output_dir", str(tmp_path / "out")])

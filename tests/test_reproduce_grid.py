@@ -12,7 +12,13 @@ from hf_zsharp.optim import ASAM, FriendlySAM
 from hf_zsharp.reproduce.args import ReproduceArguments
 from hf_zsharp.reproduce.cli import make_plan
 from hf_zsharp.reproduce.grid import RunSpec, expand_grid
-from hf_zsharp.reproduce.presets import COMPARED_AT_4_EPOCHS, COMPARED_AT_20_EPOCHS, PRESETS, VARIANTS
+from hf_zsharp.reproduce.presets import (
+    COMPARED_AT_4_EPOCHS,
+    COMPARED_AT_20_EPOCHS,
+    COMPARED_UNCALIBRATED,
+    PRESETS,
+    VARIANTS,
+)
 from hf_zsharp.reproduce.recipe import (
     PaperRecipeTrainer,
     paper_lr_factor,
@@ -140,7 +146,7 @@ def test_narrowing_a_paper_preset(tmp_path):
 @pytest.mark.parametrize("preset", ["paper-cifar10", "paper-cifar100", "paper-tinyimagenet"])
 def test_paper_presets_follow_the_recipe(tmp_path, preset):
     plan, _ = make_plan([preset, "--output_dir", str(tmp_path)])
-    assert len(plan.specs) == len(COMPARED_AT_4_EPOCHS) * 4 * 3 and plan.threads is None
+    assert len(plan.specs) == len(COMPARED_UNCALIBRATED) * 4 * 3 and plan.threads is None
     model_args, _, args = parse_train_args(plan.flags(plan.specs[0]))
     assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (
         1e-3,
@@ -175,6 +181,38 @@ def test_bad_input_is_refused_before_training(tmp_path, argv, message):
         make_plan(["digits", "--output_dir", str(tmp_path), *argv])
     with pytest.raises(ValueError, match=message):  # the preset is optional
         make_plan([*argv, "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "base"),
+    [
+        (["paper-cifar10", "--methods", "zsharp-random-loss-matched"], "zsharp-random"),
+        (["digits", "--epochs", "2", "--methods", "zsharp-random-loss-matched"], "zsharp-random"),
+        (["digits-long", "--methods", "zsharp-random-loss-matched"], "zsharp-random"),
+        (["digits", "--methods", "none,sam-tuned"], "sam"),
+        (["digits-long", "--models", "resnet56", "--methods", "zsharp-tuned"], "zsharp"),
+        (["paper-cifar100", "--methods", "zsharp-random-loss-matched-long"], "zsharp-random"),
+    ],
+)
+def test_a_radius_calibrated_or_tuned_in_another_setting_is_refused(tmp_path, argv, base):
+    """A loss-matched or tuned radius holds for the data, models, epochs and flags it was found with; elsewhere the
+    variant would run under a name that is not true, so the plan refuses it and says what to run instead."""
+    with pytest.raises(
+        ValueError, match=rf"was calibrated or tuned in the preset .*--methods {base} --rho R"
+    ):
+        make_plan([*argv, "--output_dir", str(tmp_path)])
+
+
+def test_calibrated_and_tuned_radii_run_in_their_own_setting(tmp_path):
+    for argv in (
+        ["digits", "--methods", "zsharp-random-loss-matched", "--models", "resnet20"],
+        ["digits-long", "--methods", "sam-tuned,zsharp-random-loss-matched-long"],
+        ["digits", "--epochs", "20", "--methods", "zsharp-tuned"],  # the same setting under the other preset
+    ):
+        plan, _ = make_plan([*argv, "--output_dir", str(tmp_path)])
+        assert plan.specs
+    for name in PRESETS:  # every preset's own methods are allowed in it
+        make_plan([name, "--output_dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize(

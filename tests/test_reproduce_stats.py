@@ -237,6 +237,17 @@ def test_tables_and_csv():
     (contrast,) = csv.DictReader(io.StringIO(contrasts_csv(contrasts(grid_records(), "mechanism"))))
     assert contrast["family"] == "mechanism" and contrast["sharpness_pairs"] == "5"
     assert float(contrast["test_accuracy_p"]) == pytest.approx(ttest_rel(ZSHARP, RANDOM).pvalue, rel=1e-9)
+    assert contrast["test_accuracy_bootstrap_low"] == ""  # these records hold no per-image results
+    with_images = grid_records()
+    for run in with_images:  # per-image results whose accuracy is the run's, to the image
+        right = round(run["metrics"]["test_accuracy"] * 200)
+        run["test_correct"] = "1" * right + "0" * (200 - right)
+    (contrast,) = csv.DictReader(io.StringIO(contrasts_csv(contrasts(with_images, "mechanism"))))
+    boot = contrasts(with_images, "mechanism")[0]["test_accuracy_bootstrap"]
+    assert [float(contrast[f"test_accuracy_bootstrap_{k}"]) for k in ("delta", "low", "high")] == [
+        boot.mean, boot.low, boot.high,
+    ]  # fmt: skip
+    assert boot.low < float(contrast["test_accuracy_delta"]) < boot.high
 
 
 def test_results_files_and_figures(tmp_path):

@@ -24,6 +24,7 @@ from hf_zsharp.reproduce.grid import (
     COMMAND,
     Plan,
     RunSpec,
+    check_calibrated_settings,
     check_names,
     expand_grid,
     short_name,
@@ -81,11 +82,13 @@ def make_plan(argv: Sequence[str]) -> tuple[Plan, ReproduceArguments]:
         args.rho_values or (None,),
         args.percentile_values or (None,),
     )
+    epochs = args.epochs if args.epochs is not None else preset.epochs
+    check_calibrated_settings(preset, epochs)
     plan = Plan(
         preset_name=args.preset,
         preset=preset,
         specs=specs,
-        epochs=args.epochs if args.epochs is not None else preset.epochs,
+        epochs=epochs,
         output_dir=Path(args.output_dir or f"reproduce-{args.preset}"),
         extra=list(extra),
         measure_sharpness=args.measure_sharpness,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_zsharp.models import PAPER_MODELS
-from hf_zsharp.reproduce.presets import DEFAULT_PERCENTILE, VARIANTS, Preset
+from hf_zsharp.reproduce.presets import DEFAULT_PERCENTILE, PRESETS, VARIANTS, Preset
 
 COMMAND = "hf-zsharp-reproduce"
 
@@ -122,6 +122,31 @@ def check_names(methods: Sequence[str], models: Sequence[str], datasets: Sequenc
                     f"Unknown {kind} {name!r}: not one of {', '.join(builtin)}, not an existing local path, and not "
                     "a Hub id of the form owner/name."
                 )
+
+
+def check_calibrated_settings(preset: Preset, epochs: float) -> None:
+    """Refuse a variant whose radius was calibrated or tuned in another setting (`Method.setting`): with other
+    data, models, epochs or training flags a "loss-matched" or "tuned" radius is neither."""
+    for name in preset.methods:
+        home = VARIANTS[name].setting
+        if home is None:
+            continue
+        origin = PRESETS[home]
+        if (
+            epochs == origin.epochs
+            and preset.train_args == origin.train_args
+            and {short_name(d) for d in preset.datasets} <= {short_name(d) for d in origin.datasets}
+            and {short_name(m) for m in preset.models} <= {short_name(m) for m in origin.models}
+        ):
+            continue
+        method = VARIANTS[name]
+        base = next(n for n, m in VARIANTS.items() if m.flags == method.flags and m.setting is None)
+        raise ValueError(
+            f"{name}'s radius {method.rho:g} was calibrated or tuned in the preset {home} "
+            f"({', '.join(origin.datasets)}, {', '.join(origin.models)}, {origin.epochs:g} epochs, its training "
+            f"flags); in this grid it would not be what its name says. Find the radius for this setting (RESULTS.md "
+            f"shows how) and pass it: --methods {base} --rho R."
+        )
 
 
 @dataclass

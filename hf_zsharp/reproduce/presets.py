@@ -16,6 +16,9 @@ class Method:
     rho: float | None  # the default ascent radius; None: no ascent (the base optimizer alone)
     filtered: bool = False  # a ZSharp filter: takes `--zsharp_percentile` (the percentile axis applies)
     matched: bool = False  # radius rho * sqrt(L), L = tensors with ndim > 1 (ZSharp's total norm)
+    # The preset whose runs calibrated or tuned `rho` (None: the paper's radius). With other data, models or epochs
+    # the radius is not what the variant's name says (loss-matched, tuned), so the grid refuses it there.
+    setting: str | None = None
 
     @property
     def description(self) -> str:
@@ -28,7 +31,13 @@ PERCENTILE = next(option for option in OPTIMIZERS["zsharp"].options if option.na
 DEFAULT_PERCENTILE: float = PERCENTILE.default(ZSharp)
 
 
-def _variant(optimizer: str, rho: float | None = None, matched: bool = False, **options: str) -> Method:
+def _variant(
+    optimizer: str,
+    rho: float | None = None,
+    matched: bool = False,
+    setting: str | None = None,
+    **options: str,
+) -> Method:
     """A method built on `hf_zsharp.optim.METHODS[optimizer]` with some of its options set (by constructor
     argument, e.g. mask="random": the flag `--sam_mask random`), at `rho` or the optimizer's default radius. It
     takes the percentile axis when it filters with ZSharp's percentile (its mask is not "none")."""
@@ -36,7 +45,8 @@ def _variant(optimizer: str, rho: float | None = None, matched: bool = False, **
     fields = {option.name: option.field for option in info.options}
     flags = [token for name, value in options.items() for token in (f"--{fields[name]}", value)]
     filtered = PERCENTILE in info.options and options.get("mask") != "none"
-    return Method(("--sam", optimizer, *flags), info.default_rho if rho is None else rho, filtered, matched)
+    radius = info.default_rho if rho is None else rho
+    return Method(("--sam", optimizer, *flags), radius, filtered, matched, setting)
 
 
 LOSS_MATCHED = "zsharp-random-loss-matched"  # the random mask at the radius where it pushes as hard as ZSharp
@@ -71,15 +81,20 @@ VARIANTS: dict[str, Method] = {
     # The random mask at the radius where its in-training loss increase matches ZSharp's: calibrated on seed 100
     # (outside the reported seeds) by `stats.calibrated_rho` from the runs in results/digits-calibration (RESULTS.md
     # shows them): 0.1387, rounded.
-    LOSS_MATCHED: _variant("zsharp", rho=0.139, mask="random"),
+    LOSS_MATCHED: _variant("zsharp", rho=0.139, setting="digits", mask="random"),
     # The same calibration at 20 epochs, on seeds 100-102, from the runs in results/digits-long-tuning: 0.1347.
-    LOSS_MATCHED_LONG: _variant("zsharp", rho=0.135, mask="random"),
-    **{f"{method}-tuned": _variant(method, rho=rho) for method, rho in TUNED_RHO.items()},
+    LOSS_MATCHED_LONG: _variant("zsharp", rho=0.135, setting="digits-long", mask="random"),
+    **{
+        f"{method}-tuned": _variant(method, rho=rho, setting="digits-long")
+        for method, rho in TUNED_RHO.items()
+    },
 }
 # The methods each setting compares at the paper's radii: the baselines, ZSharp and its controls, with the
-# loss-matched control calibrated in that setting.
+# loss-matched control calibrated in that setting. The paper presets have no calibration of their own yet, so
+# they run without it (calibrate with `zsharp-random --rho ...` as RESULTS.md does, then pass the radius).
 COMPARED_AT_4_EPOCHS = (*_BASELINES_AND_CONTROLS, LOSS_MATCHED)
 COMPARED_AT_20_EPOCHS = (*_BASELINES_AND_CONTROLS, LOSS_MATCHED_LONG)
+COMPARED_UNCALIBRATED = tuple(_BASELINES_AND_CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,7 @@ PRESETS: dict[str, Preset] = {
         PAPER_MODELS_USED,
         200,
         PAPER_TRAIN_ARGS,
+        methods=COMPARED_UNCALIBRATED,
         paper_recipe=True,
     ),
     "paper-cifar100": Preset(
@@ -163,6 +179,7 @@ PRESETS: dict[str, Preset] = {
         PAPER_MODELS_USED,
         200,
         PAPER_TRAIN_ARGS,
+        methods=COMPARED_UNCALIBRATED,
         paper_recipe=True,
     ),
     "paper-tinyimagenet": Preset(
@@ -171,6 +188,7 @@ PRESETS: dict[str, Preset] = {
         PAPER_MODELS_USED,
         200,
         (*PAPER_TRAIN_ARGS, "--image_size", "64"),
+        methods=COMPARED_UNCALIBRATED,
         paper_recipe=True,
     ),
     # Offline on CPU: the embedded default of `hf-zsharp-train` (ResNet-20 on scikit-learn's digits at 16x16,

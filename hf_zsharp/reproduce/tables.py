@@ -285,7 +285,8 @@ def _flat_row(row: Row) -> dict[str, Any]:
 
 
 def _flat_contrast(row: Row) -> dict[str, Any]:
-    """A contrast as flat CSV cells: per compared metric the difference, its interval, p-values and d_z."""
+    """A contrast as flat CSV cells: per compared metric the difference, its interval, p-values and d_z; the
+    accuracy difference's bootstrap interval over seeds and test images (empty where the runs lack per-image results)."""
     cells: dict[str, Any] = {"family": row["family"], "a": row["a"], "b": row["b"]}
     for name in COMPARED:
         c: Comparison | None = row[name]
@@ -301,6 +302,12 @@ def _flat_contrast(row: Row) -> dict[str, Any]:
             "d_z": c and c.d_z,
         }
         cells |= {f"{name}_{part}": value for part, value in parts.items()}
+    boot: Interval | None = row.get("test_accuracy_bootstrap")
+    cells |= {
+        "test_accuracy_bootstrap_delta": boot and boot.mean,
+        "test_accuracy_bootstrap_low": boot and boot.low,
+        "test_accuracy_bootstrap_high": boot and boot.high,
+    }
     return cells
 
 
