@@ -8,9 +8,9 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_blocks(heading: str, language: str = "python") -> list[str]:
-    """The ```python (or other `language`) blocks under `heading` (a whole heading line, e.g. "## With timm"), in
-    order, up to the next heading (of any level: a subsection's blocks are its own)."""
+def code_blocks(heading: str, language: str = "python") -> list[str]:
+    """The ```<language> blocks under `heading` (a whole heading line, e.g. "## With timm"), in order, up to the
+    next heading (of any level: a subsection's blocks are its own)."""
     lines = README.read_text(encoding="utf-8").splitlines()
     start = lines.index(heading) + 1
     end = next(

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from readme_blocks import python_blocks
+from readme_blocks import code_blocks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -362,7 +362,7 @@ def test_importing_without_lightning_says_what_to_install(monkeypatch) -> None:
 
 
 def test_readme_example_trains() -> None:
-    (block,) = python_blocks("## With PyTorch Lightning")
+    (block,) = code_blocks("## With PyTorch Lightning")
     namespace: dict = {}
     exec(block, namespace)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from readme_blocks import python_blocks
+from readme_blocks import code_blocks
 from reference import cnn
 from tiny_training import TinyData, TinyNet, tiny_args
 from torch import nn
@@ -25,8 +25,8 @@ def batchnorm_counts(model: nn.Module) -> list[int]:
 
 
 def test_the_optimizer_and_closure_blocks_take_two_passes_per_step():
-    (by_hand,) = python_blocks("## The optimizer")
-    (closure_forms,) = python_blocks("### A plain loop with a closure (davda54/sam's forms)")
+    (by_hand,) = code_blocks("## The optimizer")
+    (closure_forms,) = code_blocks("### A plain loop with a closure (davda54/sam's forms)")
     torch.manual_seed(0)
     model = cnn()
     start = copy.deepcopy(model.state_dict())
@@ -50,7 +50,7 @@ def test_the_optimizer_and_closure_blocks_take_two_passes_per_step():
 
 def test_the_trainer_block_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (block,) = python_blocks("## With `transformers.Trainer`")
+    (block,) = code_blocks("## With `transformers.Trainer`")
     # The block's own arguments, made quick and quiet (its output_dir "out" lands in tmp_path).
     fast = tiny_args("out", bf16=True).to_dict()
     args_class = __import__("hf_zsharp").ZSharpTrainingArguments
@@ -100,7 +100,7 @@ class WhichBatch(TinyNet):
 
 
 def test_the_accelerate_block_pairs_each_second_pass_with_its_micro_batch_and_logs_the_statistics():
-    (block,) = python_blocks("## With your own Accelerate loop")
+    (block,) = code_blocks("## With your own Accelerate loop")
     recorder = Recorder()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2, log_with=[recorder])
     accelerator.init_trackers("readme")
@@ -126,7 +126,7 @@ def test_the_reproduction_commands_plan_the_grids_their_comments_state(tmp_path,
     """Each `hf-zsharp-reproduce` line of the README's reproduction block is planned as the command would plan it
     (every flag parsed, no training), and a comment's "N methods x M seeds" is the plan's size."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    (block,) = python_blocks("## Reproducing the paper's comparison", language="bash")
+    (block,) = code_blocks("## Reproducing the paper's comparison", language="bash")
     lines = [line for line in block.splitlines() if line.startswith("hf-zsharp-reproduce ")]
     assert len(lines) >= 3
     stated = 0

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from readme_blocks import python_blocks
+from readme_blocks import code_blocks
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import model_parameters
 from timm.optim import create_optimizer_v2, list_optimizers
@@ -391,7 +391,7 @@ def test_other_optimizers_and_scalers_are_refused() -> None:
 
 
 def test_the_readme_timm_section_runs() -> None:
-    setup, patch = python_blocks("## With timm")
+    setup, patch = code_blocks("## With timm")
     namespace: dict = {}
     exec(setup, namespace)
     assert isinstance(namespace["optimizer"], ZSharp)

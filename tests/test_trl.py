@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from readme_blocks import python_blocks
+from readme_blocks import code_blocks
 
 trl = pytest.importorskip("trl")
 
@@ -132,7 +132,7 @@ def test_the_card_is_trls_with_the_zsharp_section(tmp_path):
 
 def test_the_readme_block_builds_the_trl_classes():
     namespace: dict = {}
-    for block in python_blocks("### Any `Trainer` subclass: TRL and others"):
+    for block in code_blocks("### Any `Trainer` subclass: TRL and others"):
         exec(block, namespace)
     assert issubclass(namespace["ZSharpSFTTrainer"], ZSharpMixin)
     assert issubclass(namespace["ZSharpSFTConfig"], ZSharpArgumentsMixin)

@@ -128,7 +128,8 @@ def check_calibrated_settings(preset: Preset, epochs: float) -> None:
     """Refuse a variant whose radius was calibrated or tuned in another setting (`Method.setting`): with other
     data, models, epochs or training flags a "loss-matched" or "tuned" radius is neither."""
     for name in preset.methods:
-        home = VARIANTS[name].setting
+        method = VARIANTS[name]
+        home = method.setting
         if home is None:
             continue
         origin = PRESETS[home]
@@ -139,7 +140,6 @@ def check_calibrated_settings(preset: Preset, epochs: float) -> None:
             and {short_name(m) for m in preset.models} <= {short_name(m) for m in origin.models}
         ):
             continue
-        method = VARIANTS[name]
         base = next(n for n, m in VARIANTS.items() if m.flags == method.flags and m.setting is None)
         raise ValueError(
             f"{name}'s radius {method.rho:g} was calibrated or tuned in the preset {home} "

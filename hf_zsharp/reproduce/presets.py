@@ -16,8 +16,8 @@ class Method:
     rho: float | None  # the default ascent radius; None: no ascent (the base optimizer alone)
     filtered: bool = False  # a ZSharp filter: takes `--zsharp_percentile` (the percentile axis applies)
     matched: bool = False  # radius rho * sqrt(L), L = tensors with ndim > 1 (ZSharp's total norm)
-    # The preset whose runs calibrated or tuned `rho` (None: the paper's radius). With other data, models or epochs
-    # the radius is not what the variant's name says (loss-matched, tuned), so the grid refuses it there.
+    # The preset whose runs calibrated or tuned `rho` (None: the paper's radius). With other data, models, epochs or
+    # training flags the radius is not what the variant's name says (loss-matched, tuned): the grid refuses it there.
     setting: str | None = None
 
     @property
