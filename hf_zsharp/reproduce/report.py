@@ -64,32 +64,40 @@ def provenance(records: Sequence[Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def family_contrasts(records: Sequence[Record]) -> dict[str, list[dict[str, Any]]]:
+    """Each declared family's contrasts (`stats.contrasts`) for records of one dataset and model, computed once for
+    both the tables and the contrasts CSV (each holds a 2,000-resample bootstrap)."""
+    return {family: contrasts(records, family) for family in FAMILIES}
+
+
 def sections(
     records: Sequence[Record],
     figure_dir: Path,
     figure_prefix: str = "",
     link_dir: str = "",
     setting: str = "",
+    families: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, str]:
     """The generated blocks for records of one dataset and model: tables, figure links, provenance. Figures are
     drawn into `figure_dir` and linked as `link_dir` + file name (the folder as seen from the document); their
-    titles name the `setting` when given."""
+    titles name the `setting` when given. `families`: the records' `family_contrasts`, when the caller has them."""
     rows = summarize(records)
     (dataset, model), *others = by_dataset_model(records)
     if others:
         raise ValueError("sections() takes the records of one dataset and model")
+    if families is None:
+        families = family_contrasts(records)
     title = f"{dataset} / {model}" + (f" ({setting})" if setting else "")
     blocks = {
         "provenance": provenance(records),
         "accuracy": tables.accuracy_table(rows),
         "sharpness": tables.sharpness_table(rows),
-        "paper-claim": tables.contrast_table(contrasts(records, "paper")),
-        "mechanism": tables.contrast_table(contrasts(records, "mechanism")),
+        "paper-claim": tables.contrast_table(families["paper"]),
+        "mechanism": tables.contrast_table(families["mechanism"]),
         "cost": tables.cost_table(rows),
     }
-    tuned = contrasts(records, "tuned")
-    if tuned:  # the radii tuned on validation ran in this setting
-        blocks["tuned"] = tables.contrast_table(tuned)
+    if families["tuned"]:  # the radii tuned on validation ran in this setting
+        blocks["tuned"] = tables.contrast_table(families["tuned"])
     if any(row["default"] for row in rows):
         methods_png = figures.plot_methods(rows, records, title, figure_dir / f"{figure_prefix}methods.png")
         blocks["figure-methods"] = f"![{title}: methods]({link_dir}{methods_png.name})\n"
@@ -165,12 +173,18 @@ def results_blocks(results_dir: Path, out_dir: Path) -> dict[str, str]:
             if dataset == main:
                 raise ValueError(f"No records under {results_dir / dataset}.")
             continue
+        families = family_contrasts(records)
         made = sections(
-            records, out_dir, f"{dataset}-", "results/", setting="" if dataset == main else dataset
+            records,
+            out_dir,
+            f"{dataset}-",
+            "results/",
+            setting="" if dataset == main else dataset,
+            families=families,
         )
         blocks.update({prefix + name: text for name, text in made.items()})
         write_atomic(out_dir / f"{dataset}.csv", tables.table_csv(summarize(records)))
-        rows = [row for family in FAMILIES for row in contrasts(records, family)]
+        rows = [row for family_rows in families.values() for row in family_rows]
         write_atomic(out_dir / f"{dataset}-contrasts.csv", tables.contrasts_csv(rows))
     return blocks
 
